@@ -1,0 +1,79 @@
+"""Configurations of the MFPruner models: the stock configs plus the pruning settings.
+
+Defaults follow the paper: keep 64 of LLaVA-1.5's 576 visual tokens, all three cues, a token
+needs two votes to be a consensus token, and the fill uses the summed score.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
+
+try:  # the mixin is shared by the configs below; `from .x import y` keeps remote code flat
+    from .mfpruner_core import CUE_NAMES, check_budget, check_ratio
+except ImportError:  # imported as a top-level module (tests, tools)
+    from mfpruner_core import CUE_NAMES, check_budget, check_ratio
+
+RELEVANCE_SOURCES = ("auto", "clip_text", "llm")
+FILL_RULES = ("sum", "relevance")
+
+
+def validate_mfpruner_settings(config) -> None:
+    """Checks the pruning fields of an MFPruner config; raises ValueError naming the field."""
+    if config.visual_token_budget is not None and config.visual_token_ratio is not None:
+        raise ValueError(
+            "set only one of `visual_token_budget` and `visual_token_ratio` "
+            f"(got {config.visual_token_budget!r} and {config.visual_token_ratio!r}); set the other to None"
+        )
+    if config.visual_token_budget is not None:
+        check_budget(config.visual_token_budget)
+    if config.visual_token_ratio is not None:
+        check_ratio(config.visual_token_ratio)
+    cues = list(config.mfpruner_cues)
+    if not cues or len(set(cues)) != len(cues) or any(c not in CUE_NAMES for c in cues):
+        raise ValueError(f"`mfpruner_cues` must be distinct names from {CUE_NAMES}, got {config.mfpruner_cues!r}")
+    if isinstance(config.min_votes, bool) or not isinstance(config.min_votes, int) or not 1 <= config.min_votes:
+        raise ValueError(f"`min_votes` must be a positive int, got {config.min_votes!r}")
+    if config.relevance_source not in RELEVANCE_SOURCES:
+        raise ValueError(f"`relevance_source` must be one of {RELEVANCE_SOURCES}, got {config.relevance_source!r}")
+    if config.fill_by not in FILL_RULES:
+        raise ValueError(f"`fill_by` must be one of {FILL_RULES}, got {config.fill_by!r}")
+
+
+@strict
+class MFPrunerLlavaConfig(LlavaConfig):
+    r"""LLaVA-1.5 config with MFPruner settings.
+
+    visual_token_budget: visual tokens kept per image (paper: 192, 128, 64, 32 of 576).
+    visual_token_ratio: fraction kept per image, used when visual_token_budget is None.
+    prune_visual_tokens: switch pruning off (the model then equals the stock model).
+    mfpruner_cues: cues that vote, any of "attention", "uniqueness", "relevance".
+    relevance_source: "clip_text" (the paper: a CLIP text tower embeds the instruction), "llm"
+        (mean LLM input embedding of the prompt text), or "auto" (CLIP text when the model
+        carries a text tower and the call gives its inputs, else LLM-space).
+    min_votes: votes a token needs to be a consensus token.
+    fill_by: "sum" (paper) or "relevance" (Qwen release: relevance alone fills).
+    clip_text_config: optional CLIPTextConfig dict of the CLIP text tower (the same CLIP as the
+        vision tower); with it the model carries `clip_text_model` and `clip_visual_projection`.
+    """
+
+    model_type = "mfpruner_llava"
+
+    visual_token_budget: int | None = None
+    visual_token_ratio: float | None = None
+    prune_visual_tokens: bool = True
+    mfpruner_cues: list[str] | tuple[str, ...] = CUE_NAMES
+    relevance_source: str = "auto"
+    min_votes: int = 2
+    fill_by: str = "sum"
+    clip_text_config: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.visual_token_budget is None and self.visual_token_ratio is None:
+            self.visual_token_budget = 64  # the paper's headline LLaVA-1.5 setting
+        self.mfpruner_cues = list(self.mfpruner_cues)
+        super().__post_init__(**kwargs)
+        validate_mfpruner_settings(self)
+
+
+__all__ = ["MFPrunerLlavaConfig"]

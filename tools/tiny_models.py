@@ -1,0 +1,178 @@
+"""Tiny MFPruner models with random weights, built locally (no download), saved as complete
+remote-code model folders: config with auto_map, weights, the custom code, a processor.
+
+Tests and the demo's default model use them. The geometry is a scaled-down LLaVA-1.5:
+a CLIP vision tower on 84 px images with 14 px patches (6 x 6 = 36 visual tokens), a
+two-layer MLP projector, and a small Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+CORPUS = (
+    "USER: What is in the image? ASSISTANT: A cat sits on a red sofa next to a window.\n"
+    "Describe the picture in detail. How many people are there? Is there a dog? Yes. No.\n"
+    "The quick brown fox jumps over the lazy dog. What color is the car? It is blue, green, white.\n"
+    "0123456789 .,:;!?'\"()[]{}<>-_/\\@#$%^&*+=~` abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few lines: any text encodes, ids are deterministic."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_clip_text_config(vocab_size: int, projection_dim: int = 16) -> dict:
+    """A tiny CLIP text tower config (the paper's relevance cue), sharing the LLM tokenizer's ids."""
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        projection_dim=projection_dim,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+    ).to_dict()
+
+
+def tiny_llava_config(vocab_size: int, image_token_id: int, *, image_size: int = 84, **mfpruner) -> "LlavaConfig":
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    tokens = (image_size // 14) ** 2
+    kwargs = dict(vision_config=vision, text_config=text, image_token_index=image_token_id, image_seq_length=tokens)
+    if mfpruner:
+        from configuration_mfpruner import MFPrunerLlavaConfig
+
+        return MFPrunerLlavaConfig(**kwargs, **mfpruner)
+    return LlavaConfig(**kwargs)
+
+
+def build_tiny_llava_processor(image_size: int = 84) -> LlavaProcessor:
+    tokenizer = build_tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        num_additional_image_tokens=1,  # the [CLS] token, dropped by the "default" strategy
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava(
+    path: str | os.PathLike,
+    *,
+    stock: bool = False,
+    clip_text: bool = False,
+    seed: int = 0,
+    image_size: int = 84,
+    **mfpruner,
+) -> Path:
+    """Writes a tiny LLaVA-1.5 folder. stock=True: a plain `LlavaForConditionalGeneration`
+    checkpoint (model_type llava); else an MFPruner remote-code repo (auto_map, code files).
+    clip_text=True adds a tiny CLIP text tower for the paper's relevance cue."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    processor = build_tiny_llava_processor(image_size)
+    vocab_size = len(processor.tokenizer)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    if stock:
+        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size)
+        model = LlavaForConditionalGeneration(config)
+    else:
+        from modeling_mfpruner_llava import MFPrunerLlavaForConditionalGeneration
+
+        if clip_text:
+            mfpruner["clip_text_config"] = tiny_clip_text_config(vocab_size)
+        mfpruner.setdefault("visual_token_budget", 8)
+        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, **mfpruner)
+        model = MFPrunerLlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = 3
+    model.eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="output folder (replaced)")
+    parser.add_argument("--stock", action="store_true", help="a stock LlavaForConditionalGeneration checkpoint")
+    parser.add_argument("--clip-text", action="store_true", help="add a tiny CLIP text tower")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_llava(args.path, stock=args.stock, clip_text=args.clip_text, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
