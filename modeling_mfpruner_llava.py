@@ -51,8 +51,6 @@ except ImportError:  # imported as a top-level module (tests, tools)
         uniqueness,
     )
 
-PRUNING_KWARGS = ("visual_token_budget", "visual_token_ratio", "prune_visual_tokens")
-CLIP_TEXT_KWARGS = ("clip_input_ids", "clip_attention_mask")
 
 
 @dataclass
@@ -307,12 +305,22 @@ class MFPrunerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": entry}
         return super().save_pretrained(*args, **kwargs)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        labels=None,
+        visual_token_budget: int | None = None,
+        visual_token_ratio: float | None = None,
+        prune_visual_tokens: bool | None = None,
+        clip_input_ids=None,
+        clip_attention_mask=None,
+        **kwargs,
+    ):
         """Stock forward; with `pixel_values` the visual tokens are pruned first (logits and the
         loss then cover the pruned sequence; `labels` are pruned with it)."""
-        settings = {key: kwargs.pop(key, None) for key in PRUNING_KWARGS + CLIP_TEXT_KWARGS}
-        prune = settings["prune_visual_tokens"]
-        prune = self.config.prune_visual_tokens if prune is None else prune
+        prune = self.config.prune_visual_tokens if prune_visual_tokens is None else prune_visual_tokens
         if pixel_values is None or not prune:
             return super().forward(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels, **kwargs
@@ -325,10 +333,10 @@ class MFPrunerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             attention_mask=attention_mask,
             labels=labels,
             image_sizes=kwargs.pop("image_sizes", None),
-            visual_token_budget=settings["visual_token_budget"],
-            visual_token_ratio=settings["visual_token_ratio"],
-            clip_input_ids=settings["clip_input_ids"],
-            clip_attention_mask=settings["clip_attention_mask"],
+            visual_token_budget=visual_token_budget,
+            visual_token_ratio=visual_token_ratio,
+            clip_input_ids=clip_input_ids,
+            clip_attention_mask=clip_attention_mask,
         )
         kwargs.pop("position_ids", None)  # renumbered over the pruned sequence, as in generate()
         mask = pruned["attention_mask"]
@@ -342,12 +350,21 @@ class MFPrunerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+    def generate(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        visual_token_budget: int | None = None,
+        visual_token_ratio: float | None = None,
+        prune_visual_tokens: bool | None = None,
+        clip_input_ids=None,
+        clip_attention_mask=None,
+        **kwargs,
+    ):
         """Stock generate on the pruned prompt. Returns the original (unpruned) prompt followed by
         the new tokens, as the stock model does, so `out[:, input_ids.shape[1]:]` is the answer."""
-        settings = {key: kwargs.pop(key, None) for key in PRUNING_KWARGS + CLIP_TEXT_KWARGS}
-        prune = settings["prune_visual_tokens"]
-        prune = self.config.prune_visual_tokens if prune is None else prune
+        prune = self.config.prune_visual_tokens if prune_visual_tokens is None else prune_visual_tokens
         if pixel_values is None or not prune:  # the stock path; forward() must not prune either
             return super().generate(
                 input_ids=input_ids,
@@ -363,10 +380,10 @@ class MFPrunerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             pixel_values,
             attention_mask=attention_mask,
             image_sizes=kwargs.pop("image_sizes", None),
-            visual_token_budget=settings["visual_token_budget"],
-            visual_token_ratio=settings["visual_token_ratio"],
-            clip_input_ids=settings["clip_input_ids"],
-            clip_attention_mask=settings["clip_attention_mask"],
+            visual_token_budget=visual_token_budget,
+            visual_token_ratio=visual_token_ratio,
+            clip_input_ids=clip_input_ids,
+            clip_attention_mask=clip_attention_mask,
             left_pad=True,
         )
         output = super().generate(**pruned, **kwargs)

@@ -128,10 +128,31 @@ def build_tiny_llava_processor(image_size: int = 84) -> LlavaProcessor:
     )
 
 
+def to_hub_key_layout(path: Path, renames: list[tuple[str, str]]) -> None:
+    """Rewrites a saved checkpoint's keys into the layout of the hub's checkpoints (prefix renames)."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    renamed = {}
+    for key, tensor in tensors.items():
+        for old, new in renames:
+            if key.startswith(old) and not key.startswith(new):
+                key = new + key[len(old) :]
+                break
+        renamed[key] = tensor
+    save_file(renamed, file, metadata={"format": "pt"})
+
+
+# llava-hf checkpoints keep CLIP's `vision_model` wrapper and the language model's `model.` level.
+LLAVA_HUB_RENAMES = [("vision_tower.", "vision_tower.vision_model."), ("model.language_model.", "language_model.model.")]
+
+
 def build_tiny_llava(
     path: str | os.PathLike,
     *,
     stock: bool = False,
+    hub_layout: bool = False,
     clip_text: bool = False,
     seed: int = 0,
     image_size: int = 84,
@@ -139,6 +160,7 @@ def build_tiny_llava(
 ) -> Path:
     """Writes a tiny LLaVA-1.5 folder. stock=True: a plain `LlavaForConditionalGeneration`
     checkpoint (model_type llava); else an MFPruner remote-code repo (auto_map, code files).
+    hub_layout=True rewrites the weight names the way llava-hf's hub checkpoints store them.
     clip_text=True adds a tiny CLIP text tower for the paper's relevance cue."""
     path = Path(path)
     if path.exists():
@@ -161,6 +183,8 @@ def build_tiny_llava(
     model.generation_config.pad_token_id = 3
     model.eval().save_pretrained(path)
     processor.save_pretrained(path)
+    if hub_layout:
+        to_hub_key_layout(path, LLAVA_HUB_RENAMES)
     return path
 
 
