@@ -313,6 +313,22 @@ def test_model_card_metadata(clip_export, plain_export):
     assert "keeps 5 visual tokens per image" in plain.text
 
 
+def test_the_card_usage_snippet_runs(clip_export, tmp_path):
+    """The card's code block, pointed at the exported folder and a real image file, runs as written."""
+    from huggingface_hub import ModelCard
+
+    from conftest import random_image
+
+    text = ModelCard.load(clip_export / "README.md").text
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    random_image(4).save(tmp_path / "photo.jpg")
+    code = code.replace('"your-name/out-clip"', repr(str(clip_export))).replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
+    namespace = {}
+    exec(compile(code, "card-snippet", "exec"), namespace)
+    inputs, processor = namespace["inputs"], namespace["processor"]
+    question = processor.clip_tokenizer("What is shown?")["input_ids"]  # the user turn of the card's chat
+    assert inputs["clip_input_ids"][0, 0, : len(question)].tolist() == question
+    assert namespace["out"].shape[1] > inputs["input_ids"].shape[1]
 def test_license_is_inherited_from_the_base_card(stock_base, tmp_path):
     import shutil
 
@@ -370,6 +386,41 @@ def test_nothing_reaches_the_hub_unless_asked(stock_base, tmp_path, monkeypatch)
     assert not (tmp_path / "out2").exists()
 
 
+def test_download_only_with_permission(stock_base, tiny_clip, hub_base, tmp_path, monkeypatch):
+    """--allow-download: hub ids go through huggingface_hub (here a fake that serves local folders)."""
+    served = {"llava-hf/llava-1.5-7b-hf": hub_base, "openai/clip-vit-large-patch14-336": tiny_clip}
+    downloads = []
+
+    class FakeListing:
+        def list_repo_files(self, repo_id):
+            return [p.name for p in served[repo_id].iterdir()]
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        downloads.append((repo_id, "*.safetensors" in allow_patterns, "*.bin" in allow_patterns))
+        return str(served[repo_id])
+
+    monkeypatch.setattr(export_module, "HfApi", FakeListing)
+    monkeypatch.setattr(export_module, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(ValueError, match="pass --allow-download"):
+        export("llava-hf/llava-1.5-7b-hf", tmp_path / "out")
+    assert downloads == []
+    out = export(
+        "llava-hf/llava-1.5-7b-hf", tmp_path / "out", clip_text="openai/clip-vit-large-patch14-336", allow_download=True
+    )
+    assert downloads == [("llava-hf/llava-1.5-7b-hf", True, False), ("openai/clip-vit-large-patch14-336", True, False)]
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "README.md").data.to_dict()["base_model"] == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_base_model_id_from_a_hub_cache_snapshot(tmp_path):
+    snapshot = tmp_path / "hub" / "models--llava-hf--llava-1.5-7b-hf" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert export_module.base_model_id(snapshot, None, None) == "llava-hf/llava-1.5-7b-hf"
+    assert export_module.base_model_id(snapshot, None, "org/given") == "org/given"
+    assert export_module.base_model_id(tmp_path, None, None) is None
+
+
 def test_push_needs_a_base_model_id(stock_base, tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "HfApi", lambda: pytest.fail("no upload expected"))
     with pytest.raises(ValueError, match="--base-model-id"):
@@ -391,6 +442,12 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(ValueError, match=r"'bert' checkpoint; the export supports model_type \['llava'"):
         export(str(base), tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_an_mfpruner_repo_is_not_a_base(llava_repo, tmp_path):
+    with pytest.raises(ValueError, match="already an MFPruner repo"):
+        export(str(llava_repo), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_missing_base_folder(tmp_path, capsys):

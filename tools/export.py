@@ -79,6 +79,8 @@ def import_object(path: str):
 
 
 def architecture_for(model_type: str, base: Path) -> Architecture:
+    if model_type not in ARCHITECTURES and str(model_type).startswith("mfpruner"):
+        raise ValueError(f"BASE {str(base)!r} is already an MFPruner repo ({model_type!r}); export from its stock checkpoint")
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"BASE {str(base)!r} is a {model_type!r} checkpoint; the export supports model_type "
@@ -389,9 +391,11 @@ This repo {budget} by default. Relevance: {relevance}.
 ## Usage
 
 ```python
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 repo = "{repo_id}"
+image = Image.open("photo.jpg")
 model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 
@@ -400,7 +404,6 @@ prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=image, text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=64)                              # the default budget
 out = model.generate(**inputs, max_new_tokens=64, visual_token_budget=128)     # per call
-out = model.generate(**inputs, max_new_tokens=64, prune_visual_tokens=False)   # the base model
 print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
 print(model.last_pruning.keep_indices)  # the kept visual tokens of each image
 ```
@@ -410,9 +413,9 @@ print(model.last_pruning.keep_indices)  # the kept visual tokens of each image
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def push_folder(folder: Path, repo_id: str, private: bool, api=None) -> str:
+def push_folder(folder: Path, repo_id: str, private: bool) -> str:
     """Uploads the finished folder with huggingface_hub (the only network access of the tool)."""
-    api = api if api is not None else HfApi()
+    api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="MFPruner export")
     return repo_id
