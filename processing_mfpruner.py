@@ -107,41 +107,17 @@ def clip_segments(token_ids: list[list[int]], window: int) -> tuple[list, list]:
     return input_ids, attention_mask
 
 
-class MFPrunerLlavaProcessor(LlavaProcessor):
-    r"""LlavaProcessor + the CLIP tokenizer of the model's text tower (see the module docstring).
+class CLIPInstructionMixin:
+    """Adds the CLIP tokenizer's segments of the instruction to a stock processor's outputs.
 
-    clip_tokenizer: the tokenizer of the CLIP checkpoint the text tower came from.
-    clip_text_window: the text tower's positions (CLIP: 77); segments are this long.
-    user_turn_prefix / turn_end: markers of the last user turn in a plain prompt string
-        (derived from the chat template when not given).
-    """
+    For any MFPruner processor class: mix it in before the stock processor class and call
+    `set_instruction_settings` in __init__ after ProcessorMixin.__init__ (which sets
+    `clip_tokenizer` and `chat_template`)."""
 
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        clip_tokenizer=None,
-        patch_size=None,
-        vision_feature_select_strategy=None,
-        chat_template=None,
-        image_token="<image>",
-        num_additional_image_tokens=0,
-        clip_text_window=77,
-        user_turn_prefix=None,
-        turn_end=None,
-        **kwargs,
-    ):
-        # LlavaProcessor.__init__ hands exactly two parts to ProcessorMixin; with the third
-        # (clip_tokenizer) its few lines are repeated here.
-        self.patch_size = patch_size
-        self.num_additional_image_tokens = num_additional_image_tokens
-        self.vision_feature_select_strategy = vision_feature_select_strategy
-        self.image_token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
-        self.image_token_id = tokenizer.encode(self.image_token, add_special_tokens=False)[0]
+    def set_instruction_settings(self, clip_text_window, user_turn_prefix, turn_end):
         if isinstance(clip_text_window, bool) or not isinstance(clip_text_window, int) or clip_text_window < 2:
             raise ValueError(f"`clip_text_window` must be an int >= 2 (the CLIP text tower's positions), got {clip_text_window!r}")
         self.clip_text_window = clip_text_window
-        ProcessorMixin.__init__(self, image_processor, tokenizer, clip_tokenizer, chat_template=chat_template)
         if user_turn_prefix is None and turn_end is None and self.chat_template is not None:
             user_turn_prefix, turn_end = user_turn_markers(
                 lambda messages: self.apply_chat_template(messages, add_generation_prompt=True)
@@ -194,6 +170,41 @@ class MFPrunerLlavaProcessor(LlavaProcessor):
         return [*super().model_input_names, "clip_input_ids", "clip_attention_mask"]
 
 
+class MFPrunerLlavaProcessor(CLIPInstructionMixin, LlavaProcessor):
+    r"""LlavaProcessor + the CLIP tokenizer of the model's text tower (see the module docstring).
+
+    clip_tokenizer: the tokenizer of the CLIP checkpoint the text tower came from.
+    clip_text_window: the text tower's positions (CLIP: 77); segments are this long.
+    user_turn_prefix / turn_end: markers of the last user turn in a plain prompt string
+        (derived from the chat template when not given).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        clip_tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        clip_text_window=77,
+        user_turn_prefix=None,
+        turn_end=None,
+        **kwargs,
+    ):
+        # LlavaProcessor.__init__ hands exactly two parts to ProcessorMixin; with the third
+        # (clip_tokenizer) its few lines are repeated here.
+        self.patch_size = patch_size
+        self.num_additional_image_tokens = num_additional_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
+        self.image_token_id = tokenizer.encode(self.image_token, add_special_tokens=False)[0]
+        ProcessorMixin.__init__(self, image_processor, tokenizer, clip_tokenizer, chat_template=chat_template)
+        self.set_instruction_settings(clip_text_window, user_turn_prefix, turn_end)
+
+
 MFPrunerLlavaProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MFPrunerLlavaProcessor"]
+__all__ = ["CLIPInstructionMixin", "MFPrunerLlavaProcessor"]

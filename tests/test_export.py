@@ -565,3 +565,21 @@ def test_bin_shards_are_converted_one_at_a_time(stock_base, tmp_path):
         converted.update(load_file(out / name))
     assert all(torch.equal(converted[k], v) for k, v in state.items())
     assert not any(name.endswith(".bin") for name in os.listdir(out))
+
+
+def test_turn_markers_of_a_chatml_template():
+    """The markers come from rendering the template, so other chat formats work too (Qwen's ChatML)."""
+    from processing_mfpruner import instruction_from_prompt, user_turn_markers
+
+    def render(messages):
+        text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        for m in messages:
+            content = "".join(item["text"] for item in m["content"] if item["type"] == "text")
+            text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+        return text + "<|im_start|>assistant\n"
+
+    prefix, end = user_turn_markers(render)
+    assert (prefix, end) == ("<|im_end|>\n<|im_start|>user", "<|im_end|>\n<|im_start|>assistant")
+    prompt = render([{"role": "user", "content": [{"type": "text", "text": "<|vision_start|><|image_pad|><|vision_end|>What is this?"}]}])
+    placeholders = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+    assert instruction_from_prompt(prompt, prefix, end, placeholders) == "What is this?"
