@@ -188,6 +188,86 @@ def build_tiny_llava(
     return path
 
 
+# ----------------------------------------------------------------------------- export sources
+# A tiny CLIP checkpoint (the source of the paper's text tower) and the hub's old LLaVA layout,
+# for `tools.export` and its tests.
+
+
+def build_tiny_clip(path: str | os.PathLike, *, vision_from: str | os.PathLike | None = None, seed: int = 1) -> Path:
+    """Writes a tiny CLIPModel checkpoint (text tower + both projections) with a tokenizer whose
+    window is the text tower's 16 positions and which adds <s> ... </s> like CLIP's tokenizer.
+
+    vision_from: a tiny LLaVA folder; its vision tower becomes this CLIP's vision model, as
+    openai/clip-vit-large-patch14-336 is LLaVA-1.5's (random vision weights without it)."""
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPModel
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    tokenizer = build_tokenizer()
+    text_config = tiny_clip_text_config(len(tokenizer))
+    tokenizer.model_max_length = text_config["max_position_embeddings"]
+    tokenizer.chat_template = None
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    vision_config = tiny_llava_config(len(tokenizer), 4).vision_config
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config.to_dict(), projection_dim=16))
+    if vision_from is not None:
+        llava = LlavaForConditionalGeneration.from_pretrained(vision_from)
+        clip.vision_model.load_state_dict(llava.model.vision_tower.state_dict())
+    clip.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def rewrite_as_hub_layout(path: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
+    """Rewrites a stock tiny LLaVA folder (5.x save_pretrained layout) in place into the layout of
+    the older hub checkpoints (llava-hf/llava-1.5-7b-hf): `vision_tower.vision_model.*` keys,
+    optional sharding with an index, legacy config fields and a separate preprocessor_config.json."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    state = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    state = {
+        (key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.") else key): value
+        for key, value in state.items()
+    }
+    shards, current, size = [], {}, 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if current and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = value, size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, path / name, metadata={"format": "pt"})
+            weight_map.update({key: name for key in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    config = json.loads((path / "config.json").read_text())
+    config.update(ignore_index=-100, vocab_size=config["text_config"]["vocab_size"], transformers_version="4.36.0.dev0")
+    config["text_config"]["_name_or_path"] = "lmsys/vicuna-7b-v1.5"
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    processor_config = json.loads((path / "processor_config.json").read_text())
+    (path / "preprocessor_config.json").write_text(json.dumps(processor_config.pop("image_processor"), indent=2))
+    (path / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="output folder (replaced)")

@@ -1,0 +1,585 @@
+"""tools.export: stock checkpoint -> hub-ready MFPruner repo, loaded back in a fresh process."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tools import export as export_module
+from tools.export import ARCHITECTURES, export, main
+from tools.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG_QUESTION = "What is in the image? Describe the picture in detail. How many people are there? Is there a dog?"
+PROMPT = f"USER: <image>\n{LONG_QUESTION} ASSISTANT:"
+
+# Runs in a fresh interpreter, outside the repo (nothing importable from it), hub offline: loads
+# OUT through the Auto classes with trust_remote_code, compares the weights with BASE loaded by
+# the stock class, prunes one image, and saves what it saw for the test to check.
+FRESH_PROCESS_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    out, base, result_file, prompt = sys.argv[1:5]
+    config = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    plain = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    stock = LlavaForConditionalGeneration.from_pretrained(base).eval().state_dict()
+    weights = model.state_dict()
+    identical = all(torch.equal(weights[k], v) for k, v in stock.items())
+    plain_identical = all(torch.equal(plain.state_dict()[k], v) for k, v in stock.items())
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 100, 3), dtype=np.uint8))
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    pruning = model.last_pruning
+    torch.save(
+        {
+            "classes": [type(config).__name__, type(model).__name__, type(plain).__name__, type(processor).__name__],
+            "modules": [type(model).__module__, type(processor).__module__],
+            "identical": identical,
+            "plain_identical": plain_identical,
+            "extra_keys": sorted(set(weights) - set(stock)),
+            "inputs": dict(inputs),
+            "keep_indices": pruning.keep_indices,
+            "cue_scores": pruning.cue_scores,
+            "lm_input_length": pruning.lm_input_length,
+            "output": output,
+        },
+        result_file,
+    )
+    """
+)
+
+
+def run_fresh(out: Path, base: Path, tmp: Path) -> dict:
+    script, result = tmp / "check.py", tmp / "result.pt"
+    script.write_text(FRESH_PROCESS_CHECK)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", HF_MODULES_CACHE=str(tmp / "modules"))
+    done = subprocess.run(
+        [sys.executable, str(script), str(out), str(base), str(result), PROMPT],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(result, weights_only=False)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="session")
+def stock_base(llava_stock_repo) -> Path:
+    """The 5.x save_pretrained layout (`vision_tower.encoder.*`), one model.safetensors."""
+    return llava_stock_repo
+
+
+@pytest.fixture(scope="session")
+def hub_base(export_dir) -> Path:
+    """The hub's old layout (`vision_tower.vision_model.*`), 4 shards, legacy config fields."""
+    path = build_tiny_llava(export_dir / "llava-hub-layout", stock=True, seed=3)
+    return rewrite_as_hub_layout(path, max_shard_bytes=200_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(export_dir, hub_base) -> Path:
+    """A tiny CLIP whose vision model is hub_base's vision tower (as LLaVA-1.5's is openai's)."""
+    return build_tiny_clip(export_dir / "clip-for-hub-base", vision_from=hub_base)
+
+
+@pytest.fixture(scope="session")
+def plain_export(export_dir, stock_base) -> Path:
+    return export(str(stock_base), export_dir / "out-plain", budget=5, base_model="llava-hf/llava-1.5-7b-hf")
+
+
+@pytest.fixture(scope="session")
+def clip_export(export_dir, hub_base, tiny_clip) -> Path:
+    out = export_dir / "out-clip"
+    main([str(hub_base), str(out), "--ratio", "0.25", "--clip-text", str(tiny_clip), "--base-model-id", "llava-hf/llava-1.5-7b-hf", "--license", "llama2"])
+    return out
+
+
+# ----------------------------------------------------------------------------- the repo, loaded fresh
+
+
+def test_plain_export_loads_fresh_with_identical_weights_and_prunes(plain_export, stock_base, tmp_path):
+    result = run_fresh(plain_export, stock_base, tmp_path)
+    assert result["classes"] == [
+        "MFPrunerLlavaConfig", "MFPrunerLlavaForConditionalGeneration", "MFPrunerLlavaForConditionalGeneration", "LlavaProcessor"
+    ]
+    assert result["modules"][0].startswith("transformers_modules")  # the repo's code, not this checkout
+    assert result["identical"] and result["plain_identical"] and result["extra_keys"] == []
+    assert [len(k) for k in result["keep_indices"]] == [5]  # --budget 5 is the repo's default
+    assert "clip_input_ids" not in result["inputs"]
+    assert result["lm_input_length"] == result["inputs"]["input_ids"].shape[1] - 36 + 5
+    assert torch.equal(result["output"][:, : result["inputs"]["input_ids"].shape[1]], result["inputs"]["input_ids"])
+    # the weight file is BASE's, byte for byte (the stock layout is kept)
+    assert filecmp.cmp(stock_base / "model.safetensors", plain_export / "model.safetensors", shallow=False)
+
+
+def test_clip_export_loads_fresh_and_the_processor_drives_the_clip_cue(clip_export, hub_base, tiny_clip, tmp_path):
+    result = run_fresh(clip_export, hub_base, tmp_path)
+    assert result["classes"] == [
+        "MFPrunerLlavaConfig", "MFPrunerLlavaForConditionalGeneration", "MFPrunerLlavaForConditionalGeneration", "MFPrunerLlavaProcessor"
+    ]
+    assert result["modules"][1].startswith("transformers_modules")
+    assert result["identical"] and result["plain_identical"]
+    assert result["extra_keys"] == sorted(k for k in result["extra_keys"] if k.startswith(("clip_text_model.", "clip_visual_projection.")))
+    assert [len(k) for k in result["keep_indices"]] == [9]  # --ratio 0.25 of 36 tokens
+    assert set(result["cue_scores"]) == {"attention", "uniqueness", "relevance"}
+
+    # the processor's CLIP inputs, by hand: the question (last user turn, no <image>), tokenized
+    # with the CLIP tokenizer, zero-padded to a multiple of the 16-position window, cut in segments
+    from transformers import AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
+
+    ids = AutoTokenizer.from_pretrained(tiny_clip)(LONG_QUESTION)["input_ids"]
+    window = 16
+    segments = -(-len(ids) // window)
+    assert segments >= 2  # the instruction is longer than one window
+    padded = torch.tensor(ids + [0] * (segments * window - len(ids))).view(1, segments, window)
+    mask = torch.tensor([1] * len(ids) + [0] * (segments * window - len(ids))).view(1, segments, window)
+    assert torch.equal(result["inputs"]["clip_input_ids"], padded)
+    assert torch.equal(result["inputs"]["clip_attention_mask"], mask)
+
+    # the cue, by hand: r_i = mean_m(-cos(v_i, t_m)), min-max normalised, v from the select layer
+    # after post_layernorm and CLIP's visual_projection, t from CLIP's text tower
+    clip = CLIPModel.from_pretrained(tiny_clip).eval()
+    llava = LlavaForConditionalGeneration.from_pretrained(hub_base).eval()
+    with torch.no_grad():
+        text = clip.get_text_features(input_ids=padded[0], attention_mask=mask[0])
+        text = getattr(text, "pooler_output", text)  # (M, E)
+        hidden = llava.model.vision_tower(result["inputs"]["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        image = clip.visual_projection(llava.model.vision_tower.post_layernorm(hidden[0, 1:]))  # (N, E)
+    relevance = -(F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T).mean(dim=-1)
+    expected = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min() + 1e-6)
+    torch.testing.assert_close(result["cue_scores"]["relevance"][0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_export_adds_one_shard_and_keeps_the_base_shards_byte_identical(clip_export, hub_base):
+    base_index = json.loads((hub_base / "model.safetensors.index.json").read_text())
+    index = json.loads((clip_export / "model.safetensors.index.json").read_text())
+    base_shards = sorted(set(base_index["weight_map"].values()))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == len(base_shards) + 1
+    for old, new in zip(base_shards, shards):
+        assert filecmp.cmp(hub_base / old, clip_export / new, shallow=False)
+    assert {k: v for k, v in index["weight_map"].items() if k in base_index["weight_map"]} == {
+        k: shards[base_shards.index(v)] for k, v in base_index["weight_map"].items()
+    }
+    assert index["metadata"]["total_size"] > base_index["metadata"]["total_size"]
+    config = json.loads((clip_export / "config.json").read_text())
+    assert config["model_type"] == "mfpruner_llava" and config["visual_token_ratio"] == 0.25
+    assert config.get("visual_token_budget") is None
+    assert config["auto_map"]["AutoProcessor"] == "processing_mfpruner.MFPrunerLlavaProcessor"
+    assert {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"} <= set(config["auto_map"])
+    for name in ("configuration_mfpruner.py", "modeling_mfpruner_llava.py", "mfpruner_core.py", "processing_mfpruner.py"):
+        assert (clip_export / name).read_text() == (ROOT / name).read_text()
+    assert not (clip_export / "clip_tokenizer" / "tokenizer_config.json").read_text().count("local_files_only")
+
+
+def test_clip_checkpoint_as_bin_gives_the_same_shard(clip_export, hub_base, tiny_clip, tmp_path):
+    """openai/clip-vit-large-patch14-336 ships pytorch_model.bin: it is read as well."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    clip = tmp_path / "clip-bin"
+    shutil.copytree(tiny_clip, clip)
+    torch.save(load_file(clip / "model.safetensors"), clip / "pytorch_model.bin")
+    (clip / "model.safetensors").unlink()
+    out = export(str(hub_base), tmp_path / "out", ratio=0.25, clip_text=str(clip), base_model="llava-hf/llava-1.5-7b-hf")
+    last = sorted(p.name for p in out.glob("model-*.safetensors"))[-1]
+    expected = load_file(clip_export / last)
+    got = load_file(out / last)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    assert (out / "config.json").read_text() == (clip_export / "config.json").read_text()
+
+
+def test_plain_export_has_no_custom_processor(plain_export):
+    config = json.loads((plain_export / "config.json").read_text())
+    assert "AutoProcessor" not in config["auto_map"] and config["visual_token_budget"] == 5
+    assert not (plain_export / "processing_mfpruner.py").exists()
+
+
+# ----------------------------------------------------------------------------- processor
+
+
+@pytest.fixture(scope="module")
+def clip_processor(clip_export):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(clip_export, trust_remote_code=True)
+
+
+def test_processor_finds_the_instruction(clip_processor, tiny_clip):
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from processing_mfpruner import clip_segments
+
+    clip_tokenizer = AutoTokenizer.from_pretrained(tiny_clip)
+
+    def expected(*questions):
+        return torch.tensor(clip_segments(clip_tokenizer(list(questions))["input_ids"], 16)[0])
+
+    def clip_ids(text, **kwargs):
+        images = [Image.new("RGB", (84, 84))] * text.count("<image>") or None
+        return clip_processor(images=images, text=text, return_tensors="pt", **kwargs)["clip_input_ids"]
+
+    assert (clip_processor.user_turn_prefix, clip_processor.turn_end) == ("USER:", "ASSISTANT:")
+    # the last user turn of a multi-turn prompt, without the image placeholder
+    multi = "USER: <image>\nIs there a dog? ASSISTANT: No. USER: What color is the car? ASSISTANT:"
+    assert torch.equal(clip_ids(text=multi), expected("What color is the car?"))
+    # an explicit instruction wins
+    assert torch.equal(clip_ids(text=multi, instruction="Is there a dog?"), expected("Is there a dog?"))
+    # a prompt without the markers is one user turn
+    assert torch.equal(clip_ids(text="<image>\nHow many people are there?"), expected("How many people are there?"))
+    # a batch: short samples get all-zero segments after their own
+    batch = clip_processor(text=[LONG_QUESTION, "USER: Yes. ASSISTANT:"], return_tensors="pt", padding=True)
+    assert torch.equal(batch["clip_input_ids"], expected(LONG_QUESTION, "Yes."))
+    assert batch["clip_attention_mask"][1, 1:].sum() == 0
+    # a chat: the text of the last user message
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a dog?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What color is the car?"}]},
+    ]
+    inputs = clip_processor.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        processor_kwargs={"images": [Image.new("RGB", (84, 84))]},
+    )
+    assert torch.equal(inputs["clip_input_ids"], expected("What color is the car?"))
+    with pytest.raises(ValueError, match="instruction"):
+        clip_processor(text=[LONG_QUESTION, LONG_QUESTION], instruction=["one"])
+
+
+def test_batched_clip_inputs_drive_the_model(clip_export, clip_processor, tiny_clip):
+    """Two prompts of different lengths: the padding segments change nothing."""
+    from transformers import AutoModelForImageTextToText
+
+    from conftest import random_image
+
+    model = AutoModelForImageTextToText.from_pretrained(clip_export, trust_remote_code=True).eval()
+    images = [random_image(1), random_image(2)]
+    prompts = [PROMPT, "USER: <image>\nIs there a dog? ASSISTANT:"]
+    batch = clip_processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=1, do_sample=False)
+        batched = model.last_pruning.cue_scores["relevance"]
+        single = []
+        for image, prompt in zip(images, prompts):
+            model.generate(**clip_processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=1, do_sample=False)
+            single.append(model.last_pruning.cue_scores["relevance"][0])
+    for b, s in zip(batched, single):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, s, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def test_model_card_metadata(clip_export, plain_export):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(clip_export / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "llava-hf/llava-1.5-7b-hf"
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "image-text-to-text"
+    assert data["license"] == "llama2"
+    assert {"mfpruner", "llava"} <= set(data["tags"])
+    assert "trust_remote_code=True" in card.text and "AutoProcessor" in card.text
+    assert "25.0% of each image's visual tokens" in card.text
+    plain = ModelCard.load(plain_export / "README.md")
+    assert plain.data.to_dict()["license"] == "unknown"  # no --license and no card in BASE
+    assert "keeps 5 visual tokens per image" in plain.text
+
+
+def test_the_card_usage_snippet_runs(clip_export, tmp_path):
+    """The card's code block, pointed at the exported folder and a real image file, runs as written."""
+    from huggingface_hub import ModelCard
+
+    from conftest import random_image
+
+    text = ModelCard.load(clip_export / "README.md").text
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    random_image(4).save(tmp_path / "photo.jpg")
+    code = code.replace('"your-name/out-clip"', repr(str(clip_export))).replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
+    namespace = {}
+    exec(compile(code, "card-snippet", "exec"), namespace)
+    inputs, processor = namespace["inputs"], namespace["processor"]
+    question = processor.clip_tokenizer("What is shown?")["input_ids"]  # the user turn of the card's chat
+    assert inputs["clip_input_ids"][0, 0, : len(question)].tolist() == question
+    assert namespace["out"].shape[1] > inputs["input_ids"].shape[1]
+def test_license_is_inherited_from_the_base_card(stock_base, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    base = tmp_path / "base"
+    shutil.copytree(stock_base, base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    out = export(str(base), tmp_path / "out", base_model="org/base")
+    assert ModelCard.load(out / "README.md").data.to_dict()["license"] == "apache-2.0"
+
+
+# ----------------------------------------------------------------------------- push to hub
+
+
+class FakeHubApi:
+    """Stands in for huggingface_hub.HfApi: 'uploads' into a local folder."""
+
+    calls: list = []
+
+    def __init__(self, hub: Path):
+        self.hub = hub
+
+    def create_repo(self, repo_id, repo_type="model", private=False, exist_ok=False):
+        FakeHubApi.calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
+
+    def upload_folder(self, folder_path, repo_id, repo_type="model", commit_message=None):
+        import shutil
+
+        FakeHubApi.calls.append(("upload_folder", repo_id, repo_type))
+        shutil.copytree(folder_path, self.hub / repo_id, dirs_exist_ok=True)
+
+
+def test_push_to_hub_uploads_the_finished_folder(stock_base, tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    FakeHubApi.calls = []
+    monkeypatch.setattr(export_module, "HfApi", lambda: FakeHubApi(hub))
+    out = tmp_path / "out"
+    main([str(stock_base), str(out), "--push-to-hub", "me/tiny-mfpruner", "--private", "--base-model-id", "org/base"])
+    assert FakeHubApi.calls == [("create_repo", "me/tiny-mfpruner", "model", True, True), ("upload_folder", "me/tiny-mfpruner", "model")]
+    uploaded = sorted(p.relative_to(hub / "me/tiny-mfpruner") for p in (hub / "me/tiny-mfpruner").rglob("*"))
+    assert uploaded == sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert 'repo = "me/tiny-mfpruner"' in (out / "README.md").read_text()
+
+
+def test_nothing_reaches_the_hub_unless_asked(stock_base, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the hub was contacted")
+
+    monkeypatch.setattr(export_module, "HfApi", refuse)
+    monkeypatch.setattr(export_module, "snapshot_download", refuse)
+    export(str(stock_base), tmp_path / "out")
+    with pytest.raises(ValueError, match="--allow-download"):
+        export("llava-hf/llava-1.5-7b-hf", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_download_only_with_permission(stock_base, tiny_clip, hub_base, tmp_path, monkeypatch):
+    """--allow-download: hub ids go through huggingface_hub (here a fake that serves local folders)."""
+    served = {"llava-hf/llava-1.5-7b-hf": hub_base, "openai/clip-vit-large-patch14-336": tiny_clip}
+    downloads = []
+
+    class FakeListing:
+        def list_repo_files(self, repo_id):
+            return [p.name for p in served[repo_id].iterdir()]
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        downloads.append((repo_id, "*.safetensors" in allow_patterns, "*.bin" in allow_patterns))
+        return str(served[repo_id])
+
+    monkeypatch.setattr(export_module, "HfApi", FakeListing)
+    monkeypatch.setattr(export_module, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(ValueError, match="pass --allow-download"):
+        export("llava-hf/llava-1.5-7b-hf", tmp_path / "out")
+    assert downloads == []
+    out = export(
+        "llava-hf/llava-1.5-7b-hf", tmp_path / "out", clip_text="openai/clip-vit-large-patch14-336", allow_download=True
+    )
+    assert downloads == [("llava-hf/llava-1.5-7b-hf", True, False), ("openai/clip-vit-large-patch14-336", True, False)]
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "README.md").data.to_dict()["base_model"] == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_base_model_id_from_a_hub_cache_snapshot(tmp_path):
+    snapshot = tmp_path / "hub" / "models--llava-hf--llava-1.5-7b-hf" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert export_module.base_model_id(snapshot, None, None) == "llava-hf/llava-1.5-7b-hf"
+    assert export_module.base_model_id(snapshot, None, "org/given") == "org/given"
+    assert export_module.base_model_id(tmp_path, None, None) is None
+
+
+def test_push_needs_a_base_model_id(stock_base, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "HfApi", lambda: pytest.fail("no upload expected"))
+    with pytest.raises(ValueError, match="--base-model-id"):
+        export(str(stock_base), tmp_path / "out", push_to_hub="me/x")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def test_unsupported_architecture(tmp_path):
+    base = tmp_path / "bert"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"'bert' checkpoint; the export supports model_type \['llava'"):
+        export(str(base), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_an_mfpruner_repo_is_not_a_base(llava_repo, tmp_path):
+    with pytest.raises(ValueError, match="already an MFPruner repo"):
+        export(str(llava_repo), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_missing_base_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: BASE folder") and "does not exist" in err
+    with pytest.raises(ValueError, match="BASE folder .* does not exist"):
+        export(str(tmp_path / "nope"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_non_empty_output_needs_overwrite(stock_base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty; pass --overwrite"):
+        export(str(stock_base), out)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and leftovers(tmp_path) == []
+    export(str(stock_base), out, overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_midway_leaves_nothing_behind(stock_base, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous export")
+
+    def broken_card(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "model_card", broken_card)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export(str(stock_base), out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and leftovers(tmp_path) == []
+
+
+def test_clip_checkpoint_of_another_vision_tower_is_refused(stock_base, tiny_clip, tmp_path):
+    # tiny_clip's vision model is hub_base's tower (seed 3), not stock_base's (seed 0)
+    with pytest.raises(ValueError, match="vision weights differ from BASE's vision tower"):
+        export(str(stock_base), tmp_path / "out", clip_text=str(tiny_clip))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_bad_budget_is_refused_before_writing(stock_base, tmp_path):
+    with pytest.raises(ValueError, match="visual_token_budget"):
+        export(str(stock_base), tmp_path / "out", budget=0)
+    with pytest.raises(ValueError, match="visual_token_ratio"):
+        export(str(stock_base), tmp_path / "out", ratio=1.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_every_architecture_row_names_importable_classes():
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    for model_type, arch in ARCHITECTURES.items():
+        assert issubclass(export_module.import_object(arch.config_class), PretrainedConfig), model_type
+        assert issubclass(export_module.import_object(arch.model_class), PreTrainedModel), model_type
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+MEMORY_CHECK = textwrap.dedent(
+    """
+    import resource, sys
+    from tools.export import export
+
+    warm_base, base, out = sys.argv[1:4]
+    export(warm_base, out + "-warm-up")  # imports and first-call costs, on a tiny checkpoint
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    export(base, out)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """
+)
+SHARDS, SHARD_FLOATS = 6, 4 * 1024 * 1024  # 6 x 16 MB
+
+
+def test_bin_shards_are_converted_one_at_a_time(stock_base, tmp_path):
+    """A .bin checkpoint of 6 x 16 MB shards: peak RSS grows by about one shard, not the model."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base = tmp_path / "bin-base"
+    shutil.copytree(stock_base, base)
+    state = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    weight_map = {}
+    for i in range(SHARDS):
+        name = f"pytorch_model-{i + 1:05d}-of-{SHARDS:05d}.bin"
+        shard = {f"padding.{i}": torch.randn(SHARD_FLOATS)}  # bulk, not a model weight
+        if i == 0:
+            shard.update(state)
+        torch.save(shard, base / name)
+        weight_map.update({k: name for k in shard})
+    (base / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHECK, str(stock_base), str(base), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    growth = int(done.stdout.strip().splitlines()[-1])
+    total = SHARDS * SHARD_FLOATS * 4
+    assert growth < total / 2, f"peak RSS grew by {growth / 2**20:.0f} MB for {total / 2**20:.0f} MB of weights"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    names = [f"model-{i:05d}-of-{SHARDS:05d}.safetensors" for i in range(1, SHARDS + 1)]
+    assert sorted(set(index["weight_map"].values())) == names
+    converted = {}
+    for name in names:
+        converted.update(load_file(out / name))
+    assert all(torch.equal(converted[k], v) for k, v in state.items())
+    assert not any(name.endswith(".bin") for name in os.listdir(out))
+
+
+def test_turn_markers_of_a_chatml_template():
+    """The markers come from rendering the template, so other chat formats work too (Qwen's ChatML)."""
+    from processing_mfpruner import instruction_from_prompt, user_turn_markers
+
+    def render(messages):
+        text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        for m in messages:
+            content = "".join(item["text"] for item in m["content"] if item["type"] == "text")
+            text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+        return text + "<|im_start|>assistant\n"
+
+    prefix, end = user_turn_markers(render)
+    assert (prefix, end) == ("<|im_end|>\n<|im_start|>user", "<|im_end|>\n<|im_start|>assistant")
+    prompt = render([{"role": "user", "content": [{"type": "text", "text": "<|vision_start|><|image_pad|><|vision_end|>What is this?"}]}])
+    placeholders = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+    assert instruction_from_prompt(prompt, prefix, end, placeholders) == "What is this?"
