@@ -54,6 +54,7 @@ MAX_NEW_TOKENS = 48
 TIMING_REPEATS = 3  # timed prefills per setting (after one warm-up each); the median is shown
 DIM = 0.28  # pruned patches keep this fraction of their brightness ...
 DIM_COLOR = np.array([18.0, 20.0, 28.0])  # ... and take the rest from this dark blue-grey
+OUTLINE_COLOR = np.array([255.0, 200.0, 40.0])  # a 1 px amber line around the kept regions
 HEATMAP_ALPHA = 0.6
 HEATMAP_CMAP = "inferno"
 CUE_TITLES = {"attention": "[CLS] attention", "uniqueness": "uniqueness", "relevance": "relevance"}
@@ -151,6 +152,13 @@ def load_image(path: str | os.PathLike | None) -> tuple[Image.Image, list[str]]:
         image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
         notes.append(f"Downscaled the image from {old[0]} x {old[1]} to {image.size[0]} x {image.size[1]} px.")
     return image, notes
+
+
+def upload_path(upload) -> str | None:
+    """The file path of a raw gr.Image payload ({"path": ...}), or a path given as is."""
+    if upload is None or isinstance(upload, (str, os.PathLike)):
+        return upload
+    return upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
 
 
 def check_question(question: str | None) -> str:
@@ -266,13 +274,22 @@ def shade_unseen(pixels: np.ndarray, index_map: np.ndarray) -> np.ndarray:
 
 
 def kept_overlay(display: Image.Image, index_map: np.ndarray, keep: np.ndarray) -> Image.Image:
-    """Kept tokens' patches unchanged; pruned patches dimmed; unseen borders hatched.
+    """Kept tokens' patches unchanged; pruned patches dimmed (outlined where they touch kept
+    ones); unseen borders hatched.
 
     display: (H, W) RGB; index_map: (H, W) token per pixel; keep: (N,) bool."""
     pixels = np.asarray(display, dtype=np.float64)
     pruned = (index_map >= 0) & ~keep[np.clip(index_map, 0, None)]
+    kept = (index_map >= 0) & ~pruned
     dimmed = pixels * DIM + DIM_COLOR * (1.0 - DIM)
     out = np.where(pruned[..., None], dimmed, pixels)
+    # Outline the kept regions on the pruned side, so kept pixels stay exactly the original.
+    near_kept = np.zeros_like(kept)
+    near_kept[1:] |= kept[:-1]
+    near_kept[:-1] |= kept[1:]
+    near_kept[:, 1:] |= kept[:, :-1]
+    near_kept[:, :-1] |= kept[:, 1:]
+    out[pruned & near_kept] = OUTLINE_COLOR
     out = shade_unseen(out, index_map)
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
@@ -369,13 +386,13 @@ def clean_text(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(demo: DemoModel, inputs: dict, prune_kwargs: dict, total: int) -> tuple[str, str]:
-    """Greedy answers with MFPruner's pruning and with all `total` visual tokens kept (which
-    equals the stock model; generate(prune_visual_tokens=False) is broken at cf65879)."""
+def generate_answers(demo: DemoModel, inputs: dict, prune_kwargs: dict, total: int, max_new_tokens: int):
+    """Greedy answers (pruned, unpruned): with MFPruner's pruning and with all `total` visual
+    tokens kept, which equals the stock model (generate(prune_visual_tokens=False) raises at cf65879)."""
     prompt_length = inputs["input_ids"].shape[1]
     answers = []
     for kwargs in (prune_kwargs, {"visual_token_budget": total}):
-        output = demo.model.generate(**inputs, **kwargs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        output = demo.model.generate(**inputs, **kwargs, max_new_tokens=max_new_tokens, do_sample=False)
         answers.append(clean_text(demo.processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)[0]))
     return answers[0], answers[1]
 
@@ -390,6 +407,8 @@ def analyze(
     min_votes: int = 2,
     generate_answer: bool = False,
     progress=None,
+    timing_repeats: int = TIMING_REPEATS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> Analysis:
     """One demo run: check the inputs, prefill pruned and unpruned, draw, count. Raises
     ValueError with a message for the user on bad input."""
@@ -413,13 +432,16 @@ def analyze(
     inputs = build_inputs(demo, image, question)
     progress(0.15, desc="Prefill, pruned and unpruned (timed)")
     with pruning_settings(demo.model.config, min_votes=int(min_votes)):
-        pruned_s, unpruned_s, result = timed_prefills(demo, inputs, prune_kwargs)
+        pruned_s, unpruned_s, result = timed_prefills(demo, inputs, prune_kwargs, timing_repeats)
         answer = None
         if generate_answer:
             progress(0.6, desc="Generating the answers")
-            pruned_answer, full_answer = generate_answers(demo, inputs, prune_kwargs, result.num_visual_tokens[0])
-            answer = f"MFPruner ({len(result.keep_indices[0])} visual tokens): {pruned_answer}\n\n" \
-                     f"Unpruned ({result.num_visual_tokens[0]} visual tokens): {full_answer}"
+            total = result.num_visual_tokens[0]
+            pruned_answer, full_answer = generate_answers(demo, inputs, prune_kwargs, total, max_new_tokens)
+            answer = (
+                f"MFPruner ({len(result.keep_indices[0])} visual tokens): {pruned_answer}\n\n"
+                f"Unpruned ({total} visual tokens): {full_answer}"
+            )
 
     progress(0.85, desc="Drawing")
     total = result.num_visual_tokens[0]
@@ -475,6 +497,7 @@ def analyze(
         "prefill_seconds_unpruned": unpruned_s,
         "prefill_seconds_pruned": pruned_s,
         "speedup": unpruned_s / pruned_s,
+        "timing_repeats": timing_repeats,
         "device": str(demo.device),
     }
     progress(1.0, desc="Done")
@@ -507,11 +530,11 @@ def stats_markdown(stats: dict) -> str:
             f"{format_flops(s['visual_flops_pruned'])} | {s['visual_flops_saved']:.1%} |",
             f"| whole-prefill FLOPs | {format_flops(s['prefill_flops_unpruned'])} | "
             f"{format_flops(s['prefill_flops_pruned'])} | {s['prefill_flops_saved']:.1%} |",
-            f"| measured prefill | {s['prefill_seconds_unpruned'] * 1e3:.1f} ms | {s['prefill_seconds_pruned'] * 1e3:.1f} ms "
-            f"| **{s['speedup']:.2f}x** |",
+            f"| measured prefill | {s['prefill_seconds_unpruned'] * 1e3:.1f} ms "
+            f"| {s['prefill_seconds_pruned'] * 1e3:.1f} ms | **{s['speedup']:.2f}x** |",
             "",
             f"FLOPs: FastV's `4nd² + 2n²d + 2ndm` per LLM layer (n = visual tokens, or the whole prompt). "
-            f"Prefill: median of {TIMING_REPEATS} forward passes on {s['device']}, vision tower included. "
+            f"Prefill: median of {s['timing_repeats']} forward passes on {s['device']}, vision tower included. "
             f"Vote threshold: {s['min_votes']}.",
         ]
     )
@@ -536,19 +559,6 @@ def example_images() -> list[list[str]]:
 # ----------------------------------------------------------------------------- the page
 
 
-class UploadImage(gr.Image):
-    """gr.Image that reports an unreadable upload as a message instead of an error (Gradio opens
-    the file before the handler runs). Drawn by gr.Image's front end (`is_template`)."""
-
-    is_template = True
-
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise gr.Error(f"Could not read the file as an image (corrupt or not an image): {error}")
-
-
 CSS = """
 #banner {border-left: 4px solid #f59e0b; padding: 6px 12px; background: rgba(245, 158, 11, 0.08); border-radius: 6px}
 .panel img {object-fit: contain}
@@ -566,6 +576,13 @@ PANEL_TITLES = {
 HEATMAP_TITLES = {**{name: f"{CUE_TITLES[name]} score" for name in CUE_NAMES}, "votes": "votes"}
 
 
+def result_image(label: str, elem_id: str) -> gr.Image:
+    return gr.Image(
+        label=label, type="pil", format="png", interactive=False, height=260, elem_id=elem_id,
+        elem_classes="panel", buttons=["fullscreen"],
+    )
+
+
 def build_demo(demo: DemoModel) -> gr.Blocks:
     default_count = visual_token_count(demo, Image.new("RGB", (448, 448), (128, 128, 128)))
     config_budget = demo.model.config.visual_token_budget or max(1, default_count // 9)
@@ -579,32 +596,48 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
         gr.Markdown(model_banner(demo), elem_id="banner")
         with gr.Row():
             with gr.Column(scale=2):
-                image = UploadImage(
-                    label="Image", type="filepath", image_mode=None, height=300, elem_id="image", sources=["upload", "clipboard"]
+                image = gr.Image(
+                    label="Image", type="filepath", image_mode=None, height=300, elem_id="image",
+                    sources=["upload", "clipboard"],
                 )
                 question = gr.Textbox(label="Question", value="What is in the image?", lines=2, elem_id="question")
-                gr.Examples(example_images(), inputs=[image, question], api_visibility="private", label="Examples (matplotlib sample data)")
+                gr.Examples(
+                    example_images(), inputs=[image, question], api_visibility="private",
+                    label="Examples (matplotlib sample data)",
+                )
             with gr.Column(scale=2):
                 budget_mode = gr.Radio(
-                    [("Token count", "tokens"), ("Keep ratio", "ratio")], value="tokens", label="Budget", elem_id="budget-mode"
+                    [("Token count", "tokens"), ("Keep ratio", "ratio")], value="tokens", label="Budget",
+                    elem_id="budget-mode",
                 )
                 budget = gr.Slider(
                     1, default_count, value=min(config_budget, default_count), step=1,
                     label=f"Visual tokens kept (of {default_count})", elem_id="budget",
                 )
-                ratio = gr.Slider(0.01, 1.0, value=0.111, step=0.001, label="Fraction of visual tokens kept", visible=False, elem_id="ratio")
-                min_votes = gr.Slider(1, 3, value=demo.model.config.min_votes, step=1, label="Vote threshold (cues that must agree)", elem_id="min-votes")
-                generate_answer = gr.Checkbox(label=f"Also generate the answer (pruned and unpruned, {MAX_NEW_TOKENS} tokens max)", value=False, elem_id="generate")
+                ratio = gr.Slider(
+                    0.01, 1.0, value=0.111, step=0.001, label="Fraction of visual tokens kept", visible=False,
+                    elem_id="ratio",
+                )
+                min_votes = gr.Slider(
+                    1, len(CUE_NAMES), value=demo.model.config.min_votes, step=1,
+                    label="Vote threshold (cues that must agree)", elem_id="min-votes",
+                )
+                generate_answer = gr.Checkbox(
+                    label=f"Also generate the answer (pruned and unpruned, {MAX_NEW_TOKENS} tokens max)",
+                    value=False, elem_id="generate",
+                )
                 run = gr.Button("Prune and prefill", variant="primary", elem_id="run")
             with gr.Column(scale=3):
                 stats = gr.Markdown("### Upload an image and press *Prune and prefill*", elem_id="stats")
-                answer = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="answer")
-        gr.Markdown("### The tokens each cue alone keeps at the same budget, and what the vote keeps (pruned patches dimmed)")
+                answer = gr.Textbox(
+                    label="Answer", lines=4, interactive=False, elem_id="answer",
+                    placeholder="Tick 'Also generate the answer' to compare the answers with and without pruning.",
+                )
+        gr.Markdown(
+            "### The tokens each cue alone keeps at the same budget, and what the vote keeps (pruned patches dimmed)"
+        )
         with gr.Row(equal_height=True):
-            panels = {
-                name: gr.Image(label=title, type="pil", format="png", interactive=False, height=260, elem_id=f"panel-{name}", elem_classes="panel", buttons=["fullscreen"])
-                for name, title in PANEL_TITLES.items()
-            }
+            panels = {name: result_image(title, f"panel-{name}") for name, title in PANEL_TITLES.items()}
         with gr.Row(equal_height=True):
             gr.Markdown(
                 f"### Scores per token\nEach cue's score, colour-mapped (`{HEATMAP_CMAP}`: dark = low, "
@@ -613,20 +646,24 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
                 "tokens at or above the threshold first, then fills by the summed score.",
                 elem_id="legend",
             )
-            heatmaps = {
-                name: gr.Image(label=title, type="pil", format="png", interactive=False, height=260, elem_id=f"heatmap-{name}", elem_classes="panel", buttons=["fullscreen"])
-                for name, title in HEATMAP_TITLES.items()
-            }
+            heatmaps = {name: result_image(title, f"heatmap-{name}") for name, title in HEATMAP_TITLES.items()}
         with gr.Accordion("Details (JSON)", open=False):
             details = gr.JSON(elem_id="details")
 
         inputs = [image, question, budget_mode, budget, ratio, min_votes, generate_answer]
         outputs = [*panels.values(), *heatmaps.values(), stats, details, answer]
 
+        # The image events take the raw upload (preprocess=False) and open the file themselves:
+        # gr.Image's own preprocessing would fail on a corrupt file before a clear message.
         @gpu
-        def prune_and_prefill(image_path, question_text, mode, budget_value, ratio_value, votes, generate, progress=gr.Progress()):
+        def prune_and_prefill(
+            image, question, budget_mode, budget, ratio, min_votes, generate_answer, progress=gr.Progress()
+        ):
+            """Prunes the image's visual tokens, prefills pruned and unpruned, draws and counts."""
             try:
-                result = analyze(demo, image_path, question_text, mode, budget_value, ratio_value, votes, generate, progress)
+                result = analyze(
+                    demo, upload_path(image), question, budget_mode, budget, ratio, min_votes, generate_answer, progress
+                )
             except ValueError as error:
                 raise gr.Error(str(error), print_exception=False)
             except Exception as error:  # a bug or an out-of-memory: say so and keep serving
@@ -634,15 +671,16 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
                 raise gr.Error(f"The run failed ({type(error).__name__}: {error}). Try another image or setting.")
             for note in result.notes:
                 gr.Warning(note)
-            images = [result.panels.get(name) for name in PANEL_TITLES] + [result.heatmaps.get(name) for name in HEATMAP_TITLES]
+            images = [result.panels.get(name) for name in PANEL_TITLES]
+            images += [result.heatmaps.get(name) for name in HEATMAP_TITLES]
             return *images, stats_markdown(result.stats), result.stats, result.answer or ""
 
-        def token_count_for(image_path, current):
+        def token_count_for(image, current):
             """Helper: the slider's range follows the image's real visual-token count."""
-            if image_path is None:
+            if image is None:
                 return gr.skip()
             try:
-                count = visual_token_count(demo, load_image(image_path)[0])
+                count = visual_token_count(demo, load_image(upload_path(image))[0])
             except ValueError:  # reported when the run starts
                 return gr.skip()
             update = {"maximum": count, "label": f"Visual tokens kept (of {count})"}
@@ -654,21 +692,25 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
             return gr.Slider(visible=mode == "tokens"), gr.Slider(visible=mode == "ratio")
 
         run.click(
-            prune_and_prefill, inputs, outputs, api_name="prune", concurrency_limit=1, concurrency_id="model"
+            prune_and_prefill, inputs, outputs, api_name="prune", preprocess=False,
+            concurrency_limit=1, concurrency_id="model",
         )
         for slider in (budget, ratio, min_votes):
             slider.release(
                 prune_and_prefill, inputs, outputs, api_visibility="private", trigger_mode="always_last",
-                concurrency_limit=1, concurrency_id="model",
+                preprocess=False, concurrency_limit=1, concurrency_id="model",
             )
-        image.change(token_count_for, [image, budget], budget, api_visibility="private")
-        budget_mode.change(show_budget_mode, budget_mode, [budget, ratio], api_visibility="private", queue=False)
+        image.change(token_count_for, [image, budget], budget, api_visibility="private", preprocess=False)
+        budget_mode.change(
+            show_budget_mode, budget_mode, [budget, ratio], api_visibility="private", queue=False
+        )
     return page
 
 
 def launch(page: gr.Blocks, host: str, port: int | None, **kwargs):
+    theme = gr.themes.Default(primary_hue="indigo")
     return page.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, ssr_mode=False, css=CSS, theme=gr.themes.Default(primary_hue="indigo"), **kwargs
+        server_name=host, server_port=port, ssr_mode=False, css=CSS, theme=theme, **kwargs
     )
 
 
@@ -681,7 +723,7 @@ def main(argv=None):
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.WARNING)
     launch(build_demo(load_model(args.model)), args.host, args.port)
 
 
