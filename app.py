@@ -1,0 +1,731 @@
+"""MFPruner demo: upload a picture, ask a question, slide the visual-token budget, and see which
+visual tokens MFPruner keeps, what each cue alone would keep at the same budget, and how much
+shorter and faster the language model's prefill gets.
+
+    pip install -r requirements.txt && python app.py            # built-in tiny model, random weights
+    python app.py --model <hub id or local MFPruner repo>        # a real model (or MFPRUNER_MODEL=...)
+
+The page, top to bottom: inputs and stats; the panel row (original image, the tokens each single
+cue keeps, the tokens MFPruner keeps, pruned patches dimmed); one continuous heatmap per cue.
+Every token is drawn over the region of the ORIGINAL image it covers (`TOKEN_BOXES`, one small
+function per model family), so non-square images and cropped borders show correctly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mfpruner_core import CUE_NAMES, vote
+
+try:  # Hugging Face ZeroGPU Spaces: the model calls run on a GPU borrowed per call
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # anywhere else: a plain call
+
+    def gpu(fn):
+        return fn
+
+
+logger = logging.getLogger("mfpruner.app")
+
+MODEL_ENV = "MFPRUNER_MODEL"
+MAX_PIXELS = 50_000_000  # refuse larger uploads: decoding them costs seconds and gigabytes
+MAX_SIDE = 2048  # downscale larger uploads; the processors resize to a few hundred px anyway
+DISPLAY_SIDE = 448  # panels and heatmaps are drawn at this longest side
+MAX_QUESTION_CHARS = 1000
+MAX_NEW_TOKENS = 48
+TIMING_REPEATS = 3  # timed prefills per setting (after one warm-up each); the median is shown
+DIM = 0.28  # pruned patches keep this fraction of their brightness ...
+DIM_COLOR = np.array([18.0, 20.0, 28.0])  # ... and take the rest from this dark blue-grey
+OUTLINE_COLOR = np.array([255.0, 200.0, 40.0])  # a 1 px amber line around the kept regions
+HEATMAP_ALPHA = 0.6
+HEATMAP_CMAP = "inferno"
+CUE_TITLES = {"attention": "[CLS] attention", "uniqueness": "uniqueness", "relevance": "relevance"}
+EXAMPLE_QUESTIONS = {
+    "grace_hopper.jpg": "Who is the person in the picture, and what is she wearing?",
+    "logo2.png": "What does the logo say?",
+    "Minduka_Present_Blue_Pack.png": "What color is the present?",
+}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class DemoModel:
+    """The loaded model and what the page needs to know about it."""
+
+    model: torch.nn.Module
+    processor: object
+    name: str
+    family: str  # key into TOKEN_BOXES: "llava", later "llava_next", "qwen2_5_vl"
+    random_weights: bool
+    device: torch.device
+
+
+def model_family(config) -> str:
+    """'mfpruner_llava' -> 'llava', 'mfpruner_qwen2_5_vl' -> 'qwen2_5_vl'."""
+    return config.model_type.removeprefix("mfpruner_")
+
+
+def build_default_model(folder: str | os.PathLike) -> Path:
+    """The built-in default: a tiny MFPruner LLaVA with random weights and LLaVA-1.5's token
+    geometry (336 px, 14 px patches: 24 x 24 = 576 visual tokens), built locally, no download."""
+    from tools.tiny_models import build_tiny_llava
+
+    return build_tiny_llava(Path(folder) / "tiny-mfpruner-llava", image_size=336, visual_token_budget=64)
+
+
+def load_model(spec: str | None = None) -> DemoModel:
+    """spec: a hub id or a local MFPruner repo; None builds the tiny random-weights default."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    random_weights = spec is None
+    if random_weights:
+        spec = str(build_default_model(tempfile.mkdtemp(prefix="mfpruner-demo-")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(spec, trust_remote_code=True)
+    name = "tiny MFPruner LLaVA (random weights)" if random_weights else spec
+    return DemoModel(model.to(device).eval(), processor, name, model_family(model.config), random_weights, device)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def load_image(path: str | os.PathLike | None) -> tuple[Image.Image, list[str]]:
+    """Opens an upload as an RGB image. Returns (image, notes about what was changed);
+    raises ValueError with a message for the user when the file cannot be used."""
+    if path is None:
+        raise ValueError("Upload an image (or pick one of the examples) first.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(
+                    f"The image is {width} x {height} px ({width * height / 1e6:.0f} MP); this demo takes at most "
+                    f"{MAX_PIXELS / 1e6:.0f} MP. Please upload a smaller image."
+                )
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"The image is too large to decode safely; this demo takes at most {MAX_PIXELS / 1e6:.0f} MP.")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"Could not read the file as an image (corrupt, truncated, or not an image): {error}")
+
+    notes = []
+    if getattr(image, "n_frames", 1) > 1:
+        notes.append(f"The file has {image.n_frames} frames; the first one is used.")
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        original_mode = image.mode
+        has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+        if has_alpha:  # composite on white: transparent pixels carry arbitrary colours
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+            notes.append(f"Converted the {original_mode} image to RGB (transparent areas on white).")
+        else:
+            image = image.convert("RGB")
+            notes.append(f"Converted the {original_mode} image to RGB.")
+    if max(image.size) > MAX_SIDE:
+        old = image.size
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+        notes.append(f"Downscaled the image from {old[0]} x {old[1]} to {image.size[0]} x {image.size[1]} px.")
+    return image, notes
+
+
+def upload_path(upload) -> str | None:
+    """The file path of a raw gr.Image payload ({"path": ...}), or a path given as is."""
+    if upload is None or isinstance(upload, (str, os.PathLike)):
+        return upload
+    return upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
+
+
+def check_question(question: str | None) -> str:
+    question = (question or "").strip()
+    if not question:
+        raise ValueError("Type a question about the image: the relevance cue ranks the tokens against it.")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"The question has {len(question)} characters; at most {MAX_QUESTION_CHARS} are allowed.")
+    return question
+
+
+# ----------------------------------------------------------------------------- token -> image region
+#
+# One function per model family: (original image size, processor, token grid) -> (N, 4) boxes
+# (x0, y0, x1, y1) in ORIGINAL image pixels, one per visual token in the model's token order;
+# NaN rows for tokens that cover no region (e.g. LLaVA-NeXT's row-newline tokens). Where boxes
+# overlap (e.g. an anyres base tile under its crops), later tokens are drawn over earlier ones.
+
+
+def llava_token_boxes(image_size: tuple[int, int], image_processor, grid: tuple[int, int]) -> np.ndarray:
+    """LLaVA-1.5 (CLIPImageProcessor): resize the shortest edge, center-crop, raster patch grid.
+
+    The crop hides the borders of a non-square image from the model: those pixels get no token."""
+    width, height = image_size
+    rows, cols = grid
+    size = image_processor.size
+    if size.get("shortest_edge"):  # shortest edge -> s, the long edge scaled and truncated (HF's rule)
+        short, long = sorted((width, height))
+        new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+        resized_w, resized_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    else:
+        resized_w, resized_h = size["width"], size["height"]
+    if getattr(image_processor, "do_center_crop", False):
+        crop_w, crop_h = image_processor.crop_size["width"], image_processor.crop_size["height"]
+    else:
+        crop_w, crop_h = resized_w, resized_h
+    left, top = (resized_w - crop_w) // 2, (resized_h - crop_h) // 2
+    col_edges = left + np.arange(cols + 1) * crop_w / cols  # in resized pixels
+    row_edges = top + np.arange(rows + 1) * crop_h / rows
+    x0, y0 = np.meshgrid(col_edges[:-1], row_edges[:-1])  # (rows, cols), raster order
+    x1, y1 = np.meshgrid(col_edges[1:], row_edges[1:])
+    boxes = np.stack([x0, y0, x1, y1], axis=-1).reshape(-1, 4)
+    return boxes * np.array([width / resized_w, height / resized_h] * 2)
+
+
+def whole_image_grid_boxes(image_size: tuple[int, int], image_processor, grid: tuple[int, int]) -> np.ndarray:
+    """A raster grid over the whole image: right for processors that resize without cropping
+    (Qwen2.5-VL: one token per 28 x 28 px merged patch of the resized image, raster order)."""
+    width, height = image_size
+    rows, cols = grid
+    x = np.arange(cols + 1) * width / cols
+    y = np.arange(rows + 1) * height / rows
+    x0, y0 = np.meshgrid(x[:-1], y[:-1])
+    x1, y1 = np.meshgrid(x[1:], y[1:])
+    return np.stack([x0, y0, x1, y1], axis=-1).reshape(-1, 4)
+
+
+TOKEN_BOXES = {
+    "llava": llava_token_boxes,
+    "qwen2_5_vl": whole_image_grid_boxes,  # TODO(lead): check against the Qwen2.5-VL class once merged
+    # "llava_next": anyres base tile + unpadded crops + newline tokens (NaN rows): to be added.
+}
+
+
+def token_boxes(demo: DemoModel, image_size: tuple[int, int], result, image_index: int = 0) -> np.ndarray:
+    """(N, 4) boxes of image `image_index`'s visual tokens, in original image pixels."""
+    boxes_fn = TOKEN_BOXES.get(demo.family)
+    if boxes_fn is None:
+        gr.Warning(f"No token-to-region mapping for model family '{demo.family}': drawn as a whole-image grid.")
+        boxes_fn = whole_image_grid_boxes
+    boxes = boxes_fn(image_size, demo.processor.image_processor, tuple(result.grids[image_index]))
+    if len(boxes) != result.num_visual_tokens[image_index]:
+        raise RuntimeError(f"{len(boxes)} token boxes for {result.num_visual_tokens[image_index]} visual tokens")
+    return boxes
+
+
+def token_index_map(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(N, 4) boxes in these pixel units -> (height, width) int map: the token drawn at each
+    pixel (pixel centres inside the box), -1 where no token covers the pixel."""
+    index_map = np.full((height, width), -1, dtype=np.int64)
+    for token, (x0, y0, x1, y1) in enumerate(boxes):
+        if np.isnan(x0):
+            continue
+        c0, c1 = max(0, math.ceil(x0 - 0.5)), min(width, math.ceil(x1 - 0.5))
+        r0, r1 = max(0, math.ceil(y0 - 0.5)), min(height, math.ceil(y1 - 0.5))
+        index_map[r0:r1, c0:c1] = token
+    return index_map
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def display_copy(image: Image.Image) -> tuple[Image.Image, float]:
+    """The image at DISPLAY_SIDE (longest side) and the scale from original to display pixels."""
+    scale = min(1.0, DISPLAY_SIDE / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS) if scale < 1.0 else image.copy(), scale
+
+
+def unseen_pattern(height: int, width: int) -> np.ndarray:
+    """(H, W) bool diagonal hatching, drawn where the model sees no part of the image."""
+    rows, cols = np.indices((height, width))
+    return ((rows + cols) // 4) % 3 == 0
+
+
+def shade_unseen(pixels: np.ndarray, index_map: np.ndarray) -> np.ndarray:
+    """Greys out and hatches the pixels no token covers (e.g. LLaVA-1.5's cropped borders)."""
+    unseen = index_map < 0
+    grey = pixels.mean(axis=-1, keepdims=True) * 0.35 + 150 * 0.65
+    hatch = unseen_pattern(*index_map.shape)[..., None]
+    shaded = np.where(hatch, grey - 45, grey)
+    return np.where(unseen[..., None], np.broadcast_to(shaded, pixels.shape), pixels)
+
+
+def kept_overlay(display: Image.Image, index_map: np.ndarray, keep: np.ndarray) -> Image.Image:
+    """Kept tokens' patches unchanged; pruned patches dimmed (outlined where they touch kept
+    ones); unseen borders hatched.
+
+    display: (H, W) RGB; index_map: (H, W) token per pixel; keep: (N,) bool."""
+    pixels = np.asarray(display, dtype=np.float64)
+    pruned = (index_map >= 0) & ~keep[np.clip(index_map, 0, None)]
+    kept = (index_map >= 0) & ~pruned
+    dimmed = pixels * DIM + DIM_COLOR * (1.0 - DIM)
+    out = np.where(pruned[..., None], dimmed, pixels)
+    # Outline the kept regions on the pruned side, so kept pixels stay exactly the original.
+    near_kept = np.zeros_like(kept)
+    near_kept[1:] |= kept[:-1]
+    near_kept[:-1] |= kept[1:]
+    near_kept[:, 1:] |= kept[:, :-1]
+    near_kept[:, :-1] |= kept[:, 1:]
+    out[pruned & near_kept] = OUTLINE_COLOR
+    out = shade_unseen(out, index_map)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def cue_heatmap(display: Image.Image, index_map: np.ndarray, scores: np.ndarray, value_range=None) -> Image.Image:
+    """A score per token (N,) as a colormap, alpha-blended over the image; scaled from
+    value_range (low, high), by default the scores' own min and max."""
+    pixels = np.asarray(display, dtype=np.float64)
+    low, high = value_range or (float(scores.min()), float(scores.max()))
+    normalized = (scores - low) / (high - low) if high > low else np.full_like(scores, 0.5)
+    colors = matplotlib.colormaps[HEATMAP_CMAP](normalized)[:, :3] * 255.0  # (N, 3)
+    blended = pixels * (1.0 - HEATMAP_ALPHA) + colors[np.clip(index_map, 0, None)] * HEATMAP_ALPHA
+    out = shade_unseen(np.where((index_map >= 0)[..., None], blended, pixels), index_map)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def fastv_flops(n: int, hidden: int, intermediate: int, layers: int) -> int:
+    """FastV's prefill FLOPs of `layers` decoder layers over n tokens: 4nd^2 + 2n^2d + 2ndm each
+    (attention projections, attention scores, MLP). The paper's "FLOPs" uses n = visual tokens."""
+    return layers * (4 * n * hidden**2 + 2 * n**2 * hidden + 2 * n * hidden * intermediate)
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+
+@dataclass
+class Analysis:
+    """Everything one run shows. panels: title -> image; heatmaps: cue -> image."""
+
+    panels: dict[str, Image.Image]
+    heatmaps: dict[str, Image.Image]
+    stats: dict
+    answer: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def pruning_settings(config, **settings):
+    """Sets config fields for one call (the model reads `min_votes` from its config)."""
+    old = {name: getattr(config, name) for name in settings}
+    for name, value in settings.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(config, name, value)
+
+
+def build_inputs(demo: DemoModel, image: Image.Image, question: str) -> dict:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = demo.processor.apply_chat_template(messages, add_generation_prompt=True)
+    return demo.processor(images=image, text=prompt, return_tensors="pt").to(demo.device)
+
+
+def visual_token_count(demo: DemoModel, image: Image.Image) -> int:
+    """Visual tokens the model makes of this image (the processor's image placeholders)."""
+    inputs = build_inputs(demo, image, "?")
+    return int((inputs["input_ids"] == demo.model.config.image_token_id).sum())
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def timed_prefills(demo: DemoModel, inputs: dict, prune_kwargs: dict, repeats: int = TIMING_REPEATS):
+    """Prefill (one forward pass over the prompt, KV cache on, last logits only) with and without
+    pruning, alternated after one warm-up each. Returns (median pruned s, median unpruned s,
+    the pruned call's MFPrunerResult)."""
+    times = {"pruned": [], "unpruned": []}
+    result = None
+    for step in range(repeats + 1):
+        for setting in ("unpruned", "pruned"):
+            kwargs = prune_kwargs if setting == "pruned" else {"prune_visual_tokens": False}
+            synchronize(demo.device)
+            start = time.perf_counter()
+            demo.model(**inputs, **kwargs, use_cache=True, logits_to_keep=1)
+            synchronize(demo.device)
+            if step > 0:
+                times[setting].append(time.perf_counter() - start)
+            if setting == "pruned":
+                result = demo.model.last_pruning
+    return statistics.median(times["pruned"]), statistics.median(times["unpruned"]), result
+
+
+def clean_text(text: str) -> str:
+    """Answers of the random-weights model hold control characters; keep them readable."""
+    return "".join(ch if ch.isprintable() or ch == "\n" else "\N{REPLACEMENT CHARACTER}" for ch in text).strip()
+
+
+@torch.no_grad()
+def generate_answers(demo: DemoModel, inputs: dict, prune_kwargs: dict, total: int, max_new_tokens: int):
+    """Greedy answers (pruned, unpruned): with MFPruner's pruning and with all `total` visual
+    tokens kept, which equals the stock model (generate(prune_visual_tokens=False) raises at cf65879)."""
+    prompt_length = inputs["input_ids"].shape[1]
+    answers = []
+    for kwargs in (prune_kwargs, {"visual_token_budget": total}):
+        output = demo.model.generate(**inputs, **kwargs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(clean_text(demo.processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)[0]))
+    return answers[0], answers[1]
+
+
+def analyze(
+    demo: DemoModel,
+    image_path,
+    question,
+    budget_mode: str = "tokens",
+    budget: int = 64,
+    ratio: float = 0.111,
+    min_votes: int = 2,
+    generate_answer: bool = False,
+    progress=None,
+    timing_repeats: int = TIMING_REPEATS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> Analysis:
+    """One demo run: check the inputs, prefill pruned and unpruned, draw, count. Raises
+    ValueError with a message for the user on bad input."""
+    progress = progress or (lambda *args, **kwargs: None)
+    progress(0.0, desc="Reading the image")
+    image, notes = load_image(image_path)
+    question = check_question(question)
+    if budget_mode == "tokens":
+        if budget is None or int(budget) != budget or budget < 1:
+            raise ValueError(f"The token budget must be a whole number >= 1, got {budget!r}.")
+        prune_kwargs = {"visual_token_budget": int(budget)}
+    elif budget_mode == "ratio":
+        if ratio is None or not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"The keep ratio must be in (0, 1], got {ratio!r}.")
+        prune_kwargs = {"visual_token_ratio": float(ratio)}
+    else:
+        raise ValueError(f"The budget mode must be 'tokens' or 'ratio', got {budget_mode!r}.")
+    if min_votes is None or int(min_votes) != min_votes or not 1 <= min_votes <= len(CUE_NAMES):
+        raise ValueError(f"The vote threshold must be 1, 2 or 3, got {min_votes!r}.")
+
+    inputs = build_inputs(demo, image, question)
+    progress(0.15, desc="Prefill, pruned and unpruned (timed)")
+    with pruning_settings(demo.model.config, min_votes=int(min_votes)):
+        pruned_s, unpruned_s, result = timed_prefills(demo, inputs, prune_kwargs, timing_repeats)
+        answer = None
+        if generate_answer:
+            progress(0.6, desc="Generating the answers")
+            total = result.num_visual_tokens[0]
+            pruned_answer, full_answer = generate_answers(demo, inputs, prune_kwargs, total, max_new_tokens)
+            answer = (
+                f"MFPruner ({len(result.keep_indices[0])} visual tokens): {pruned_answer}\n\n"
+                f"Unpruned ({total} visual tokens): {full_answer}"
+            )
+
+    progress(0.85, desc="Drawing")
+    total = result.num_visual_tokens[0]
+    keep_indices = result.keep_indices[0]
+    kept = len(keep_indices)
+    display, scale = display_copy(image)
+    index_map = token_index_map(token_boxes(demo, image.size, result) * scale, display.width, display.height)
+
+    def mask_of(indices: torch.Tensor) -> np.ndarray:
+        mask = np.zeros(total, dtype=bool)
+        mask[indices.numpy()] = True
+        return mask
+
+    panels = {"original": shade_unseen(np.asarray(display, dtype=np.float64), index_map)}
+    panels["original"] = Image.fromarray(np.rint(panels["original"]).astype(np.uint8))
+    heatmaps, cue_kept = {}, {}
+    votes = np.zeros(total, dtype=np.int64)
+    for name, per_image in result.cue_scores.items():
+        scores = per_image[0].float()
+        single = vote([scores[None]], kept)[0]  # that cue alone: its own top-k at the same budget
+        cue_kept[name] = single.tolist()
+        votes += mask_of(single)
+        panels[name] = kept_overlay(display, index_map, mask_of(single))
+        heatmaps[name] = cue_heatmap(display, index_map, scores.numpy())
+    panels["mfpruner"] = kept_overlay(display, index_map, mask_of(keep_indices))
+    heatmaps["votes"] = cue_heatmap(display, index_map, votes.astype(np.float64), (0.0, float(len(cue_kept))))
+
+    text = demo.model.config.get_text_config()
+    dims = (text.hidden_size, text.intermediate_size, text.num_hidden_layers)
+    full_length = int(inputs["input_ids"].shape[1])
+    pruned_length = int(result.lm_input_length)
+    visual_full, visual_pruned = fastv_flops(total, *dims), fastv_flops(kept, *dims)
+    prefill_full, prefill_pruned = fastv_flops(full_length, *dims), fastv_flops(pruned_length, *dims)
+    stats = {
+        "model": demo.name,
+        "random_weights": demo.random_weights,
+        "image_size": list(image.size),
+        "visual_tokens": total,
+        "kept": kept,
+        "kept_indices": keep_indices.tolist(),
+        "cue_kept_indices": cue_kept,
+        "votes": votes.tolist(),
+        "min_votes": int(min_votes),
+        "budget": prune_kwargs,
+        "prefill_length_unpruned": full_length,
+        "prefill_length_pruned": pruned_length,
+        "visual_flops_unpruned": visual_full,
+        "visual_flops_pruned": visual_pruned,
+        "visual_flops_saved": 1.0 - visual_pruned / visual_full,
+        "prefill_flops_unpruned": prefill_full,
+        "prefill_flops_pruned": prefill_pruned,
+        "prefill_flops_saved": 1.0 - prefill_pruned / prefill_full,
+        "prefill_seconds_unpruned": unpruned_s,
+        "prefill_seconds_pruned": pruned_s,
+        "speedup": unpruned_s / pruned_s,
+        "timing_repeats": timing_repeats,
+        "device": str(demo.device),
+    }
+    progress(1.0, desc="Done")
+    return Analysis(panels, heatmaps, stats, answer, notes)
+
+
+# ----------------------------------------------------------------------------- page text
+
+
+def format_flops(flops: float) -> str:
+    for unit, size in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
+        if flops >= size:
+            return f"{flops / size:.2f} {unit}"
+    return f"{flops:.0f} FLOPs"
+
+
+def stats_markdown(stats: dict) -> str:
+    s = stats
+    fraction = s["kept"] / s["visual_tokens"]
+    return "\n".join(
+        [
+            f"### Kept {s['kept']} / {s['visual_tokens']} visual tokens ({fraction:.1%})",
+            "",
+            "| | unpruned | MFPruner | saved |",
+            "|:--|--:|--:|--:|",
+            f"| visual tokens | {s['visual_tokens']} | {s['kept']} | {1 - fraction:.1%} |",
+            f"| LLM prefill length | {s['prefill_length_unpruned']} | {s['prefill_length_pruned']} "
+            f"| {1 - s['prefill_length_pruned'] / s['prefill_length_unpruned']:.1%} |",
+            f"| visual-token FLOPs | {format_flops(s['visual_flops_unpruned'])} | "
+            f"{format_flops(s['visual_flops_pruned'])} | {s['visual_flops_saved']:.1%} |",
+            f"| whole-prefill FLOPs | {format_flops(s['prefill_flops_unpruned'])} | "
+            f"{format_flops(s['prefill_flops_pruned'])} | {s['prefill_flops_saved']:.1%} |",
+            f"| measured prefill | {s['prefill_seconds_unpruned'] * 1e3:.1f} ms "
+            f"| {s['prefill_seconds_pruned'] * 1e3:.1f} ms | **{s['speedup']:.2f}x** |",
+            "",
+            f"FLOPs: FastV's `4nd² + 2n²d + 2ndm` per LLM layer (n = visual tokens, or the whole prompt). "
+            f"Prefill: median of {s['timing_repeats']} forward passes on {s['device']}, vision tower included. "
+            f"Vote threshold: {s['min_votes']}.",
+        ]
+    )
+
+
+def model_banner(demo: DemoModel) -> str:
+    if demo.random_weights:
+        return (
+            "⚠️ **Built-in tiny model with RANDOM weights** (LLaVA-1.5 geometry: 576 visual tokens). "
+            "The pruning, the counts and the timings are real; the cue maps and answers are noise, not a "
+            f"trained model's. Start the app with `--model` or `{MODEL_ENV}` for a real model."
+        )
+    return f"Model: **{demo.name}** on {demo.device}."
+
+
+def example_images() -> list[list[str]]:
+    """A few images that ship with matplotlib (its sample data), never downloaded."""
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    return [[str(folder / name), question] for name, question in EXAMPLE_QUESTIONS.items() if (folder / name).exists()]
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+CSS = """
+#banner {border-left: 4px solid #f59e0b; padding: 6px 12px; background: rgba(245, 158, 11, 0.08); border-radius: 6px}
+.panel img {object-fit: contain}
+#stats table {font-size: 0.92em}
+footer {display: none !important}
+"""
+
+PANEL_TITLES = {
+    "original": "Original (hatched: cropped away)",
+    "attention": "[CLS] attention alone",
+    "uniqueness": "Uniqueness alone",
+    "relevance": "Relevance alone",
+    "mfpruner": "MFPruner (vote)",
+}
+HEATMAP_TITLES = {**{name: f"{CUE_TITLES[name]} score" for name in CUE_NAMES}, "votes": "votes"}
+
+
+def result_image(label: str, elem_id: str) -> gr.Image:
+    return gr.Image(
+        label=label, type="pil", format="png", interactive=False, height=260, elem_id=elem_id,
+        elem_classes="panel", buttons=["fullscreen"],
+    )
+
+
+def build_demo(demo: DemoModel) -> gr.Blocks:
+    default_count = visual_token_count(demo, Image.new("RGB", (448, 448), (128, 128, 128)))
+    config_budget = demo.model.config.visual_token_budget or max(1, default_count // 9)
+    with gr.Blocks(title="MFPruner: which visual tokens survive") as page:
+        gr.Markdown(
+            "# MFPruner: which visual tokens survive\n"
+            "Training-free visual-token pruning: three cues — the vision tower's [CLS] attention, token "
+            "uniqueness and relevance to your question — vote on the visual tokens; the language model "
+            "prefills only the kept ones. Upload a picture, ask a question, slide the budget."
+        )
+        gr.Markdown(model_banner(demo), elem_id="banner")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(
+                    label="Image", type="filepath", image_mode=None, height=300, elem_id="image",
+                    sources=["upload", "clipboard"],
+                )
+                question = gr.Textbox(label="Question", value="What is in the image?", lines=2, elem_id="question")
+                gr.Examples(
+                    example_images(), inputs=[image, question], api_visibility="private",
+                    label="Examples (matplotlib sample data)",
+                )
+            with gr.Column(scale=2):
+                budget_mode = gr.Radio(
+                    [("Token count", "tokens"), ("Keep ratio", "ratio")], value="tokens", label="Budget",
+                    elem_id="budget-mode",
+                )
+                budget = gr.Slider(
+                    1, default_count, value=min(config_budget, default_count), step=1,
+                    label=f"Visual tokens kept (of {default_count})", elem_id="budget",
+                )
+                ratio = gr.Slider(
+                    0.01, 1.0, value=0.111, step=0.001, label="Fraction of visual tokens kept", visible=False,
+                    elem_id="ratio",
+                )
+                min_votes = gr.Slider(
+                    1, len(CUE_NAMES), value=demo.model.config.min_votes, step=1,
+                    label="Vote threshold (cues that must agree)", elem_id="min-votes",
+                )
+                generate_answer = gr.Checkbox(
+                    label=f"Also generate the answer (pruned and unpruned, {MAX_NEW_TOKENS} tokens max)",
+                    value=False, elem_id="generate",
+                )
+                run = gr.Button("Prune and prefill", variant="primary", elem_id="run")
+            with gr.Column(scale=3):
+                stats = gr.Markdown("### Upload an image and press *Prune and prefill*", elem_id="stats")
+                answer = gr.Textbox(
+                    label="Answer", lines=4, interactive=False, elem_id="answer",
+                    placeholder="Tick 'Also generate the answer' to compare the answers with and without pruning.",
+                )
+        gr.Markdown(
+            "### The tokens each cue alone keeps at the same budget, and what the vote keeps (pruned patches dimmed)"
+        )
+        with gr.Row(equal_height=True):
+            panels = {name: result_image(title, f"panel-{name}") for name, title in PANEL_TITLES.items()}
+        with gr.Row(equal_height=True):
+            gr.Markdown(
+                f"### Scores per token\nEach cue's score, colour-mapped (`{HEATMAP_CMAP}`: dark = low, "
+                "bright = high; min-max per image) and blended over the image.\n\n"
+                "**Votes**: how many cues put the token in their top-k (dark = 0, bright = 3); the vote keeps "
+                "tokens at or above the threshold first, then fills by the summed score.",
+                elem_id="legend",
+            )
+            heatmaps = {name: result_image(title, f"heatmap-{name}") for name, title in HEATMAP_TITLES.items()}
+        with gr.Accordion("Details (JSON)", open=False):
+            details = gr.JSON(elem_id="details")
+
+        inputs = [image, question, budget_mode, budget, ratio, min_votes, generate_answer]
+        outputs = [*panels.values(), *heatmaps.values(), stats, details, answer]
+
+        # The image events take the raw upload (preprocess=False) and open the file themselves:
+        # gr.Image's own preprocessing would fail on a corrupt file before a clear message.
+        @gpu
+        def prune_and_prefill(
+            image, question, budget_mode, budget, ratio, min_votes, generate_answer, progress=gr.Progress()
+        ):
+            """Prunes the image's visual tokens, prefills pruned and unpruned, draws and counts."""
+            try:
+                result = analyze(
+                    demo, upload_path(image), question, budget_mode, budget, ratio, min_votes, generate_answer, progress
+                )
+            except ValueError as error:
+                raise gr.Error(str(error), print_exception=False)
+            except Exception as error:  # a bug or an out-of-memory: say so and keep serving
+                logger.exception("demo run failed")
+                raise gr.Error(f"The run failed ({type(error).__name__}: {error}). Try another image or setting.")
+            for note in result.notes:
+                gr.Warning(note)
+            images = [result.panels.get(name) for name in PANEL_TITLES]
+            images += [result.heatmaps.get(name) for name in HEATMAP_TITLES]
+            return *images, stats_markdown(result.stats), result.stats, result.answer or ""
+
+        def token_count_for(image, current):
+            """Helper: the slider's range follows the image's real visual-token count."""
+            if image is None:
+                return gr.skip()
+            try:
+                count = visual_token_count(demo, load_image(upload_path(image))[0])
+            except ValueError:  # reported when the run starts
+                return gr.skip()
+            update = {"maximum": count, "label": f"Visual tokens kept (of {count})"}
+            if current > count:  # else the value stays: the user may be moving the slider right now
+                update["value"] = count
+            return gr.Slider(**update)
+
+        def show_budget_mode(mode):
+            return gr.Slider(visible=mode == "tokens"), gr.Slider(visible=mode == "ratio")
+
+        run.click(
+            prune_and_prefill, inputs, outputs, api_name="prune", preprocess=False,
+            concurrency_limit=1, concurrency_id="model",
+        )
+        for slider in (budget, ratio, min_votes):
+            slider.release(
+                prune_and_prefill, inputs, outputs, api_visibility="private", trigger_mode="always_last",
+                preprocess=False, concurrency_limit=1, concurrency_id="model",
+            )
+        image.change(token_count_for, [image, budget], budget, api_visibility="private", preprocess=False)
+        budget_mode.change(
+            show_budget_mode, budget_mode, [budget, ratio], api_visibility="private", queue=False
+        )
+    return page
+
+
+def launch(page: gr.Blocks, host: str, port: int | None, **kwargs):
+    theme = gr.themes.Default(primary_hue="indigo")
+    return page.queue(default_concurrency_limit=1).launch(
+        server_name=host, server_port=port, ssr_mode=False, css=CSS, theme=theme, **kwargs
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="MFPruner demo (Gradio)")
+    parser.add_argument(
+        "--model", default=os.environ.get(MODEL_ENV),
+        help=f"hub id or local MFPruner repo (default: ${MODEL_ENV}, else the tiny random-weights model)",
+    )
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    launch(build_demo(load_model(args.model)), args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

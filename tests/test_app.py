@@ -1,0 +1,306 @@
+"""The demo (app.py): token regions, overlays, stats, bad input, the API, and a real browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import app
+from mfpruner_core import resolve_budget, select_tokens, vote
+
+from conftest import random_image
+
+QUESTION = "What is in the image?"
+
+
+def analyze(*args, **kwargs):
+    """app.analyze with one timed prefill per setting: these tests check results, not timings."""
+    return app.analyze(*args, timing_repeats=1, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from intra-op threads; on a busy 2-core machine two threads
+    made each forward pass 40x slower (1.7 s vs 0.04 s, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_model(llava_repo):
+    return app.load_model(str(llava_repo))  # the tiny repo through the real --model path
+
+
+@pytest.fixture()
+def image_file(tmp_path):
+    path = tmp_path / "wide.png"
+    random_image(1, size=(120, 80)).save(path)
+    return path
+
+
+def last_keep(demo):
+    return demo.model.last_pruning.keep_indices[0].tolist()
+
+
+def pixel_map(demo, analysis, image_path):
+    """The (H, W) token-per-pixel map of the display images, rebuilt from the model's result."""
+    image, _ = app.load_image(image_path)
+    display, scale = app.display_copy(image)
+    boxes = app.token_boxes(demo, image.size, demo.model.last_pruning) * scale
+    return display, app.token_index_map(boxes, display.width, display.height)
+
+
+def test_importing_the_app_writes_no_files():
+    """Subclassing a Gradio component writes a .pyi next to the module: the app must not."""
+    assert not (Path(app.__file__).with_suffix(".pyi")).exists()
+
+
+# ----------------------------------------------------------------------------- token regions
+
+
+@pytest.mark.parametrize("size", [(120, 80), (70, 130), (84, 84), (300, 90)])
+def test_llava_token_boxes_match_the_processor(demo_model, size):
+    """Each token's box holds the original pixels the processor put into that token's patch:
+    an image whose colour encodes (x, y), then the centre of every 14 px patch decoded back."""
+    width, height = size
+    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
+    coded = np.stack([xs * 255 / (width - 1), ys * 255 / (height - 1), np.zeros_like(xs)], -1)
+    image = Image.fromarray(np.rint(coded).astype(np.uint8))
+    processor = demo_model.processor.image_processor
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"][0]  # (3, S, S)
+    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
+    rgb = ((pixels * std + mean) * 255).numpy()
+    grid = pixels.shape[1] // 14
+    boxes = app.llava_token_boxes(size, processor, (grid, grid))
+    assert boxes.shape == (grid * grid, 4)
+    for token, (x0, y0, x1, y1) in enumerate(boxes):
+        row, col = divmod(token, grid)
+        centre = rgb[:, row * 14 + 7, col * 14 + 7]
+        x, y = centre[0] / 255 * (width - 1), centre[1] / 255 * (height - 1)
+        assert abs(x - (x0 + x1) / 2) < 1.5 and abs(y - (y0 + y1) / 2) < 1.5, (token, x, y, (x0, y0, x1, y1))
+
+
+def test_token_index_map_tiles_the_crop_and_leaves_the_borders(demo_model):
+    boxes = app.llava_token_boxes((120, 80), demo_model.processor.image_processor, (6, 6))
+    index_map = app.token_index_map(boxes, 120, 80)
+    assert set(np.unique(index_map)) == {-1, *range(36)}
+    assert (index_map[:, :20] == -1).all() and (index_map[:, -20:] == -1).all()  # cropped sides
+    assert (index_map[:, 20:100] >= 0).all()
+    areas = np.bincount(index_map[index_map >= 0])  # 80 / 6 = 13.3 px per token side
+    assert areas.min() >= 13 * 13 and areas.max() <= 14 * 14 and areas.sum() == 80 * 80
+
+
+# ----------------------------------------------------------------------------- handler
+
+
+def test_overlay_marks_exactly_the_kept_tokens(demo_model, image_file):
+    analysis = analyze(demo_model, image_file, QUESTION, "tokens", 8)
+    keep = last_keep(demo_model)
+    display, index_map = pixel_map(demo_model, analysis, image_file)
+    original = np.asarray(display)
+    overlay = np.asarray(analysis.panels["mfpruner"])
+    unchanged = (overlay == original).all(axis=-1)
+    seen_tokens = range(36)
+    kept_in_overlay = [t for t in seen_tokens if unchanged[index_map == t].all()]
+    dimmed_in_overlay = [t for t in seen_tokens if not unchanged[index_map == t].any()]
+    assert kept_in_overlay == keep
+    assert sorted(kept_in_overlay + dimmed_in_overlay) == list(seen_tokens)
+    assert not unchanged[index_map == -1].all()  # the cropped-away borders are hatched
+    assert analysis.stats["kept_indices"] == keep
+
+
+def test_single_cue_panels_show_each_cues_top_k(demo_model, image_file):
+    analysis = analyze(demo_model, image_file, QUESTION, "tokens", 6)
+    result = demo_model.model.last_pruning
+    display, index_map = pixel_map(demo_model, analysis, image_file)
+    original = np.asarray(display)
+    for name, scores in result.cue_scores.items():
+        top_k = torch.sort(scores[0], descending=True, stable=True).indices[:6].sort().values.tolist()
+        assert analysis.stats["cue_kept_indices"][name] == top_k
+        unchanged = (np.asarray(analysis.panels[name]) == original).all(axis=-1)
+        assert [t for t in range(36) if unchanged[index_map == t].all()] == top_k
+    votes = sum(np.isin(np.arange(36), kept) for kept in analysis.stats["cue_kept_indices"].values())
+    assert analysis.stats["votes"] == votes.tolist()
+
+
+def test_two_budgets_give_different_masks(demo_model, image_file):
+    small = analyze(demo_model, image_file, QUESTION, "tokens", 4)
+    large = analyze(demo_model, image_file, QUESTION, "tokens", 20)
+    assert (small.stats["kept"], large.stats["kept"]) == (4, 20)
+    small_mask = np.asarray(small.panels["mfpruner"]) == np.asarray(large.panels["original"])
+    large_mask = np.asarray(large.panels["mfpruner"]) == np.asarray(large.panels["original"])
+    assert small_mask.all(-1).sum() < large_mask.all(-1).sum()
+    assert set(small.stats["kept_indices"]) != set(large.stats["kept_indices"])
+
+
+def test_stats_agree_with_the_model(demo_model, image_file, llava_processor):
+    analysis = analyze(demo_model, image_file, QUESTION, "tokens", 10)
+    result = demo_model.model.last_pruning
+    stats = analysis.stats
+    assert stats["kept"] == len(result.keep_indices[0]) == 10
+    assert stats["visual_tokens"] == result.num_visual_tokens[0] == 36
+    assert stats["prefill_length_pruned"] == result.lm_input_length
+    assert stats["prefill_length_unpruned"] - stats["prefill_length_pruned"] == 36 - 10
+    text = demo_model.model.config.text_config
+    dims = (text.hidden_size, text.intermediate_size, text.num_hidden_layers)
+    assert stats["visual_flops_saved"] == pytest.approx(1 - app.fastv_flops(10, *dims) / app.fastv_flops(36, *dims))
+    assert stats["speedup"] == pytest.approx(stats["prefill_seconds_unpruned"] / stats["prefill_seconds_pruned"])
+    shown = app.stats_markdown(stats)
+    assert "Kept 10 / 36 visual tokens" in shown and f"| {stats['prefill_length_pruned']} |" in shown
+
+
+def test_fastv_flops_reproduces_the_papers_figure():
+    """LLaVA-1.5-7B, 32 of 576 tokens: FLOPs -94.6% (d 4096, m 11008, 32 layers)."""
+    saved = 1 - app.fastv_flops(32, 4096, 11008, 32) / app.fastv_flops(576, 4096, 11008, 32)
+    assert round(saved * 100, 1) == 94.6
+    assert app.fastv_flops(1, 2, 3, 1) == 4 * 4 + 2 * 2 + 2 * 2 * 3
+
+
+def test_ratio_mode_and_vote_threshold(demo_model, image_file):
+    config_votes = demo_model.model.config.min_votes
+    analysis = analyze(demo_model, image_file, QUESTION, "ratio", ratio=0.25)
+    assert analysis.stats["kept"] == resolve_budget(36, ratio=0.25) == 9
+    for min_votes in (1, 3):
+        analysis = analyze(demo_model, image_file, QUESTION, "tokens", 7, min_votes=min_votes)
+        cues = {name: scores[0][None] for name, scores in demo_model.model.last_pruning.cue_scores.items()}
+        assert analysis.stats["kept_indices"] == select_tokens(cues, 7, min_votes)[0].tolist()
+    assert demo_model.model.config.min_votes == config_votes  # restored after the run
+
+
+def test_generated_answers(demo_model, image_file):
+    analysis = analyze(demo_model, image_file, QUESTION, "tokens", 5, generate_answer=True, max_new_tokens=4)
+    assert analysis.answer.startswith("MFPruner (5 visual tokens): ")
+    assert "Unpruned (36 visual tokens): " in analysis.answer
+    assert analyze(demo_model, image_file, QUESTION, "tokens", 5).answer is None
+
+
+def test_heatmap_colours_follow_the_scores(demo_model, image_file):
+    analysis = analyze(demo_model, image_file, QUESTION, "tokens", 8)
+    scores = demo_model.model.last_pruning.cue_scores["uniqueness"][0].numpy()
+    display, index_map = pixel_map(demo_model, analysis, image_file)
+    heat = np.asarray(analysis.heatmaps["uniqueness"], dtype=np.float64)
+    best, worst = int(scores.argmax()), int(scores.argmin())
+    import matplotlib
+
+    for token, level in ((best, 1.0), (worst, 0.0)):
+        ys, xs = np.nonzero(index_map == token)
+        colour = np.asarray(matplotlib.colormaps[app.HEATMAP_CMAP](level)[:3]) * 255
+        expected = np.asarray(display, dtype=np.float64)[ys, xs] * (1 - app.HEATMAP_ALPHA) + colour * app.HEATMAP_ALPHA
+        assert np.abs(heat[ys, xs] - expected).max() <= 0.5 + 1e-9
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_image_modes_are_converted_with_a_note(demo_model, tmp_path):
+    for mode in ("RGBA", "L", "P", "LA", "1", "CMYK"):
+        path = tmp_path / f"image-{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        random_image(2, size=(90, 60), mode=mode).save(path)
+        image, notes = app.load_image(path)
+        assert image.mode == "RGB" and image.size == (90, 60)
+        assert notes == [f"Converted the {mode} image to RGB" + (" (transparent areas on white)." if "A" in mode else ".")]
+        if mode in ("RGBA", "L", "P"):  # the issue's cases, through the whole run
+            analysis = analyze(demo_model, path, QUESTION, "tokens", 8)
+            assert analysis.stats["kept"] == 8 and analysis.notes == notes
+    path = tmp_path / "transparent.png"
+    Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(path)
+    image, _ = app.load_image(path)
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_large_image_is_downscaled_with_a_note(tmp_path):
+    path = tmp_path / "large.png"
+    Image.new("RGB", (app.MAX_SIDE * 2, 300), (10, 200, 30)).save(path)
+    image, notes = app.load_image(path)
+    assert max(image.size) == app.MAX_SIDE and "Downscaled" in notes[0]
+
+
+@pytest.mark.parametrize("case", ["no image", "corrupt", "truncated", "huge", "empty question", "long question", "budget"])
+def test_bad_input_gives_a_clear_message(demo_model, tmp_path, image_file, case):
+    path, question, budget = image_file, QUESTION, 8
+    if case == "no image":
+        path, expected = None, "Upload an image"
+    elif case == "corrupt":
+        path, expected = tmp_path / "corrupt.png", "Could not read the file as an image"
+        path.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png at all")
+    elif case == "truncated":
+        path, expected = tmp_path / "truncated.jpg", "Could not read the file as an image"
+        random_image(3, size=(200, 200)).save(tmp_path / "full.jpg")
+        path.write_bytes((tmp_path / "full.jpg").read_bytes()[:600])
+    elif case == "huge":  # 64 MP, refused from the header before decoding
+        path, expected = tmp_path / "huge.png", "this demo takes at most"
+        Image.new("1", (8000, 8000)).save(path)
+    elif case == "empty question":
+        question, expected = "   ", "Type a question"
+    elif case == "long question":
+        question, expected = "why? " * 300, "at most"
+    else:
+        budget, expected = 0, "token budget"
+    with pytest.raises(ValueError, match=expected):
+        analyze(demo_model, path, question, "tokens", budget)
+
+
+# ----------------------------------------------------------------------------- served app
+
+
+@pytest.fixture(scope="module")
+def served(demo_model):
+    page = app.build_demo(demo_model)
+    _, url, _ = app.launch(page, "127.0.0.1", None, prevent_thread_lock=True, quiet=True)
+    yield url
+    page.close()
+
+
+def test_api_through_gradio_client(served, image_file, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(served, verbose=False)
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/prune"]
+    outputs = client.predict(handle_file(str(image_file)), QUESTION, "tokens", 5, 0.1, 2, False, api_name="/prune")
+    *images, stats_text, details, answer = outputs
+    assert len(images) == len(app.PANEL_TITLES) + len(app.HEATMAP_TITLES)
+    assert all(os.path.exists(image) for image in images)
+    assert details["kept"] == 5 and len(details["kept_indices"]) == 5 and "Kept 5 / 36" in stats_text
+    assert Image.open(images[-1]).size == Image.open(images[0]).size == (120, 80)
+
+    with pytest.raises(AppError, match="Type a question"):
+        client.predict(handle_file(str(image_file)), "", "tokens", 5, 0.1, 2, False, api_name="/prune")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    with pytest.raises(AppError, match="Could not read the file as an image"):
+        client.predict(handle_file(str(corrupt)), QUESTION, "tokens", 5, 0.1, 2, False, api_name="/prune")
+    outputs = client.predict(handle_file(str(image_file)), QUESTION, "ratio", 5, 0.5, 1, True, api_name="/prune")
+    assert outputs[-2]["kept"] == 18 and outputs[-1].startswith("MFPruner (18 visual tokens)")  # still serving
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium: apt-get install -y chromium")
+def test_real_browser(served, image_file, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from tools.demo_browser import open_browser, run_in_browser
+
+    with sync_playwright() as playwright:
+        browser = open_browser(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        stats_text = run_in_browser(page, served, image_file, "Is there a dog?", budget=7)
+        assert "Kept 7 / 36 visual tokens" in stats_text
+        assert page.locator("#panel-mfpruner img").first.is_visible()
+        page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        page.locator("#question textarea").fill("")  # bad input: a message on the page, then it serves on
+        page.locator("#run").click()
+        page.get_by_text("Type a question about the image").first.wait_for(timeout=30_000)
+        page.locator("#question textarea").fill("Is there a cat?")
+        page.locator("#budget input[type=number]").fill("9")
+        page.locator("#budget input[type=number]").press("Tab")  # the slider's release runs the model
+        page.get_by_text("Kept 9 / 36 visual tokens").first.wait_for(timeout=30_000)
+        browser.close()
+    assert Image.open(tmp_path / "demo.png").size[0] == 1400
