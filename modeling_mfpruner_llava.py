@@ -249,6 +249,7 @@ class MFPrunerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             image_to_row=image_to_row,
             lm_input_length=pruned["input_ids"].shape[1],
             grids=[(side, tokens // side)] * num_images,
+            kinds=["image"] * num_images,
         )
         return pruned
 

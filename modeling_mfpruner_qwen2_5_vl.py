@@ -25,7 +25,7 @@ pruned with the tokens). After a pruning call `model.last_pruning` is an `MFPrun
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
@@ -175,14 +175,21 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
 
     def visual_features_with_attention(self, pixels, grid_thw, kind: str):
         """Runs the vision tower once on all images (or all videos). Returns per item a list of
-        (N_i, D) visual tokens and a list of (N_i,) attention received, raster order."""
+        (N_i, D) visual tokens and a list of (N_i,) attention received, raster order (None
+        when the attention cue is not configured: then no hook runs)."""
         visual = self.model.visual
-        with capture_received_attention(visual, self.config.attention_query_chunk) as captured:
+        if "attention" in self.config.mfpruner_cues:
+            capture = capture_received_attention(visual, self.config.attention_query_chunk)
+        else:
+            capture = nullcontext({})
+        with capture as captured:
             if kind == "image":
                 output = self.model.get_image_features(pixel_values=pixels, image_grid_thw=grid_thw)
             else:
                 output = self.model.get_video_features(pixel_values_videos=pixels, video_grid_thw=grid_thw)
         sizes = [len(features) for features in output.pooler_output]
+        if "received" not in captured:
+            return list(output.pooler_output), [None] * len(sizes)
         attention = merged_raster_scores(captured["received"], grid_thw, visual).split(sizes)
         return list(output.pooler_output), list(attention)
 

@@ -246,6 +246,19 @@ def test_authors_variant_fills_by_relevance(qwen_model, prompts):
         assert torch.equal(keep, select_tokens(cues, len(keep), 2, fill_by="relevance")[0])
 
 
+def test_cue_subset_skips_the_attention_hook(qwen_model, prompts):
+    inputs = prompts["video"]
+    qwen_model.config.mfpruner_cues = ["uniqueness"]
+    try:
+        qwen_model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        qwen_model.config.mfpruner_cues = ["attention", "uniqueness", "relevance"]
+    result = qwen_model.last_pruning
+    assert list(result.cue_scores) == ["uniqueness"]
+    scores, keep = result.cue_scores["uniqueness"][0], result.keep_indices[0]
+    assert torch.equal(keep, scores.topk(len(keep)).indices.sort().values)  # one cue: its own top-k
+
+
 def test_result_describes_each_item(qwen_model, qwen_processing):
     tokenizer, image_processor = qwen_processing
     text = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
