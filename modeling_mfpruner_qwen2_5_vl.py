@@ -131,7 +131,10 @@ def merged_raster_scores(received, grid_thw, visual) -> torch.Tensor:
     the mean over each merge group (contiguous in the tower's layout), then argsort(window_index)."""
     unit = visual.spatial_merge_size**2
     window_index, _ = get_vision_window_index(
-        grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
+        grid_thw,
+        spatial_merge_size=visual.spatial_merge_size,
+        window_size=visual.window_size,
+        patch_size=visual.patch_size,
     )
     return received.view(-1, unit).mean(dim=-1)[torch.argsort(window_index.to(received.device))]
 
@@ -292,14 +295,18 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             attention_mask=attention_mask,
         )  # (3, B, L): every token's (t, h, w) position in the UNPRUNED prompt
         return dict(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, positions=positions, items=items
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            positions=positions,
+            items=items,
         )
 
     def select_and_compact(self, encoded: dict, budget, ratio, labels=None, left_pad: bool | None = None) -> dict:
         """The vote per image / video under its own budget, then the kept positions of every
         per-token input, re-padded; sets `rope_deltas` and `last_pruning`."""
-        input_ids, attention_mask, inputs_embeds = (encoded[key] for key in ("input_ids", "attention_mask", "inputs_embeds"))
-        items = encoded["items"]
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        inputs_embeds, items = encoded["inputs_embeds"], encoded["items"]
         is_image, is_video = input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
         with torch.no_grad():
             text_mask = attention_mask.bool() & ~is_image & ~is_video
@@ -402,7 +409,9 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
                 **kwargs,
             )
         if inputs_embeds is not None:
-            raise ValueError("pass `input_ids`, not `inputs_embeds`, with pixel inputs: MFPruner locates visual tokens by id")
+            raise ValueError(
+                "pass `input_ids`, not `inputs_embeds`, with pixel inputs: MFPruner locates visual tokens by id"
+            )
         # position_ids are replaced by the gathered M-RoPE positions of the kept tokens
         pruned = self.prune_inputs(
             input_ids,
@@ -434,7 +443,9 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
                 **kwargs,
             )
         if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("pass `input_ids`, not `inputs_embeds`, with pixel inputs: MFPruner locates visual tokens by id")
+            raise ValueError(
+                "pass `input_ids`, not `inputs_embeds`, with pixel inputs: MFPruner locates visual tokens by id"
+            )
         vision = {key: kwargs.pop(key, None) for key in VISION_KWARGS}
         pruned = self.prune_inputs(
             input_ids,

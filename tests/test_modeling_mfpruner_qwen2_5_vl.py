@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from torch.profiler import ProfilerActivity, profile
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionAttention,
     apply_rotary_pos_emb_vision,
@@ -21,6 +20,7 @@ from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
 from mfpruner_core import resolve_budget, select_tokens
 from modeling_mfpruner_qwen2_5_vl import MFPrunerQwen2_5_VLForConditionalGeneration, received_attention_per_patch
 from tests.conftest import random_image
+from tools.benchmark_qwen_cue import timed_peak
 from tools.tiny_models import qwen_inputs
 
 QUESTION = "What is in the image?"
@@ -212,7 +212,8 @@ def test_cached_generate_equals_no_cache_recomputation(qwen_model, prompts, prom
         embeds, mask, positions = pruned["inputs_embeds"], pruned["attention_mask"], pruned["position_ids"]
         tokens = []
         for _ in range(new_tokens):
-            logits = qwen_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            output = qwen_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+            logits = output.logits
             token = logits[:, -1].argmax(-1)  # (B,)
             tokens.append(token)
             embeds = torch.cat([embeds, qwen_model.get_input_embeddings()(token)[:, None]], dim=1)
@@ -324,17 +325,6 @@ def test_chunked_attention_cue_matches_materialised_eager(qwen_model, prompts, p
     torch.testing.assert_close(torch.cat(attention), reference, atol=1e-4, rtol=0)
 
 
-def peak_allocated_bytes(fn) -> int:
-    """Peak of the bytes allocated while fn runs (CPU allocations recorded by the profiler)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
-
-
 def test_attention_cue_peak_memory_is_bounded_by_the_chunk():
     torch.manual_seed(0)
     config = MFPrunerQwen2_5_VLConfig(vision_config=dict(hidden_size=64, num_heads=4)).vision_config
@@ -348,9 +338,8 @@ def test_attention_cue_peak_memory_is_bounded_by_the_chunk():
 
     with torch.no_grad():
         chunked = received_attention_per_patch(attn, hidden, cu_seqlens, position_embeddings, chunk)
-        peak = peak_allocated_bytes(
-            lambda: received_attention_per_patch(attn, hidden, cu_seqlens, position_embeddings, chunk)
-        )
+        cue = lambda: received_attention_per_patch(attn, hidden, cu_seqlens, position_embeddings, chunk)  # noqa: E731
+        _, _, peak = timed_peak(cue)
         q, k, v = attn.qkv(hidden).reshape(tokens, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
         _, weights = eager_attention_forward(

@@ -43,7 +43,8 @@ def build_model(vision_depth: int, text_layers: int) -> MFPrunerQwen2_5_VLForCon
         ),
         text_config=dict(
             vocab_size=1024, hidden_size=3584, intermediate_size=18944, num_hidden_layers=text_layers,
-            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+            bos_token_id=None, eos_token_id=None,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
         ),
         image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
@@ -143,9 +144,6 @@ def run_size(model, side: int, max_materialised_gb: float, chunk: int) -> dict:
 
 def report(rows, args):
     gib = 2**30
-    print(f"Qwen2.5-VL-7B geometry, random weights, CPU ({torch.get_num_threads()} threads), "
-          f"{args.vision_depth} vision blocks (last = full attention), {args.text_layers} decoder layer(s), "
-          f"query chunk {args.chunk}")
     for row in rows:
         print(f"\n{row['side']}x{row['side']} image: {row['patches']} patches -> {row['tokens']} visual tokens")
         print(f"  vision tower ({args.vision_depth} blocks) + cue A + M-RoPE positions: {row['encode_s']:.2f} s")
@@ -162,7 +160,8 @@ def report(rows, args):
         print(f"  LLM prefill ({args.text_layers} layer(s)):  " + "   ".join(
             f"keep {ratio:.3f}: {row[f'len@{ratio}']} tok {row[f'prefill@{ratio}']:.2f} s "
             f"({base / row[f'prefill@{ratio}']:.2f}x)" for ratio in (1.0, *RATIOS)))
-        print("  vote + compaction: " + ", ".join(f"{row[f'select@{r}'] * 1000:.0f} ms @ {r}" for r in RATIOS))
+        votes = ", ".join(f"{row[f'select@{r}'] * 1000:.0f} ms @ {r}" for r in RATIOS)
+        print(f"  vote + compaction: {votes}", flush=True)
 
 
 def main(argv=None):
@@ -177,8 +176,11 @@ def main(argv=None):
     model = build_model(args.vision_depth, args.text_layers)
     model.config.attention_query_chunk = args.chunk
     run_size(model, 224, args.max_materialised_gb, args.chunk)  # warm-up
-    rows = [run_size(model, side, args.max_materialised_gb, args.chunk) for side in args.sizes]
-    report(rows, args)
+    print(f"Qwen2.5-VL-7B geometry, random weights, CPU ({torch.get_num_threads()} threads), "
+          f"{args.vision_depth} vision block(s) (the last one full attention), {args.text_layers} decoder layer(s), "
+          f"query chunk {args.chunk}", flush=True)
+    for side in args.sizes:  # one size at a time, printed as soon as it is measured
+        report([run_size(model, side, args.max_materialised_gb, args.chunk)], args)
 
 
 if __name__ == "__main__":
