@@ -313,6 +313,7 @@ def materialised_received_attention(model, inputs, kind: str) -> torch.Tensor:
 @pytest.mark.parametrize("query_chunk", [1024, 7])
 def test_chunked_attention_cue_matches_materialised_eager(qwen_model, prompts, prompt, kind, query_chunk):
     inputs = prompts[prompt]
+    default_chunk = qwen_model.config.attention_query_chunk
     qwen_model.config.attention_query_chunk = query_chunk
     try:
         with torch.no_grad():
@@ -320,7 +321,7 @@ def test_chunked_attention_cue_matches_materialised_eager(qwen_model, prompts, p
                 inputs[f"pixel_values{'' if kind == 'image' else '_videos'}"], inputs[f"{kind}_grid_thw"], kind
             )
     finally:
-        qwen_model.config.attention_query_chunk = 1024
+        qwen_model.config.attention_query_chunk = default_chunk
     reference = materialised_received_attention(qwen_model, inputs, kind)
     torch.testing.assert_close(torch.cat(attention), reference, atol=1e-4, rtol=0)
 

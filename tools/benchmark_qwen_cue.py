@@ -169,7 +169,7 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--vision-depth", type=int, default=4)
     parser.add_argument("--text-layers", type=int, default=1)
-    parser.add_argument("--chunk", type=int, default=1024, help="queries per step of the chunked cue")
+    parser.add_argument("--chunk", type=int, default=256, help="queries per step of the chunked cue")
     parser.add_argument("--max-materialised-gb", type=float, default=4.0,
                         help="skip the materialised cue when one attention map would exceed this")
     args = parser.parse_args(argv)
