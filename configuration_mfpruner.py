@@ -7,7 +7,7 @@ needs two votes to be a consensus token, and the fill uses the summed score.
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlavaConfig
+from transformers import LlavaConfig, Qwen2_5_VLConfig
 
 try:  # the mixin is shared by the configs below; `from .x import y` keeps remote code flat
     from .mfpruner_core import CUE_NAMES, check_budget, check_ratio
@@ -76,4 +76,45 @@ class MFPrunerLlavaConfig(LlavaConfig):
         validate_mfpruner_settings(self)
 
 
-__all__ = ["MFPrunerLlavaConfig"]
+@strict
+class MFPrunerQwen2_5_VLConfig(Qwen2_5_VLConfig):
+    r"""Qwen2.5-VL config with MFPruner settings (Qwen/Qwen2.5-VL-3B/7B/32B/72B-Instruct).
+
+    visual_token_ratio: fraction of each image's (or video's) visual tokens kept; default 0.222,
+        the paper's "prune 77.8%" setting (0.444 and 0.333 are the other two).
+    visual_token_budget: visual tokens kept per image / video instead of a ratio.
+    prune_visual_tokens, mfpruner_cues, min_votes: as for LLaVA.
+    relevance_source: "auto" or "llm" (mean LLM input embedding of the prompt text, as the
+        authors' Qwen code does); Qwen2.5-VL has no CLIP text tower.
+    fill_by: "sum" (the paper's rule) or "relevance" (the authors' Qwen release: attention and
+        uniqueness vote, relevance alone fills the rest).
+    attention_query_chunk: queries per step of the attention cue; the largest temporary is
+        heads x chunk x patches-of-one-image floats (7B, 2048 x 2048 image: 16 x 256 x 21316 x 4 B
+        = 0.33 GiB, where the whole map would be 27 GiB).
+    """
+
+    model_type = "mfpruner_qwen2_5_vl"
+
+    visual_token_budget: int | None = None
+    visual_token_ratio: float | None = None
+    prune_visual_tokens: bool = True
+    mfpruner_cues: list[str] | tuple[str, ...] = CUE_NAMES
+    relevance_source: str = "auto"
+    min_votes: int = 2
+    fill_by: str = "sum"
+    attention_query_chunk: int = 256
+
+    def __post_init__(self, **kwargs):
+        if self.visual_token_budget is None and self.visual_token_ratio is None:
+            self.visual_token_ratio = 0.222  # the paper's Qwen2.5-VL setting: prune 77.8%
+        self.mfpruner_cues = list(self.mfpruner_cues)
+        super().__post_init__(**kwargs)
+        validate_mfpruner_settings(self)
+        if self.relevance_source == "clip_text":
+            raise ValueError("`relevance_source` must be 'auto' or 'llm' for Qwen2.5-VL (it has no CLIP text tower)")
+        chunk = self.attention_query_chunk
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+            raise ValueError(f"`attention_query_chunk` must be a positive int (queries per step), got {chunk!r}")
+
+
+__all__ = ["MFPrunerLlavaConfig", "MFPrunerQwen2_5_VLConfig"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -239,3 +240,89 @@ def compact_rows(keep: torch.Tensor, tensors: dict[str, torch.Tensor], pad: dict
         compact[real] = tensor[keep]
         out[name] = compact
     return out, real
+
+
+# ----------------------------------------------------------------------------- bookkeeping shared by the models
+
+
+@dataclass
+class MFPrunerResult:
+    """What the last pruning call decided, one entry per image (or video) in prompt order.
+
+    keep_indices[i]: (k_i,) kept indices into item i's visual tokens, ascending.
+    cue_scores[name][i]: (N_i,) that cue's score per visual token (higher = keep).
+    image_to_row[i]: the batch row item i belongs to.
+    lm_input_length: the language model's prefill length (pruned, re-padded).
+    grids[i]: (rows, cols) of item i's token map, so keep_indices reshape onto it.
+    kinds[i]: "image" or "video" (models that take videos list images first, then videos).
+    """
+
+    keep_indices: list[torch.Tensor]
+    cue_scores: dict[str, list[torch.Tensor]]
+    num_visual_tokens: list[int]
+    image_to_row: list[int]
+    lm_input_length: int
+    grids: list[tuple[int, int]] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+
+
+def check_image_tokens(
+    input_ids, image_token_id, num_images: int, tokens_per_image: list[int], name: str = "image", pixels="pixel_values"
+):
+    """Placeholders must match the images (or videos); returns (I,) the batch row of each one.
+
+    input_ids: (B, L); tokens_per_image: visual tokens of each item, in prompt order."""
+    if input_ids is None:
+        raise ValueError(f"MFPruner needs `input_ids` (not only `inputs_embeds`) to locate the {name} tokens")
+    is_image = input_ids == image_token_id
+    per_row = is_image.sum(dim=-1).tolist()
+    if sum(per_row) == 0:
+        raise ValueError(
+            f"`{pixels}` were given but `input_ids` hold no {name} token (id {image_token_id}); "
+            f"build the prompt with the processor so each {name} has its placeholder tokens"
+        )
+    if sum(per_row) != sum(tokens_per_image):
+        raise ValueError(
+            f"`input_ids` hold {sum(per_row)} {name} tokens but the {num_images} {name}(s) give "
+            f"{sum(tokens_per_image)} visual tokens ({tokens_per_image}); prompt and {name}s do not match"
+        )
+    image_to_row, image, filled = [], 0, 0
+    for row, count in enumerate(per_row):
+        while count > 0:
+            if image >= num_images or tokens_per_image[image] - filled > count:
+                raise ValueError(f"row {row} of `input_ids` splits an {name}'s tokens with another row")
+            count -= tokens_per_image[image] - filled
+            image_to_row.append(row)
+            image, filled = image + 1, 0
+    return image_to_row
+
+
+def keep_mask_for_images(is_image, keep_indices, tokens_per_image, keep=None):
+    """(B, L) bool: True for the kept positions of every image, and elsewhere `keep` (default:
+    every non-image position). keep_indices[i]: (k_i,) into image i's tokens_per_image[i] tokens."""
+    flat_keep = torch.cat(
+        [torch.zeros(n, dtype=torch.bool, device=is_image.device).index_fill_(0, idx, True)
+         for idx, n in zip(keep_indices, tokens_per_image)]
+    )
+    keep = ~is_image if keep is None else keep.clone()
+    keep[is_image] = flat_keep
+    return keep
+
+
+def restore_prompt(output, input_ids, pruned_length: int):
+    """Replaces the pruned prompt at the head of the generated sequences by the original one.
+
+    output: (B * n, pruned_length + new) tensor or a generate output with `.sequences`."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    restored = torch.cat([prompt.to(sequences.device), sequences[:, pruned_length:]], dim=-1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    return output
+
+
+def auto_map_with_auto_model(auto_map, model) -> dict:
+    """`register_for_auto_class` keeps one Auto class per model; add AutoModel -> the same class."""
+    entry = f"{type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}"
+    return {**(auto_map or {}), "AutoModel": entry}

@@ -17,7 +17,6 @@ indices into its visual tokens and each cue's scores.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,48 +26,40 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 try:
     from .configuration_mfpruner import MFPrunerLlavaConfig
     from .mfpruner_core import (
+        MFPrunerResult,
         attention_from_query,
+        auto_map_with_auto_model,
         call_budget,
+        check_image_tokens,
         clip_text_relevance,
         compact_rows,
+        keep_mask_for_images,
         llm_relevance,
         min_max_normalize,
         resolve_budget,
+        restore_prompt,
         select_tokens,
         uniqueness,
     )
 except ImportError:  # imported as a top-level module (tests, tools)
     from configuration_mfpruner import MFPrunerLlavaConfig
     from mfpruner_core import (
+        MFPrunerResult,
         attention_from_query,
+        auto_map_with_auto_model,
         call_budget,
+        check_image_tokens,
         clip_text_relevance,
         compact_rows,
+        keep_mask_for_images,
         llm_relevance,
         min_max_normalize,
         resolve_budget,
+        restore_prompt,
         select_tokens,
         uniqueness,
     )
 
-
-
-@dataclass
-class MFPrunerResult:
-    """What the last pruning call decided, one entry per image (in prompt order).
-
-    keep_indices[i]: (k_i,) kept indices into image i's visual tokens, ascending.
-    cue_scores[name][i]: (N_i,) that cue's score per visual token (higher = keep).
-    image_to_row[i]: the batch row image i belongs to.
-    lm_input_length: the language model's prefill length (pruned, re-padded).
-    """
-
-    keep_indices: list[torch.Tensor]
-    cue_scores: dict[str, list[torch.Tensor]]
-    num_visual_tokens: list[int]
-    image_to_row: list[int]
-    lm_input_length: int
-    grids: list[tuple[int, int]] = field(default_factory=list)  # (rows, cols) of each image's token map
 
 
 # ----------------------------------------------------------------------------- cue capture
@@ -120,48 +111,10 @@ def clip_cls_attention(captured: dict, scale: float, keep_cls: bool) -> torch.Te
 # ----------------------------------------------------------------------------- prompt bookkeeping
 
 
-def check_image_tokens(input_ids, image_token_id, num_images: int, tokens_per_image: list[int]):
-    """Image placeholders must match the images; returns (I,) the batch row of each image."""
-    if input_ids is None:
-        raise ValueError("MFPruner needs `input_ids` (not only `inputs_embeds`) to locate the image tokens")
-    is_image = input_ids == image_token_id
-    per_row = is_image.sum(dim=-1).tolist()
-    if sum(per_row) == 0:
-        raise ValueError(
-            f"`pixel_values` were given but `input_ids` hold no image token (id {image_token_id}); "
-            "build the prompt with the processor so each image has its placeholder tokens"
-        )
-    if sum(per_row) != sum(tokens_per_image):
-        raise ValueError(
-            f"`input_ids` hold {sum(per_row)} image tokens but the {num_images} image(s) give "
-            f"{sum(tokens_per_image)} visual tokens ({tokens_per_image}); prompt and images do not match"
-        )
-    image_to_row, image, filled = [], 0, 0
-    for row, count in enumerate(per_row):
-        while count > 0:
-            if image >= num_images or tokens_per_image[image] - filled > count:
-                raise ValueError(f"row {row} of `input_ids` splits an image's tokens with another row")
-            count -= tokens_per_image[image] - filled
-            image_to_row.append(row)
-            image, filled = image + 1, 0
-    return image_to_row
-
-
 def llm_relevance_per_image(visual_tokens, inputs_embeds, text_mask, image_to_row):
     """LLM-space relevance of each image's tokens against its own row's prompt text."""
     rows = torch.as_tensor(image_to_row, device=inputs_embeds.device)
     return llm_relevance(visual_tokens, inputs_embeds[rows], text_mask[rows])
-
-
-def keep_mask_for_images(is_image, keep_indices, tokens_per_image):
-    """(B, L) bool: True for text positions and for the kept positions of every image."""
-    flat_keep = torch.cat(
-        [torch.zeros(n, dtype=torch.bool, device=is_image.device).index_fill_(0, idx, True)
-         for idx, n in zip(keep_indices, tokens_per_image)]
-    )
-    keep = ~is_image
-    keep[is_image] = flat_keep
-    return keep
 
 
 # ----------------------------------------------------------------------------- model
@@ -294,15 +247,14 @@ class MFPrunerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             image_to_row=image_to_row,
             lm_input_length=pruned["input_ids"].shape[1],
             grids=[(side, tokens // side)] * num_images,
+            kinds=["image"] * num_images,
         )
         return pruned
 
     # -- entry points -----------------------------------------------------------------------
 
     def save_pretrained(self, *args, **kwargs):
-        # register_for_auto_class keeps a single Auto class; AutoModel resolves to this class too.
-        entry = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": entry}
+        self.config.auto_map = auto_map_with_auto_model(getattr(self.config, "auto_map", None), self)
         return super().save_pretrained(*args, **kwargs)
 
     def forward(
@@ -388,17 +340,6 @@ class MFPrunerLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
         output = super().generate(**pruned, **kwargs)
         return restore_prompt(output, input_ids, pruned["input_ids"].shape[1])
-
-
-def restore_prompt(output, input_ids, pruned_length: int):
-    """Replaces the pruned prompt at the head of the generated sequences by the original one."""
-    sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-    restored = torch.cat([prompt.to(sequences.device), sequences[:, pruned_length:]], dim=-1)
-    if isinstance(output, torch.Tensor):
-        return restored
-    output.sequences = restored
-    return output
 
 
 # Hub checkpoints and stock save_pretrained use the old key layout; without this mapping the

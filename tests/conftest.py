@@ -59,3 +59,45 @@ def llava_stock_model(llava_stock_repo):
     from transformers import LlavaForConditionalGeneration
 
     return LlavaForConditionalGeneration.from_pretrained(llava_stock_repo).eval()
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+
+@pytest.fixture(scope="session")
+def qwen_repo(tiny_dir) -> Path:
+    from tools.tiny_models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tiny_dir / "mfpruner-qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen_stock_repo(tiny_dir) -> Path:
+    from tools.tiny_models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tiny_dir / "qwen2_5_vl-stock", stock=True)
+
+
+@pytest.fixture(scope="session")
+def qwen_model(qwen_repo):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(qwen_repo, trust_remote_code=True).eval()
+
+
+@pytest.fixture(scope="session")
+def qwen_stock_model(qwen_stock_repo):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_stock_repo).eval()
+
+
+@pytest.fixture(scope="session")
+def qwen_processing(qwen_repo):
+    """(tokenizer, image processor) of the tiny Qwen repo (see tools.tiny_models.qwen_inputs)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    return (
+        AutoTokenizer.from_pretrained(qwen_repo, trust_remote_code=True),
+        AutoImageProcessor.from_pretrained(qwen_repo, trust_remote_code=True),
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -41,28 +42,32 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on a few lines: any text encodes, ids are deterministic."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+def build_tokenizer(
+    vocab_size: int = 320,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    named_tokens: dict | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few lines: any text encodes, ids are deterministic.
+
+    special_tokens: kept whole (the first ones get ids 0, 1, ...); named_tokens: the
+    tokenizer's unk/bos/eos/pad and extra special tokens (default: LLaVA's)."""
+    named_tokens = named_tokens or dict(
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer = Tokenizer(models.BPE(unk_token=named_tokens.get("unk_token")))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator([CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **named_tokens)
+    fast.chat_template = chat_template
     return fast
 
 
@@ -265,6 +270,146 @@ def rewrite_as_hub_layout(path: str | os.PathLike, max_shard_bytes: int | None =
     processor_config = json.loads((path / "processor_config.json").read_text())
     (path / "preprocessor_config.json").write_text(json.dumps(processor_config.pop("image_processor"), indent=2))
     (path / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+    return path
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_PATCH = 14  # pixels per patch side; a visual token merges 2 x 2 patches (28 x 28 px)
+
+
+def build_tiny_qwen2_5_vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 64):
+    """(tokenizer, image processor) of a tiny Qwen2.5-VL repo: a local BPE tokenizer with Qwen's
+    special tokens and chat template, and the Qwen2-VL image processor (images resized to
+    multiples of 28 px between min and max pixels: 4 to 64 visual tokens).
+
+    No `Qwen2_5_VLProcessor`: in transformers 5.x it cannot be built without a video processor,
+    and the video processor needs torchvision (not a requirement here). `qwen_inputs` expands
+    the placeholders as the processor does; with torchvision a real repo's processor works too."""
+    from transformers import Qwen2VLImageProcessor
+
+    tokenizer = build_tokenizer(
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        named_tokens=dict(
+            unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            extra_special_tokens={
+                "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+            },
+        ),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=QWEN_PATCH, merge_size=2
+    )
+    return tokenizer, image_processor
+
+
+def qwen_inputs(tokenizer, image_processor, texts: list[str], images=None, videos=None) -> dict:
+    """What `Qwen2_5_VLProcessor(text=texts, images=images)` returns, for the tiny repos.
+
+    texts: prompts holding one <|image_pad|> / <|video_pad|> per image / video, in order; images:
+    PIL images (all rows, prompt order); videos: list of (T, 3, H, W) frame tensors. Each
+    placeholder is expanded to the item's visual token count; rows are left padded."""
+    inputs, counts = {}, {"<|image_pad|>": [], "<|video_pad|>": []}
+    if images:
+        pixels = image_processor(images=images, return_tensors="pt")
+        inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        counts["<|image_pad|>"] = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
+    if videos:
+        parts = [qwen_video_inputs(frames) for frames in videos]
+        inputs["pixel_values_videos"] = torch.cat([p["pixel_values_videos"] for p in parts])
+        inputs["video_grid_thw"] = torch.cat([p["video_grid_thw"] for p in parts])
+        inputs["second_per_grid_ts"] = torch.ones(len(parts))
+        counts["<|video_pad|>"] = (inputs["video_grid_thw"].prod(-1) // 4).tolist()
+    expanded = []
+    for text in texts:  # split on both placeholders, keeping them, and repeat each one
+        pieces = re.split(r"(<\|image_pad\|>|<\|video_pad\|>)", text)
+        expanded.append("".join(p * counts[p].pop(0) if p in counts else p for p in pieces))
+    encoded = tokenizer(expanded, return_tensors="pt", padding=True)
+    ids = encoded["input_ids"]
+    mm_types = (ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
+    mm_types += 2 * (ids == tokenizer.convert_tokens_to_ids("<|video_pad|>")).int()
+    return {"input_ids": ids, "attention_mask": encoded["attention_mask"], "mm_token_type_ids": mm_types, **inputs}
+
+
+def qwen_video_inputs(frames: torch.Tensor, temporal_patch_size: int = 2, merge_size: int = 2) -> dict:
+    """Video frames (T, 3, H, W), values in [0, 1], H and W multiples of 28, T a multiple of 2 ->
+    `pixel_values_videos` (T/2 * H/14 * W/14, 3 * 2 * 14 * 14) and `video_grid_thw` (1, 3), in the
+    Qwen2-VL video processor's patch layout (each 2 x 2 merge group contiguous)."""
+    t, c, h, w = frames.shape
+    grid_t, grid_h, grid_w = t // temporal_patch_size, h // QWEN_PATCH, w // QWEN_PATCH
+    patches = ((frames - 0.5) / 0.5).reshape(
+        grid_t, temporal_patch_size, c,
+        grid_h // merge_size, merge_size, QWEN_PATCH, grid_w // merge_size, merge_size, QWEN_PATCH,
+    )
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = patches.reshape(grid_t * grid_h * grid_w, c * temporal_patch_size * QWEN_PATCH * QWEN_PATCH)
+    return {"pixel_values_videos": flat.float(), "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]])}
+
+
+def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, **mfpruner):
+    """Qwen2.5-VL with the real layout at toy width: 4 vision blocks (1 and 3 full attention,
+    0 and 2 windowed over 2 x 2 visual tokens), 2 x 2 merge, a 2-layer M-RoPE text model."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    vision = dict(
+        depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=QWEN_PATCH,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3], tokens_per_second=2,
+    )
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"), bos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    kwargs = dict(
+        vision_config=vision, text_config=text,
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    if stock:
+        return Qwen2_5_VLConfig(**kwargs)
+    from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
+
+    return MFPrunerQwen2_5_VLConfig(**kwargs, **mfpruner)
+
+
+def build_tiny_qwen2_5_vl(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
+    """Writes a tiny Qwen2.5-VL folder. stock=True: a plain `Qwen2_5_VLForConditionalGeneration`
+    checkpoint (model_type qwen2_5_vl); else an MFPruner remote-code repo (auto_map, code files).
+    Same seed = same weights in both."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    tokenizer, image_processor = build_tiny_qwen2_5_vl_processor()
+    torch.manual_seed(seed)
+    if stock:
+        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tokenizer, stock=True))
+    else:
+        from modeling_mfpruner_qwen2_5_vl import MFPrunerQwen2_5_VLForConditionalGeneration
+
+        model = MFPrunerQwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tokenizer, **mfpruner))
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
     return path
 
 
