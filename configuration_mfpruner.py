@@ -6,8 +6,10 @@ needs two votes to be a consensus token, and the fill uses the summed score.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from huggingface_hub.dataclasses import strict
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 
 try:  # the mixin is shared by the configs below; `from .x import y` keeps remote code flat
     from .mfpruner_core import CUE_NAMES, check_budget, check_ratio
@@ -40,11 +42,12 @@ def validate_mfpruner_settings(config) -> None:
         raise ValueError(f"`fill_by` must be one of {FILL_RULES}, got {config.fill_by!r}")
 
 
-@strict
-class MFPrunerLlavaConfig(LlavaConfig):
-    r"""LLaVA-1.5 config with MFPruner settings.
+@dataclass(repr=False, eq=False)
+class MFPrunerSettings:
+    r"""The MFPruner fields shared by every MFPruner config (a dataclass mixin: each config below is
+    `@strict class X(MFPrunerSettings, <stock config>)`, so the fields are type-checked there).
 
-    visual_token_budget: visual tokens kept per image (paper: 192, 128, 64, 32 of 576).
+    visual_token_budget: visual tokens kept per image (LLaVA-1.5 paper: 192, 128, 64, 32 of 576).
     visual_token_ratio: fraction kept per image, used when visual_token_budget is None.
     prune_visual_tokens: switch pruning off (the model then equals the stock model).
     mfpruner_cues: cues that vote, any of "attention", "uniqueness", "relevance".
@@ -57,8 +60,6 @@ class MFPrunerLlavaConfig(LlavaConfig):
         vision tower); with it the model carries `clip_text_model` and `clip_visual_projection`.
     """
 
-    model_type = "mfpruner_llava"
-
     visual_token_budget: int | None = None
     visual_token_ratio: float | None = None
     prune_visual_tokens: bool = True
@@ -69,11 +70,44 @@ class MFPrunerLlavaConfig(LlavaConfig):
     clip_text_config: dict | None = None
 
     def __post_init__(self, **kwargs):
-        if self.visual_token_budget is None and self.visual_token_ratio is None:
-            self.visual_token_budget = 64  # the paper's headline LLaVA-1.5 setting
+        # Each config sets its default budget before calling this (when neither is given).
         self.mfpruner_cues = list(self.mfpruner_cues)
         super().__post_init__(**kwargs)
         validate_mfpruner_settings(self)
 
 
-__all__ = ["MFPrunerLlavaConfig"]
+@strict
+class MFPrunerLlavaConfig(MFPrunerSettings, LlavaConfig):
+    r"""LLaVA-1.5 config with MFPruner settings (fields: see `MFPrunerSettings`).
+
+    Default budget: keep 64 of the 576 visual tokens (the paper's headline LLaVA-1.5 setting).
+    """
+
+    model_type = "mfpruner_llava"
+
+    def __post_init__(self, **kwargs):
+        if self.visual_token_budget is None and self.visual_token_ratio is None:
+            self.visual_token_budget = 64  # the paper's headline LLaVA-1.5 setting
+        super().__post_init__(**kwargs)
+
+
+@strict
+class MFPrunerLlavaNextConfig(MFPrunerSettings, LlavaNextConfig):
+    r"""LLaVA-1.6 (LLaVA-NeXT, anyres) config with MFPruner settings (fields: see `MFPrunerSettings`).
+
+    The budget is per image, over all its tiles (base tile + unpadded high-res grid). Default:
+    `visual_token_ratio=0.222` of each image's patch tokens (the paper-comparable setting; an
+    image's token count varies with its size, so a ratio keeps the same fraction of every image,
+    e.g. 639 of the 2,880 patch tokens of a 672x672 image). The `image_newline` row separators
+    are always kept and are outside the budget (see the model's docstring).
+    """
+
+    model_type = "mfpruner_llava_next"
+
+    def __post_init__(self, **kwargs):
+        if self.visual_token_budget is None and self.visual_token_ratio is None:
+            self.visual_token_ratio = 0.222
+        super().__post_init__(**kwargs)
+
+
+__all__ = ["MFPrunerLlavaConfig", "MFPrunerLlavaNextConfig", "MFPrunerSettings"]
