@@ -395,6 +395,7 @@ class MFPrunerMixin:
         pixel_values=None,
         attention_mask=None,
         labels=None,
+        image_sizes=None,
         visual_token_budget: int | None = None,
         visual_token_ratio: float | None = None,
         prune_visual_tokens: bool | None = None,
@@ -406,6 +407,8 @@ class MFPrunerMixin:
         loss then cover the pruned sequence; `labels` are pruned with it)."""
         prune = self.config.prune_visual_tokens if prune_visual_tokens is None else prune_visual_tokens
         if pixel_values is None or not prune:
+            if image_sizes is not None:  # only passed on when given: LLaVA-1.5 ignores it
+                kwargs["image_sizes"] = image_sizes
             return super().forward(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels, **kwargs
             )
@@ -416,7 +419,7 @@ class MFPrunerMixin:
             pixel_values,
             attention_mask=attention_mask,
             labels=labels,
-            image_sizes=kwargs.pop("image_sizes", None),
+            image_sizes=image_sizes,
             visual_token_budget=visual_token_budget,
             visual_token_ratio=visual_token_ratio,
             clip_input_ids=clip_input_ids,
@@ -557,7 +560,7 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerMixin, LlavaNextForCondi
         ):
             sizes = image_sizes[i : i + 1]
             # Per tile and patch: (attention, part, row, col) in float32, row/col in the padded grid.
-            grid_rows, grid_cols = get_anyres_image_grid_shape(image_sizes[i], config.image_grid_pinpoints, tile_size)
+            _, grid_cols = get_anyres_image_grid_shape(image_sizes[i], config.image_grid_pinpoints, tile_size)
             tile = torch.arange(len(tile_attention), device=attention.device)[:, None]  # (t, 1)
             patch = torch.arange(side * side, device=attention.device)[None, :]  # (1, P)
             tile_row, tile_col = (tile - 1).clamp(min=0) // grid_cols, (tile - 1).clamp(min=0) % grid_cols

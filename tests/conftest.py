@@ -59,3 +59,41 @@ def llava_stock_model(llava_stock_repo):
     from transformers import LlavaForConditionalGeneration
 
     return LlavaForConditionalGeneration.from_pretrained(llava_stock_repo).eval()
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)
+
+
+@pytest.fixture(scope="session")
+def llava_next_repo(tiny_dir) -> Path:
+    from tools.tiny_models import build_tiny_llava_next
+
+    return build_tiny_llava_next(tiny_dir / "mfpruner-llava-next")
+
+
+@pytest.fixture(scope="session")
+def llava_next_stock_repo(tiny_dir) -> Path:
+    from tools.tiny_models import build_tiny_llava_next
+
+    return build_tiny_llava_next(tiny_dir / "llava-next-stock", stock=True)
+
+
+@pytest.fixture(scope="session")
+def llava_next_processor(llava_next_repo):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(llava_next_repo, trust_remote_code=True)
+
+
+@pytest.fixture(scope="session")
+def llava_next_model(llava_next_repo):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(llava_next_repo, trust_remote_code=True).eval()
+
+
+@pytest.fixture(scope="session")
+def llava_next_stock_model(llava_next_stock_repo):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration.from_pretrained(llava_next_stock_repo).eval()
