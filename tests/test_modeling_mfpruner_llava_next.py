@@ -6,8 +6,6 @@ an image has a base tile plus 2-4 grid tiles and 36-88 visual tokens (patches + 
 
 from __future__ import annotations
 
-import copy
-import json
 import subprocess
 import sys
 import textwrap
@@ -17,7 +15,14 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import mfpruner_core as core
-from conftest import ROOT, random_image
+from conftest import (
+    assert_loads_bit_identical,
+    assert_remote_code_repo,
+    greedy_without_cache,
+    lm_input_lengths,
+    random_image,
+    stock_twin_of,
+)
 from modeling_mfpruner_llava import LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE
 from tools.tiny_models import build_tiny_llava_next
 
@@ -34,23 +39,7 @@ def inputs(llava_next_processor):
 @pytest.fixture(scope="module")
 def stock_twin(llava_next_model, llava_next_stock_model):
     """The stock LLaVA-NeXT class holding exactly our model's weights."""
-    twin = copy.deepcopy(llava_next_stock_model)
-    assert twin.state_dict().keys() == llava_next_model.state_dict().keys()
-    twin.load_state_dict(llava_next_model.state_dict())
-    return twin
-
-
-def lm_input_lengths(model):
-    """Records the sequence length of every language-model call (a hook, not our bookkeeping)."""
-    lengths = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
-    )
-    return lengths, handle
-
-
-def image_token_count(inputs, model):
-    return int((inputs["input_ids"] == model.config.image_token_id).sum())
+    return stock_twin_of(llava_next_model, llava_next_stock_model)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -61,25 +50,15 @@ def test_stock_checkpoint_loads_bit_identical(tmp_path, llava_next_stock_model, 
     from modeling_mfpruner_llava import MFPrunerLlavaNextForConditionalGeneration
 
     path = build_tiny_llava_next(tmp_path / "stock", stock=True, hub_layout=hub_layout)
-    model, info = MFPrunerLlavaNextForConditionalGeneration.from_pretrained(path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    stock = llava_next_stock_model.state_dict()
-    ours = model.state_dict()
-    assert ours.keys() == stock.keys() and "model.image_newline" in ours
-    for name, tensor in stock.items():
-        assert torch.equal(ours[name], tensor), name
+    assert "model.image_newline" in llava_next_stock_model.state_dict()
+    assert_loads_bit_identical(MFPrunerLlavaNextForConditionalGeneration, path, llava_next_stock_model)
 
 
 def test_save_pretrained_writes_code_and_auto_map(llava_next_repo):
-    config = json.loads((llava_next_repo / "config.json").read_text())
+    config = assert_remote_code_repo(
+        llava_next_repo, "MFPrunerLlavaNextConfig", "MFPrunerLlavaNextForConditionalGeneration"
+    )
     assert config["model_type"] == "mfpruner_llava_next"
-    assert config["auto_map"] == {
-        "AutoConfig": "configuration_mfpruner.MFPrunerLlavaNextConfig",
-        "AutoModel": "modeling_mfpruner_llava.MFPrunerLlavaNextForConditionalGeneration",
-        "AutoModelForImageTextToText": "modeling_mfpruner_llava.MFPrunerLlavaNextForConditionalGeneration",
-    }
-    for name in ("configuration_mfpruner.py", "modeling_mfpruner_llava.py", "mfpruner_core.py"):
-        assert (llava_next_repo / name).read_text() == (ROOT / name).read_text()
 
 
 def test_fresh_process_loads_with_auto_classes_and_prunes(llava_next_repo):
@@ -205,17 +184,7 @@ def test_cached_generate_equals_no_cache_recomputation(llava_next_model, inputs)
     pruned = llava_next_model.prune_inputs(
         inputs["input_ids"], inputs["pixel_values"], image_sizes=inputs["image_sizes"], visual_token_ratio=0.111
     )
-    embeds = pruned["inputs_embeds"]
-    embed = llava_next_model.get_input_embeddings()
-    steps = []
-    with torch.no_grad():
-        for _ in range(5):
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-            logits = llava_next_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-            token = logits[:, -1].argmax(-1)
-            steps.append(int(token))
-            embeds = torch.cat([embeds, embed(token)[:, None]], dim=1)
-    assert new_tokens.tolist() == steps
+    assert new_tokens.tolist() == greedy_without_cache(llava_next_model, pruned["inputs_embeds"], 5)
 
 
 def test_batch_of_two_image_sizes_equals_each_row_alone(llava_next_model, llava_next_processor):
@@ -252,6 +221,21 @@ def test_forward_prunes_labels_with_the_tokens(llava_next_model, inputs):
 # ----------------------------------------------------------------------------- attention capture
 
 
+def eager_tiles_and_sources(model, inputs):
+    """Runs the vision tower eagerly on image 0's tiles and finds, by exact feature match, the
+    (tile, patch) each packed non-newline token comes from: an independent check of the packing.
+    Returns (eager vision output, (n,) flat tile * P + patch index per packed patch token)."""
+    vision, layer = model.model.vision_tower, model.config.vision_feature_layer
+    with torch.no_grad():
+        eager = vision(inputs["pixel_values"][0], output_attentions=True, output_hidden_states=True)
+        tile_tokens = model.model.multi_modal_projector(eager.hidden_states[layer][:, 1:]).flatten(0, 1)  # (tiles * P, D)
+        packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).pooler_output[0]
+    patch = model.last_pruning.layouts[0][:, 0] != LAYOUT_NEWLINE
+    source = torch.cdist(packed[patch], tile_tokens).argmin(dim=-1)
+    torch.testing.assert_close(packed[patch], tile_tokens[source], atol=1e-6, rtol=0)
+    return eager, source
+
+
 def test_hook_captured_per_tile_attention_equals_eager_attention(llava_next_repo, llava_next_processor):
     """Per tile, the hooked [CLS] row equals eager attention; packed, each token's cue A is the
     eager attention of the (tile, patch) its features come from."""
@@ -260,23 +244,19 @@ def test_hook_captured_per_tile_attention_equals_eager_attention(llava_next_repo
     model = AutoModelForImageTextToText.from_pretrained(llava_next_repo, trust_remote_code=True, attn_implementation="eager").eval()
     inputs = llava_next_processor(images=random_image(4, size=(112, 60)), text=PROMPT, return_tensors="pt")
     vision, layer = model.model.vision_tower, model.config.vision_feature_layer
-    tiles = inputs["pixel_values"][0]  # (5, 3, 56, 56): base + 2 x 2 grid
+    assert inputs["pixel_values"].shape[1] == 5  # base + 2 x 2 grid
     with torch.no_grad(), capture_clip_select_layer(vision, layer) as captured:
-        eager = vision(tiles, output_attentions=True, output_hidden_states=True)
+        vision(inputs["pixel_values"][0])
+    model(**inputs, visual_token_budget=3)
+    result = model.last_pruning
+    eager, source = eager_tiles_and_sources(model, inputs)
     index = clip_encoder_layer_index(layer, len(vision.encoder.layers))
     eager_cls = eager.attentions[index][:, :, 0].mean(dim=1)[:, 1:]  # (tiles, P): [CLS] row, patch columns
     hooked = core.attention_from_query(captured["q_cls"], captured["k"], vision.encoder.layers[0].self_attn.scale)[:, 1:]
     torch.testing.assert_close(hooked, eager_cls, atol=1e-5, rtol=0)
 
-    model(**inputs, visual_token_budget=3)
-    result = model.last_pruning
-    with torch.no_grad():
-        tile_tokens = model.model.multi_modal_projector(eager.hidden_states[layer][:, 1:]).flatten(0, 1)  # (tiles * P, D)
-        packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).pooler_output[0]
     layout = result.layouts[0]
     patch = layout[:, 0] != LAYOUT_NEWLINE
-    source = torch.cdist(packed[patch], tile_tokens).argmin(dim=-1)  # (n,) flat (tile, patch) index
-    torch.testing.assert_close(packed[patch], tile_tokens[source], atol=1e-6, rtol=0)
     expected = core.min_max_normalize(eager_cls.flatten()[source][None])[0]
     torch.testing.assert_close(result.cue_scores["attention"][0][patch], expected, atol=1e-5, rtol=0)
     tile, within = source // 16, source % 16
@@ -286,6 +266,26 @@ def test_hook_captured_per_tile_attention_equals_eager_attention(llava_next_repo
     global_col = (tile[grid] - 1) % 2 * 4 + within[grid] % 4
     assert torch.unique(global_row - layout[patch][grid, 1]).numel() == 1  # one unpadding offset
     assert torch.equal(global_col, layout[patch][grid, 2])  # a wide image loses no columns
+
+
+def test_clip_text_relevance_over_all_tiles(tmp_path, llava_next_processor):
+    """The paper's cue C with a CLIP text tower: every packed patch token against the instruction."""
+    path = build_tiny_llava_next(tmp_path / "clip", clip_text=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
+    inputs = llava_next_processor(images=random_image(5, size=(112, 60)), text=PROMPT, return_tensors="pt")
+    clip_ids = torch.randint(5, 300, (1, 2, 16))
+    clip_mask = torch.ones_like(clip_ids)
+    clip_mask[0, 1, 9:] = 0
+    model.generate(**inputs, max_new_tokens=1, clip_input_ids=clip_ids, clip_attention_mask=clip_mask)
+    eager, source = eager_tiles_and_sources(model, inputs)
+    with torch.no_grad():
+        text = model.clip_text_model(input_ids=clip_ids[0], attention_mask=clip_mask[0]).text_embeds  # (M, E)
+        hidden = eager.hidden_states[model.config.vision_feature_layer][:, 1:].flatten(0, 1)  # (tiles * P, C)
+        image = model.clip_visual_projection(model.model.vision_tower.post_layernorm(hidden))[source]
+    cos = torch.nn.functional.cosine_similarity(image[:, None], text[None], dim=-1)  # (n, M)
+    expected = core.min_max_normalize((-cos.mean(dim=1))[None])[0]
+    patch = model.last_pruning.layouts[0][:, 0] != LAYOUT_NEWLINE
+    torch.testing.assert_close(model.last_pruning.cue_scores["relevance"][0][patch], expected, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- bad input
