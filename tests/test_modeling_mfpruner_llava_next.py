@@ -42,6 +42,10 @@ def stock_twin(llava_next_model, llava_next_stock_model):
     return stock_twin_of(llava_next_model, llava_next_stock_model)
 
 
+def image_token_count(inputs, model):
+    return int((inputs["input_ids"] == model.config.image_token_id).sum())
+
+
 # ----------------------------------------------------------------------------- loading
 
 
