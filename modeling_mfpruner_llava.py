@@ -105,13 +105,14 @@ class EncodedImages:
 
     tokens[i]: (N_i, D) projected tokens, exactly what the stock model scatters into the prompt.
     attention[i]: (N_i,) raw [CLS] attention of the token's tile (0 where not a candidate).
-    select_features[i]: (N_i, C) select-layer vision features (for the CLIP relevance cue).
+    select_features[i]: (N_i, C) select-layer vision features (for the CLIP relevance cue; None
+        when the model has no CLIP text tower and does not need them).
     candidates[i]: (N_i,) bool, the tokens that compete for the budget.
     """
 
     tokens: list[torch.Tensor]
     attention: list[torch.Tensor]
-    select_features: list[torch.Tensor]
+    select_features: list[torch.Tensor | None]
     candidates: list[torch.Tensor]
     grids: list[tuple[int, int]]
     base_grids: list[tuple[int, int]]
@@ -570,9 +571,11 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerMixin, LlavaNextForCondi
             meta = torch.stack([tile_attention.float(), is_grid.float(), row.float(), col.float()], dim=-1)
             newline = torch.tensor([0.0, LAYOUT_NEWLINE, -1.0, -1.0], device=attention.device)
             (packed,), _ = self.model.pack_image_features([meta], sizes, config.vision_feature_select_strategy, newline)
-            (packed_hidden,), _ = self.model.pack_image_features(
-                [tile_hidden], sizes, config.vision_feature_select_strategy, tile_hidden.new_zeros(tile_hidden.shape[-1])
-            )
+            packed_hidden = None  # only the CLIP-text relevance cue reads the select-layer features
+            if hasattr(self, "clip_text_model"):
+                (packed_hidden,), _ = self.model.pack_image_features(
+                    [tile_hidden], sizes, config.vision_feature_select_strategy, tile_hidden.new_zeros(tile_hidden.shape[-1])
+                )
             part, row, col = packed[:, 1].long(), packed[:, 2].long(), packed[:, 3].long()
             is_newline = part == LAYOUT_NEWLINE
             on_grid = part == LAYOUT_GRID
