@@ -249,12 +249,24 @@ def compact_rows(keep: torch.Tensor, tensors: dict[str, torch.Tensor], pad: dict
 class MFPrunerResult:
     """What the last pruning call decided, one entry per image (or video) in prompt order.
 
-    keep_indices[i]: (k_i,) kept indices into item i's visual tokens, ascending.
-    cue_scores[name][i]: (N_i,) that cue's score per visual token (higher = keep).
+    keep_indices[i]: (k_i,) kept indices into item i's visual tokens (its placeholder tokens in
+        the prompt, in order), ascending. For LLaVA-NeXT this includes every `image_newline`.
+    cue_scores[name][i]: (N_i,) that cue's score per visual token (higher = keep); positions that
+        do not compete for the budget (LLaVA-NeXT's newline tokens) hold 0.
+    num_visual_tokens[i]: N_i, item i's visual tokens before pruning.
     image_to_row[i]: the batch row item i belongs to.
     lm_input_length: the language model's prefill length (pruned, re-padded).
-    grids[i]: (rows, cols) of item i's token map, so keep_indices reshape onto it.
+    grids[i]: (rows, cols) of item i's main token map: LLaVA-1.5's single map; LLaVA-NeXT's
+        unpadded high-res grid over all tiles; Qwen2.5-VL's merged grid (videos: the frame-pair
+        maps stacked top to bottom).
     kinds[i]: "image" or "video" (models that take videos list images first, then videos).
+    base_grids[i]: (rows, cols) of LLaVA-NeXT's base tile map (the whole image at one tile's size).
+    layouts[i]: (N_i, 3) long, where each visual token comes from, as (part, row, col):
+        part 0 (LAYOUT_BASE): the base (or only) map, (row, col) in base_grids[i] (or grids[i]);
+        part 1 (LAYOUT_GRID): LLaVA-NeXT's unpadded high-res grid, (row, col) in grids[i];
+        part 2 (LAYOUT_NEWLINE): an `image_newline` token closing grid row `row` (col = -1).
+        A token at (row, col) of an (R, C) map covers the region [row / R, (row + 1) / R) x
+        [col / C, (col + 1) / C) of the image the processor saw (LLaVA-1.5: its center crop).
     """
 
     keep_indices: list[torch.Tensor]
@@ -264,6 +276,30 @@ class MFPrunerResult:
     lm_input_length: int
     grids: list[tuple[int, int]] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
+    base_grids: list[tuple[int, int]] = field(default_factory=list)
+    layouts: list[torch.Tensor] = field(default_factory=list)
+
+
+LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE = 0, 1, 2
+
+
+def grid_layout(rows: int, cols: int, part: int = LAYOUT_BASE, device=None) -> torch.Tensor:
+    """(rows * cols, 3) long: (part, row, col) of a raster-ordered token map."""
+    index = torch.arange(rows * cols, device=device)
+    return torch.stack([torch.full_like(index, part), index // cols, index % cols], dim=-1)
+
+
+def vote_candidates(cues: dict[str, torch.Tensor], candidates: torch.Tensor, budget, ratio, min_votes, fill_by):
+    """One item's vote over its candidate tokens under its own budget.
+
+    cues: {name: (n,)} scores of the n candidates; candidates: (N,) bool. Returns the (k',) kept
+    indices into all N tokens, ascending: the k voted candidates plus every non-candidate.
+    """
+    positions = candidates.nonzero()[:, 0]  # (n,)
+    k = resolve_budget(len(positions), budget, ratio)
+    kept = select_tokens({name: score[None] for name, score in cues.items()}, k, min(min_votes, len(cues)), fill_by)[0]
+    always = (~candidates).nonzero()[:, 0]
+    return torch.cat([positions[kept], always]).sort().values
 
 
 def check_image_tokens(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
-from conftest import ROOT, random_image
+from conftest import (
+    assert_loads_bit_identical,
+    assert_remote_code_repo,
+    greedy_without_cache,
+    lm_input_lengths,
+    random_image,
+    stock_twin_of,
+)
 from tools.tiny_models import build_tiny_llava
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
@@ -28,21 +34,7 @@ def inputs(llava_processor):
 @pytest.fixture(scope="module")
 def stock_twin(llava_model, llava_stock_model):
     """The stock LLaVA class holding exactly our model's weights."""
-    import copy
-
-    twin = copy.deepcopy(llava_stock_model)
-    assert twin.state_dict().keys() == llava_model.state_dict().keys()
-    twin.load_state_dict(llava_model.state_dict())
-    return twin
-
-
-def lm_input_lengths(model):
-    """Records the sequence length of every language-model call (a hook, not our bookkeeping)."""
-    lengths = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
-    )
-    return lengths, handle
+    return stock_twin_of(llava_model, llava_stock_model)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -53,24 +45,11 @@ def test_stock_checkpoint_loads_bit_identical(tmp_path, llava_stock_model, hub_l
     from modeling_mfpruner_llava import MFPrunerLlavaForConditionalGeneration
 
     path = build_tiny_llava(tmp_path / "stock", stock=True, hub_layout=hub_layout)
-    model, info = MFPrunerLlavaForConditionalGeneration.from_pretrained(path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    stock = llava_stock_model.state_dict()
-    ours = model.state_dict()
-    assert ours.keys() == stock.keys()
-    for name, tensor in stock.items():
-        assert torch.equal(ours[name], tensor), name
+    assert_loads_bit_identical(MFPrunerLlavaForConditionalGeneration, path, llava_stock_model)
 
 
 def test_save_pretrained_writes_code_and_auto_map(llava_repo):
-    config = json.loads((llava_repo / "config.json").read_text())
-    assert config["auto_map"] == {
-        "AutoConfig": "configuration_mfpruner.MFPrunerLlavaConfig",
-        "AutoModel": "modeling_mfpruner_llava.MFPrunerLlavaForConditionalGeneration",
-        "AutoModelForImageTextToText": "modeling_mfpruner_llava.MFPrunerLlavaForConditionalGeneration",
-    }
-    for name in ("configuration_mfpruner.py", "modeling_mfpruner_llava.py", "mfpruner_core.py"):
-        assert (llava_repo / name).read_text() == (ROOT / name).read_text()
+    assert_remote_code_repo(llava_repo, "MFPrunerLlavaConfig", "MFPrunerLlavaForConditionalGeneration")
 
 
 def test_fresh_process_loads_with_auto_classes_and_prunes(llava_repo):
@@ -181,17 +160,7 @@ def test_cached_generate_equals_no_cache_recomputation(llava_model, inputs):
     out = llava_model.generate(**inputs, max_new_tokens=5, do_sample=False, visual_token_budget=6)
     new_tokens = out[0, inputs["input_ids"].shape[1] :]
     pruned = llava_model.prune_inputs(inputs["input_ids"], inputs["pixel_values"], visual_token_budget=6)
-    embeds = pruned["inputs_embeds"]
-    embed = llava_model.get_input_embeddings()
-    steps = []
-    with torch.no_grad():
-        for _ in range(5):
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-            logits = llava_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-            token = logits[:, -1].argmax(-1)
-            steps.append(int(token))
-            embeds = torch.cat([embeds, embed(token)[:, None]], dim=1)
-    assert new_tokens.tolist() == steps
+    assert new_tokens.tolist() == greedy_without_cache(llava_model, pruned["inputs_embeds"], 5)
 
 
 def test_forward_prunes_labels_with_the_tokens(llava_model, inputs):

@@ -425,3 +425,91 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)
+
+# Tiles of 56 px with 14 px patches (4 x 4 = 16 tokens a tile); up to a 2 x 2 grid of tiles, so a
+# square image gives 16 (base) + 8 x 8 (grid) + 8 (newlines) = 88 visual tokens.
+NEXT_TILE_SIZE = 56
+NEXT_GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
+def tiny_llava_next_config(vocab_size: int, image_token_id: int, *, tile_size: int = NEXT_TILE_SIZE,
+                           grid_pinpoints=NEXT_GRID_PINPOINTS, mfpruner: bool = False, **config_overrides):
+    """A scaled-down LLaVA-1.6: the tiny LLaVA-1.5 towers on `tile_size` tiles, anyres pinpoints."""
+    from transformers import LlavaNextConfig
+
+    base = tiny_llava_config(vocab_size, image_token_id, image_size=tile_size)
+    kwargs = dict(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=image_token_id,
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+    )
+    if mfpruner:
+        from configuration_mfpruner import MFPrunerLlavaNextConfig
+
+        return MFPrunerLlavaNextConfig(**kwargs, **config_overrides)
+    return LlavaNextConfig(**kwargs, **config_overrides)
+
+
+def build_tiny_llava_next_processor(tile_size: int = NEXT_TILE_SIZE, grid_pinpoints=NEXT_GRID_PINPOINTS):
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": tile_size},
+        crop_size={"height": tile_size, "width": tile_size},
+        image_grid_pinpoints=[list(p) for p in grid_pinpoints],
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=14,
+        num_additional_image_tokens=1,  # the [CLS] token, dropped by the "default" strategy
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava_next(
+    path: str | os.PathLike,
+    stock: bool = False,
+    hub_layout: bool = False,
+    seed: int = 0,
+    clip_text: bool = False,
+    tile_size: int = NEXT_TILE_SIZE,
+    grid_pinpoints=NEXT_GRID_PINPOINTS,
+    **overrides,
+) -> Path:
+    """Writes a tiny LLaVA-1.6 (LLaVA-NeXT) folder. stock=True: a plain
+    `LlavaNextForConditionalGeneration` checkpoint; else an MFPruner remote-code repo.
+    hub_layout=True rewrites the weight names the way llava-hf's hub checkpoints store them.
+    `overrides` go to the config (MFPruner settings, or stock LlavaNextConfig fields)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    processor = build_tiny_llava_next_processor(tile_size, grid_pinpoints)
+    vocab_size = len(processor.tokenizer)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    if stock:
+        from transformers import LlavaNextForConditionalGeneration
+
+        config = tiny_llava_next_config(vocab_size, image_token_id, tile_size=tile_size, grid_pinpoints=grid_pinpoints, **overrides)
+        model = LlavaNextForConditionalGeneration(config)
+    else:
+        from modeling_mfpruner_llava import MFPrunerLlavaNextForConditionalGeneration
+
+        if clip_text:
+            overrides["clip_text_config"] = tiny_clip_text_config(vocab_size)
+        config = tiny_llava_next_config(
+            vocab_size, image_token_id, tile_size=tile_size, grid_pinpoints=grid_pinpoints, mfpruner=True, **overrides
+        )
+        model = MFPrunerLlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = 3
+    model.eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    if hub_layout:
+        to_hub_key_layout(path, LLAVA_HUB_RENAMES)  # the same renames as LLaVA-1.5 (image_newline stays top level)
+    return path
