@@ -226,16 +226,21 @@ def test_loglikelihood_is_the_negative_log_likelihood_of_the_continuation(llava_
     from lmms_eval.api.instance import Instance
     from lmms_eval.models import get_model
 
-    lm = get_model("mfpruner", force_simple=True).create_from_arg_string(f"pretrained={llava_repo},device=cpu")
     image = random_image(3)
-    docs = [{"image": image}]
-    lm.task_dict = {"t": {"test": docs}}
     requests = [
         Instance("loglikelihood", ("Is it red?", cont, lambda doc: [doc["image"]], 0, "t", "test"), idx=i,
                  metadata={"task": "t", "doc_id": 0, "repeats": 1})
         for i, cont in enumerate([" yes", " no"])
     ]
-    (nll_yes, _), (nll_no, _) = [result.text for result in lm.loglikelihood(requests)]
+    scores = {}
+    for batch_size in (1, 2):  # one at a time, and one left-padded batch
+        lm = get_model("mfpruner", force_simple=True).create_from_arg_string(
+            f"pretrained={llava_repo},device=cpu", {"batch_size": batch_size}
+        )
+        lm.task_dict = {"t": {"test": [{"image": image}]}}
+        scores[batch_size] = [result.text[0] for result in lm.loglikelihood(requests)]
+    assert scores[2] == pytest.approx(scores[1], rel=1e-4)
+    nll_yes, nll_no = scores[1]
 
     prompt = "USER: <image>\nIs it red? ASSISTANT:"  # the tiny repo's chat template
     for continuation, nll in ((" yes", nll_yes), (" no", nll_no)):
@@ -247,6 +252,19 @@ def test_loglikelihood_is_the_negative_log_likelihood_of_the_continuation(llava_
         expected = -log_probs.gather(-1, inputs["input_ids"][0, -length:, None]).sum().item()
         assert nll == pytest.approx(expected, rel=1e-5)
         assert nll > 0
+
+
+def test_generation_errors_propagate_instead_of_empty_answers(llava_repo, offline_env):
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    lm = get_model("mfpruner").create_from_arg_string(f"pretrained={llava_repo},device=cpu")
+    lm.task_dict = {"t": {"test": [{"image": random_image(0)}]}}
+    messages = lambda doc: [{"role": "user", "content": [{"type": "image", "url": doc["image"]}, {"type": "text", "text": "Hi"}]}]  # noqa: E731
+    request = Instance("generate_until", ("Hi", messages, {"max_new_tokens": -1}, 0, "t", "test"), idx=0,
+                       metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate_until([request])
 
 
 # ----------------------------------------------------------------------------- bad input
