@@ -83,6 +83,21 @@ def load_mfpruner_config(pretrained: str, revision: str | None, overrides: dict)
     return type(config).from_dict(values)  # runs the config's validation (ValueError naming the field)
 
 
+def load_multimodal_processor(pretrained: str, revision: str | None):
+    """AutoProcessor, required to be a multimodal one (a tokenizer alone cannot encode images)."""
+    advice = (
+        "the repo needs its processor files (processor_config.json); Qwen2.5-VL's processor also "
+        "needs torchvision in transformers 5.x"
+    )
+    try:
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=True)
+    except OSError as error:
+        raise ValueError(f"pretrained={pretrained!r}: no multimodal processor could be loaded ({error}); {advice}") from error
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise ValueError(f"pretrained={pretrained!r}: AutoProcessor loaded {type(processor).__name__}, not a multimodal processor; {advice}")
+    return processor
+
+
 def resolve_dtype(dtype):
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return dtype
@@ -172,7 +187,7 @@ class MFPrunerLMM(lmms):
         else:
             self._device = self._model.device  # first shard: inputs go there
 
-        self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=True)
+        self.processor = load_multimodal_processor(pretrained, revision)
         self.processor.tokenizer.padding_side = "left"
         self.tokenizer = self.processor.tokenizer
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"

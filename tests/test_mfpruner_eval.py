@@ -296,6 +296,15 @@ def test_stock_checkpoint_is_not_an_mfpruner_repo(llava_stock_repo, offline_env)
         get_model("mfpruner").create_from_arg_string(f"pretrained={llava_stock_repo}")
 
 
+def test_repo_without_a_multimodal_processor_is_a_clear_error(llava_repo, tmp_path, offline_env):
+    from lmms_eval.models import get_model
+
+    repo = shutil.copytree(llava_repo, tmp_path / "no-processor")
+    (repo / "processor_config.json").unlink()
+    with pytest.raises(ValueError, match="no multimodal processor could be loaded"):
+        get_model("mfpruner").create_from_arg_string(f"pretrained={repo},device=cpu")
+
+
 def test_missing_pretrained_is_a_clear_error(offline_env):
     from lmms_eval.models import get_model
 
