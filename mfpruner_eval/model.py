@@ -294,7 +294,10 @@ class MFPrunerLMM(lmms):
 
         Returns, per request, GenerationResult(text=(nll, is_greedy)): lmms-eval 0.7.3 turns a bare
         tuple into its string, and its multiple-choice scorer picks the choice by argmin, so the
-        value is the negative log-likelihood of the continuation (summed over its tokens)."""
+        value is the negative log-likelihood of the continuation (summed over its tokens).
+
+        The scoring forward prunes with the continuation in the prompt, so the instruction-relevance
+        cue also sees the candidate answer (the paper's tables use generation tasks only)."""
         prompts, continuations, images = [], [], []
         for request in requests:
             if len(request.args) != 6:
