@@ -220,6 +220,33 @@ def test_ratio_and_single_cue_reach_the_model(llava_repo, offline_env):
     assert lm.model.config.mfpruner_cues == ["attention"]
 
 
+def test_exported_repo_with_clip_processor_drives_the_papers_relevance_cue(tmp_path, offline_env):
+    """An exported repo (tools.export) with a CLIP text tower: its processor's CLIP inputs reach the
+    model through the adapter (relevance_source=clip_text raises without them)."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    from tools.export import export
+    from tools.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
+
+    base = rewrite_as_hub_layout(build_tiny_llava(tmp_path / "base", stock=True))
+    clip = build_tiny_clip(tmp_path / "clip", vision_from=base)
+    repo = export(str(base), tmp_path / "repo", budget=5, clip_text=str(clip), base_model="llava-hf/llava-1.5-7b-hf")
+    lm = get_model("mfpruner").create_from_arg_string(
+        f"pretrained={repo},relevance_source=clip_text,device=cpu", {"batch_size": 2}
+    )
+    lm.task_dict = {"t": {"test": [{"image": random_image(seed)} for seed in range(2)]}}
+    messages = lambda doc: [{"role": "user", "content": [{"type": "image", "url": doc["image"]}, {"type": "text", "text": "What color is the car?"}]}]  # noqa: E731
+    requests = [
+        Instance("generate_until", ("", messages, {"max_new_tokens": 2}, i, "t", "test"), idx=0,
+                 metadata={"task": "t", "doc_id": i, "repeats": 1})
+        for i in range(2)
+    ]
+    assert len(lm.generate_until(requests)) == 2
+    assert [len(k) for k in lm.model.last_pruning.keep_indices] == [5, 5]
+    assert "relevance" in lm.model.last_pruning.cue_scores
+
+
 def test_loglikelihood_is_the_negative_log_likelihood_of_the_continuation(llava_repo, llava_processor, offline_env):
     """The value lmms-eval's argmin scorer reads: -sum log p(continuation | prompt, image)."""
     import torch
