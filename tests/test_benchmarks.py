@@ -102,3 +102,8 @@ def test_peak_memory_counts_a_temporary():
 
     peak, result = bench_utils.peak_memory(make_and_drop)
     assert peak >= 4 * 2**20 and result == 1024 * 1024
+
+
+def test_full_depth_attention_maps_size():
+    llava = benchmark_cues.FULL_CASES[0]  # one 336 px tile: 577 tokens, 16 heads, 24 layers of float32 maps
+    assert benchmark_cues.attention_maps_bytes(llava) == 24 * 1 * 16 * 577 * 577 * 4

@@ -9,7 +9,8 @@ discarded, medians of the rest). Reported per setting:
     reached; the same for the LLM-only prefill (the part pruning shortens);
   * cue overhead: the pruning path up to the LLM input (`prune_inputs`) minus the stock image
     encoding (vision tower + projector + embedding scatter), i.e. cue capture + cues + vote +
-    splice, as a percentage of the pruned prefill;
+    splice, as a percentage of the pruned prefill: the median of the differences of the two
+    calls run back to back in each round (a noisy machine can still make it slightly negative);
   * peak tensor memory of the prefill (tools.bench_utils) and decode tokens/s with the shorter
     KV cache (greedy, one token per step).
 
@@ -218,15 +219,14 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
 
     with torch.inference_mode():
         calls, kept, lengths = {}, {}, {}
-        calls["encode"] = lambda: family.encode(model, inputs)
         for label, budget in settings:
-            full_forward = {**budget}
-            calls[f"prefill/{label}"] = lambda b=full_forward: model(**inputs, **b, use_cache=True, logits_to_keep=1)
+            calls[f"prefill/{label}"] = lambda b=budget: model(**inputs, **b, use_cache=True, logits_to_keep=1)
             keep_all = {"visual_token_budget": num_visual} if label == "unpruned" else budget
             pruned = family.prune(model, inputs, keep_all)
             kept[label] = num_visual if label == "unpruned" else int(model.last_pruning.keep_indices[0].numel())
             calls[f"lm/{label}"] = lambda p=pruned: family.lm_prefill(model, p)
-            if label != "unpruned":
+            if label != "unpruned":  # the stock encoding right before the pruning path: paired samples
+                calls[f"encode/{label}"] = lambda: family.encode(model, inputs)
                 calls[f"prune/{label}"] = lambda b=budget: family.prune(model, inputs, b)
             model(**inputs, **budget, use_cache=True, logits_to_keep=1)
             lengths[label] = lm_input_length(model, inputs, budget)
@@ -250,7 +250,9 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
     for label, _ in settings:
         pruned_flops = full_flops if label == "unpruned" else family.prefill_flops(model.config, text_tokens, kept[label])
         prefill, lm = times[f"prefill/{label}"], times[f"lm/{label}"]
-        overhead = None if label == "unpruned" else times[f"prune/{label}"] - times["encode"]
+        overhead = None
+        if label != "unpruned":  # median of the per-round differences of adjacent calls
+            overhead = bench_utils.median([p - e for p, e in zip(samples[f"prune/{label}"], samples[f"encode/{label}"])])
         rows.append(dict(
             setting=label,
             kept=kept[label],
@@ -270,7 +272,9 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
         ))
     return dict(
         family=family.name, size=size, model=family.note.get(size, ""), text_tokens=text_tokens,
-        visual_tokens=num_visual, encode_s=times["encode"], repeats=repeats, warmup=warmup,
+        visual_tokens=num_visual, encode_s=bench_utils.median(
+            [t for name, values in samples.items() if name.startswith("encode/") for t in values]
+        ), repeats=repeats, warmup=warmup,
         decode_steps=decode_steps, device=device, dtype=str(dtype).removeprefix("torch."),
         machine=bench_utils.machine_description(device), rows=rows,
     )
@@ -342,6 +346,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output-dir", help="write prefill_<family>_<size>_<device>.md / .json here")
     parser.add_argument("--plot", help="write the speed-up plot (png) here")
     args = parser.parse_args(argv)
@@ -351,6 +356,10 @@ def main(argv=None) -> list[dict]:
         raise ValueError("`--repeats` and `--decode-steps` must be >= 1 and `--warmup` >= 0")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("`--device cuda` was asked for but torch sees no CUDA device")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"`--threads` must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     results = []
     for key in args.family or sorted(FAMILIES):

@@ -19,7 +19,6 @@ Two figures:
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 
 import torch
