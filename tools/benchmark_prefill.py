@@ -46,8 +46,8 @@ PAPER_VISUAL_TOKENS = 576  # LLaVA-1.5's budgets 192/128/64/32 are "of 576"
 class Family:
     """One model family in the benchmark.
 
-    build(size, dtype): the model, eval mode. inputs(model, size, seed): the model's keyword inputs
-    for one image + prompt (batch 1). budgets(num_visual_tokens): [(label, per-call kwargs)].
+    build(size, dtype, device): the model, eval mode. inputs(model, size, seed, device, text_tokens):
+    the model's keyword inputs for one image + prompt (batch 1). budgets(num_visual_tokens): [(label, per-call kwargs)].
     encode(model, inputs): the stock image encoding up to the LLM input embeddings.
     prune(model, inputs, budget_kwargs): MFPruner's pruned LLM inputs (a dict with
     inputs_embeds, attention_mask, ...). lm_prefill(model, pruned): the LLM alone on them.
