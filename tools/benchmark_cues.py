@@ -1,0 +1,260 @@
+"""Cue benchmark: MFPruner's cue computations against the straightforward ones, same inputs.
+
+  uniqueness        closed form O(N D) (`mfpruner_core.uniqueness`)
+                    vs the N x N cosine-similarity matrix;
+  [CLS] attention   SDPA vision tower + hooks on the select layer's q/k projections
+                    (`capture_clip_select_layer` + `clip_cls_attention`)
+                    vs an eager tower asked for `output_attentions=True`;
+  attention received (Qwen2.5-VL) query-chunked column sums (`mfpruner_core.attention_received`)
+                    vs the materialised (heads, N, N) softmax map.
+
+Each at N = 576 (LLaVA-1.5), 2,928 (LLaVA-NeXT, 672x672) and 16,384 (a 1792x1792 image's
+patches in Qwen2.5-VL's vision tower). Time: medians of interleaved rounds. Memory: peak tensor
+memory allocated during the call (tools.bench_utils). A straightforward version whose predicted
+peak exceeds `--max-naive-gb` is not run; the table gives its predicted size instead. Every pair
+that runs is checked to agree (max |difference|).
+
+    python -m tools.benchmark_cues --output benchmarks/cues_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from mfpruner_core import attention_received, min_max_normalize, uniqueness
+from modeling_mfpruner_llava import capture_clip_select_layer, clip_cls_attention
+from tools import bench_utils
+
+FLOAT = 4  # bytes
+
+
+@dataclass(frozen=True)
+class Case:
+    """One token count: N, the CLIP tiles that make it (N = tiles x patches), widths."""
+
+    label: str
+    n: int
+    tiles: int
+    image_size: int  # CLIP tile side (px, 14 px patches)
+    feature_dim: int  # uniqueness features
+    clip_width: int
+    clip_heads: int
+    qwen_heads: int
+    qwen_head_dim: int
+    rounds: tuple[int, int] | None = None  # (repeats, warm-up) instead of the command line's: big cases
+
+
+# CLIP: the ViT-L width (1024, 16 heads) but ONE encoder layer (per-layer costs; maps of every
+# layer are kept by output_attentions, so the naive memory grows with depth: see the table note).
+# N = 16,384 as CLIP tiles: 28 tiles of 576 patches (16,128), the tower attends per tile.
+FULL_CASES = (
+    Case("576 (LLaVA-1.5)", 576, 1, 336, 1024, 1024, 16, 16, 80),
+    Case("2,928 (LLaVA-NeXT 672 px; CLIP: 5 tiles)", 2928, 5, 336, 1024, 1024, 16, 16, 80),
+    Case("16,384 (Qwen2.5-VL 1792 px; CLIP: 28 tiles)", 16384, 28, 336, 1024, 1024, 16, 16, 80, rounds=(1, 0)),
+)
+SMOKE_CASES = (
+    Case("16 (smoke)", 16, 1, 56, 32, 32, 4, 4, 8),
+    Case("64 (smoke)", 64, 4, 56, 32, 32, 4, 4, 8),
+)
+
+
+# ----------------------------------------------------------------------------- straightforward cues
+
+
+def uniqueness_naive(features: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) -> (B, N): 1 - mean cosine similarity, from the full (B, N, N) matrix."""
+    x = F.normalize(features.float(), dim=-1)
+    similarity = x @ x.transpose(1, 2)  # (B, N, N)
+    similarity.diagonal(dim1=1, dim2=2).zero_()
+    return 1.0 - similarity.mean(dim=-1)
+
+
+def cls_attention_naive(eager_tower, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """Eager attention maps of every layer, then the [CLS] row of one: (B, N), min-max normalised."""
+    maps = eager_tower(pixel_values=pixel_values, output_attentions=True).attentions  # per layer (B, H, T, T)
+    return min_max_normalize(maps[layer][:, :, 0, 1:].mean(dim=1))
+
+
+def cls_attention_hooked(tower, pixel_values: torch.Tensor, select_layer: int) -> torch.Tensor:
+    with capture_clip_select_layer(tower, select_layer) as captured:
+        tower(pixel_values=pixel_values)
+    return clip_cls_attention(captured, tower.encoder.layers[0].self_attn.scale, keep_cls=False)
+
+
+def attention_received_naive(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(H, N, Dh) -> (N,): the whole (H, N, N) softmax map, column sums, mean over heads."""
+    probs = (q.float() @ k.float().transpose(1, 2) * scale).softmax(dim=-1)  # (H, N, N)
+    return probs.sum(dim=1).mean(dim=0)
+
+
+# ----------------------------------------------------------------------------- predicted naive peaks
+
+
+def predicted_naive_bytes(case: Case) -> dict[str, int]:
+    """Lower bounds of the straightforward versions' peaks: the big temporaries they must hold."""
+    tokens = case.image_size // 14
+    t = tokens * tokens + 1
+    return {
+        "uniqueness": case.n * case.n * FLOAT,  # the (N, N) matrix
+        "cls_attention": 2 * case.tiles * case.clip_heads * t * t * FLOAT,  # logits + softmax of one layer
+        "attention_received": 2 * case.qwen_heads * case.n * case.n * FLOAT,  # logits + softmax
+    }
+
+
+VIT_L_LAYERS = 24
+
+
+def attention_maps_bytes(case: Case, layers: int = VIT_L_LAYERS) -> int:
+    """What `output_attentions=True` returns for a CLIP tower of `layers` layers: one
+    (tiles, heads, T, T) float32 map per layer, all alive at once (exact tensor sizes)."""
+    t = (case.image_size // 14) ** 2 + 1
+    return layers * case.tiles * case.clip_heads * t * t * FLOAT
+
+
+def full_depth_note(cases) -> str:
+    sizes = ", ".join(f"{c.label.split(' ')[0]}: {bench_utils.megabytes(attention_maps_bytes(c))} MB" for c in cases)
+    return (
+        f"\nThe [CLS] rows above run ONE layer. At ViT-L's {VIT_L_LAYERS} "
+        f"layers, `output_attentions=True` also returns every layer's map, all alive at once (exact tensor "
+        f"sizes): {sizes}; the hooks keep one [CLS] query row and one layer's keys whatever the depth.\n"
+    )
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def clip_towers(case: Case, seed: int):
+    """An SDPA and an eager one-layer CLIP tower with the same weights."""
+    config = CLIPVisionConfig(
+        hidden_size=case.clip_width, intermediate_size=4 * case.clip_width, num_hidden_layers=1,
+        num_attention_heads=case.clip_heads, image_size=case.image_size, patch_size=14,
+    )
+    torch.manual_seed(seed)
+    fast = CLIPVisionModel._from_config(config, attn_implementation="sdpa").eval()
+    eager = CLIPVisionModel._from_config(config, attn_implementation="eager").eval()
+    eager.load_state_dict(fast.state_dict())
+    return fast, eager
+
+
+def compare(name: str, naive, ours, predicted: int, max_naive_bytes: int, repeats: int, warmup: int, device: str):
+    """Times both (interleaved), measures their peaks, checks they agree. naive=None when too big."""
+    run_naive = predicted <= max_naive_bytes
+    calls = {"ours": ours, **({"naive": naive} if run_naive else {})}
+    samples = bench_utils.time_interleaved(calls, repeats, warmup, device)
+    ours_peak, ours_result = bench_utils.peak_memory(ours, device)
+    row = dict(cue=name, predicted_naive_bytes=predicted, naive_run=run_naive,
+               ours_s=bench_utils.median(samples["ours"]), ours_peak=ours_peak)
+    if run_naive:
+        naive_peak, naive_result = bench_utils.peak_memory(naive, device)
+        row.update(
+            naive_s=bench_utils.median(samples["naive"]),
+            naive_peak=naive_peak,
+            max_abs_diff=float((naive_result.float() - ours_result.float()).abs().max()),
+        )
+    return row
+
+
+def run_case(case: Case, repeats: int, warmup: int, max_naive_bytes: int, device: str, seed: int = 0) -> list[dict]:
+    repeats, warmup = case.rounds or (repeats, warmup)
+    generator = torch.Generator().manual_seed(seed)
+    predicted = predicted_naive_bytes(case)
+    rows = []
+    with torch.inference_mode():
+        features = torch.randn(1, case.n, case.feature_dim, generator=generator).to(device)
+        rows.append(compare(
+            "uniqueness", lambda: uniqueness_naive(features), lambda: uniqueness(features),
+            predicted["uniqueness"], max_naive_bytes, repeats, warmup, device,
+        ))
+
+        fast, eager = (tower.to(device) for tower in clip_towers(case, seed))
+        pixels = torch.randn(case.tiles, 3, case.image_size, case.image_size, generator=generator).to(device)
+        rows.append(compare(
+            "[CLS] attention", lambda: cls_attention_naive(eager, pixels, layer=0),
+            lambda: cls_attention_hooked(fast, pixels, select_layer=-1),
+            predicted["cls_attention"], max_naive_bytes, repeats, warmup, device,
+        ))
+        del fast, eager
+
+        q = torch.randn(case.qwen_heads, case.n, case.qwen_head_dim, generator=generator).to(device)
+        k = torch.randn(case.qwen_heads, case.n, case.qwen_head_dim, generator=generator).to(device)
+        scale = case.qwen_head_dim**-0.5
+        rows.append(compare(
+            "attention received", lambda: attention_received_naive(q, k, scale), lambda: attention_received(q, k, scale),
+            predicted["attention_received"], max_naive_bytes, repeats, warmup, device,
+        ))
+    for row in rows:
+        row["n"], row["label"], row["rounds"] = case.n, case.label, (repeats, warmup)
+    return rows
+
+
+def markdown_report(rows: list[dict], cases, machine: str, repeats: int, warmup: int, max_naive_gb: float) -> str:
+    c = cases[0]
+    header = (
+        "### Cues: ours vs straightforward\n\n"
+        f"Machine: {machine}. Medians of {repeats} interleaved rounds after {warmup} warm-up. Peak = tensor "
+        "memory allocated during the call above what was live before it. "
+        f"Uniqueness on (N, {c.feature_dim}) features. [CLS] attention in a ONE-layer CLIP tower "
+        f"({c.clip_width} wide, {c.clip_heads} heads) on tiles of {c.image_size} px "
+        f"({(c.image_size // 14) ** 2} patches each; N = tiles x patches, so 2,928 -> 5 tiles = 2,880, "
+        "16,384 -> 28 tiles = 16,128); output_attentions keeps every layer's maps, x24 for ViT-L. "
+        f"Attention received with {c.qwen_heads} heads x {c.qwen_head_dim} (Qwen2.5-VL's vision attention), "
+        f"query chunks of 1,024. Straightforward versions predicted above {max_naive_gb:g} GB are not run "
+        "(predicted lower bound shown)."
+        + "".join(f" {c.label}: {c.rounds[0]} round(s), {c.rounds[1]} warm-up." for c in cases if c.rounds)
+        + "\n"
+    )
+    headers = ["cue", "N", "ours ms", "straightforward ms", "time ratio", "ours peak MB", "straightforward peak MB",
+               "memory ratio", "max abs diff"]
+    table = []
+    for r in rows:
+        if r["naive_run"]:
+            naive_ms = f"{1e3 * r['naive_s']:.1f}"
+            time_ratio = f"{r['naive_s'] / r['ours_s']:.1f}x"
+            naive_peak = bench_utils.megabytes(r["naive_peak"])
+            memory_ratio = f"{r['naive_peak'] / max(r['ours_peak'], 1):.1f}x"
+            diff = f"{r['max_abs_diff']:.1e}"
+        else:
+            naive_ms, time_ratio, diff = "not run", "-", "-"
+            naive_peak = f">= {bench_utils.megabytes(r['predicted_naive_bytes'])} (predicted)"
+            memory_ratio = f">= {r['predicted_naive_bytes'] / max(r['ours_peak'], 1):.0f}x"
+        table.append([r["cue"], r["label"], f"{1e3 * r['ours_s']:.1f}", naive_ms, time_ratio,
+                      bench_utils.megabytes(r["ours_peak"]), naive_peak, memory_ratio, diff])
+    return header + "\n" + bench_utils.markdown_table(headers, table) + "\n" + full_depth_note(cases)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description="MFPruner cues vs straightforward implementations")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: seconds (CI)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-naive-gb", type=float, default=4.0, help="skip straightforward runs predicted above this")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output", help="write the markdown table here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.warmup = 1, 0
+    if args.repeats < 1 or args.warmup < 0 or args.max_naive_gb <= 0:
+        raise ValueError("`--repeats` must be >= 1, `--warmup` >= 0 and `--max-naive-gb` > 0")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`--device cuda` was asked for but torch sees no CUDA device")
+    rows, cases = [], SMOKE_CASES if args.smoke else FULL_CASES
+    for case in cases:
+        rows += run_case(case, args.repeats, args.warmup, int(args.max_naive_gb * 2**30), args.device)
+    rows.sort(key=lambda r: (r["cue"], r["n"]))
+    report = markdown_report(rows, cases, bench_utils.machine_description(args.device), args.repeats, args.warmup,
+                             args.max_naive_gb)
+    print(report)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(report)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Configs of the real models from their published sizes (no weights, no download), and the
+config builders the FLOPs calculator and the benchmarks share.
+
+Sizes are copied from the published `config.json` files:
+  llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf      CLIP ViT-L/14-336 + Vicuna-7B / -13B v1.5
+  llava-hf/llava-v1.6-vicuna-7b-hf                         same tower and LLM as 1.5-7B, anyres tiles
+  Qwen/Qwen2.5-VL-7B-Instruct                              window-attention ViT + Qwen2.5-7B
+  openai/clip-vit-large-patch14-336 (text tower)           the paper's relevance cue for LLaVA
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    Qwen2_5_VLConfig,
+)
+
+# CLIP ViT-L/14 at 336 px: 24 x 24 = 576 patch tokens + [CLS].
+CLIP_VIT_L_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+    patch_size=14, projection_dim=768,
+)
+CLIP_TEXT_L = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, projection_dim=768, vocab_size=49408,
+)
+VICUNA_7B = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+)
+VICUNA_13B = dict(
+    hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+    num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096,
+)
+QWEN2_5_VL_7B_VISION = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+    hidden_act="silu",
+)
+QWEN2_5_VL_7B_TEXT = dict(
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+)
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def llava_config(vision: dict, text: dict, *, config_class=LlavaConfig, image_token_id: int = 32000, **extra):
+    """LLaVA-1.5-style config (CLIP tower, 2-layer GELU projector, Llama LLM) from size dicts.
+    config_class: LlavaConfig, LlavaNextConfig or an MFPruner subclass; extra: its other fields."""
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    return config_class(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**text),
+        image_token_index=image_token_id,
+        image_seq_length=tokens,
+        **extra,
+    )
+
+
+def qwen2_5_vl_config(vision: dict, text: dict, *, config_class=Qwen2_5_VLConfig, **extra):
+    return config_class(vision_config=dict(vision), text_config=dict(text), **extra)
+
+
+def llava_1_5_7b():
+    return llava_config(CLIP_VIT_L_336, VICUNA_7B)
+
+
+def llava_1_5_13b():
+    return llava_config(CLIP_VIT_L_336, VICUNA_13B)
+
+
+def llava_1_6_vicuna_7b():
+    return llava_config(CLIP_VIT_L_336, VICUNA_7B, config_class=LlavaNextConfig, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+
+
+def qwen2_5_vl_7b():
+    return qwen2_5_vl_config(QWEN2_5_VL_7B_VISION, QWEN2_5_VL_7B_TEXT)
+
+
+def clip_text_l():
+    return CLIPTextConfig(**CLIP_TEXT_L)
