@@ -84,7 +84,7 @@ def cls_attention_naive(eager_tower, pixel_values: torch.Tensor, layer: int) -> 
 def cls_attention_hooked(tower, pixel_values: torch.Tensor, select_layer: int) -> torch.Tensor:
     with capture_clip_select_layer(tower, select_layer) as captured:
         tower(pixel_values=pixel_values)
-    return clip_cls_attention(captured, tower.encoder.layers[0].self_attn.scale, keep_cls=False)
+    return min_max_normalize(clip_cls_attention(captured, tower.encoder.layers[0].self_attn.scale, keep_cls=False))
 
 
 def attention_received_naive(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
