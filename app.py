@@ -88,10 +88,10 @@ def model_family(config) -> str:
 
 # LLaVA-1.6's anyres resolutions (llava-hf/llava-v1.6-*): 336 px tiles, up to 2 x 2 (or 1 x 3).
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-TINY_FAMILIES = {
-    "llava": "tiny MFPruner LLaVA-1.5 (random weights; 336 px, 576 visual tokens)",
-    "llava_next": "tiny MFPruner LLaVA-NeXT (random weights; LLaVA-1.6 anyres tiles: up to 2,880 visual tokens)",
-    "qwen2_5_vl": "tiny MFPruner Qwen2.5-VL (random weights; 28 px per visual token, up to 1,024 tokens)",
+TINY_FAMILIES = {  # family: (name, token geometry)
+    "llava": ("tiny MFPruner LLaVA-1.5", "LLaVA-1.5 geometry: 576 visual tokens"),
+    "llava_next": ("tiny MFPruner LLaVA-NeXT", "LLaVA-1.6 anyres tiles: up to 2,928 visual tokens"),
+    "qwen2_5_vl": ("tiny MFPruner Qwen2.5-VL", "Qwen2.5-VL geometry: 28 px per visual token, up to 1,024"),
 }
 
 
@@ -171,7 +171,7 @@ def load_model(spec: str | None = None, tiny: str = "llava") -> DemoModel:
     model = AutoModelForImageTextToText.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
     family = model_family(model.config)
     processor = load_processor(spec, family)
-    name = TINY_FAMILIES[tiny] if random_weights else spec
+    name = f"{TINY_FAMILIES[tiny][0]} (random weights)" if random_weights else spec
     return DemoModel(model.to(device).eval(), processor, name, family, random_weights, device)
 
 
@@ -722,8 +722,9 @@ def stats_markdown(stats: dict) -> str:
 
 def model_banner(demo: DemoModel) -> str:
     if demo.random_weights:
+        name, geometry = TINY_FAMILIES[demo.family]
         return (
-            f"⚠️ **Built-in {demo.name}**: RANDOM weights. "
+            f"⚠️ **Built-in {name} with RANDOM weights** ({geometry}). "
             "The pruning, the counts and the timings are real; the cue maps and answers are noise, not a "
             f"trained model's. Start the app with `--model` or `{MODEL_ENV}` for a real model."
         )
@@ -800,7 +801,8 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
                     label=f"Visual tokens kept (of {default_count})", elem_id="budget",
                 )
                 ratio = gr.Slider(
-                    0.01, 1.0, value=demo.model.config.visual_token_ratio or 0.111, step=0.001, label="Fraction of visual tokens kept", visible=False,
+                    0.01, 1.0, value=demo.model.config.visual_token_ratio or 0.111, step=0.001,
+                    label="Fraction of visual tokens kept", visible=False,
                     elem_id="ratio",
                 )
                 min_votes = gr.Slider(

@@ -451,3 +451,20 @@ def test_tiny_flag_builds_the_family(tmp_path, family):
     assert app.model_family(AutoConfig.from_pretrained(path, trust_remote_code=True)) == family
     with pytest.raises(ValueError, match="--tiny"):
         app.build_default_model(tmp_path, "llava_2")
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_page_builds_for_other_families(request, family):
+    """The budget slider spans the budget-competing tokens of a 448 px image; LLaVA-NeXT's page
+    explains its two maps."""
+    import gradio as gr
+
+    demo = request.getfixturevalue({"llava_next": "next_demo", "qwen2_5_vl": "qwen_demo"}[family])
+    page = app.build_demo(demo)
+    count = app.visual_token_count(demo, Image.new("RGB", (448, 448)))
+    sliders = {block.elem_id: block for block in page.blocks.values() if isinstance(block, gr.Slider)}
+    assert sliders["budget"].maximum == count
+    texts = " ".join(block.value for block in page.blocks.values() if isinstance(block, gr.Markdown))
+    assert (app.ANYRES_NOTE.strip() in texts) == (family == "llava_next")
+    assert "RANDOM" not in texts and demo.name in texts  # a real repo path: no random-weights banner
+    page.close()
