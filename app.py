@@ -2,13 +2,15 @@
 visual tokens MFPruner keeps, what each cue alone would keep at the same budget, and how much
 shorter and faster the language model's prefill gets.
 
-    pip install -r requirements.txt && python app.py            # built-in tiny model, random weights
+    pip install -r requirements.txt && python app.py            # built-in tiny LLaVA-1.5, random weights
+    python app.py --tiny llava_next                              # tiny LLaVA-NeXT (or qwen2_5_vl), random weights
     python app.py --model <hub id or local MFPruner repo>        # a real model (or MFPRUNER_MODEL=...)
 
 The page, top to bottom: inputs and stats; the panel row (original image, the tokens each single
 cue keeps, the tokens MFPruner keeps, pruned patches dimmed); one continuous heatmap per cue.
 Every token is drawn over the region of the ORIGINAL image it covers (`TOKEN_BOXES`, one small
-function per model family), so non-square images and cropped borders show correctly.
+function per model family), so non-square images, cropped borders, LLaVA-NeXT's anyres tiles
+and Qwen2.5-VL's resized grids show correctly.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mfpruner_core import CUE_NAMES, vote
+from mfpruner_core import CUE_NAMES, LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE, vote_candidates
 
 try:  # Hugging Face ZeroGPU Spaces: the model calls run on a GPU borrowed per call
     import spaces
@@ -75,7 +76,7 @@ class DemoModel:
     model: torch.nn.Module
     processor: object
     name: str
-    family: str  # key into TOKEN_BOXES: "llava", later "llava_next", "qwen2_5_vl"
+    family: str  # key into TOKEN_BOXES: "llava", "llava_next", "qwen2_5_vl"
     random_weights: bool
     device: torch.device
 
@@ -85,27 +86,93 @@ def model_family(config) -> str:
     return config.model_type.removeprefix("mfpruner_")
 
 
-def build_default_model(folder: str | os.PathLike) -> Path:
-    """The built-in default: a tiny MFPruner LLaVA with random weights and LLaVA-1.5's token
-    geometry (336 px, 14 px patches: 24 x 24 = 576 visual tokens), built locally, no download."""
-    from tools.tiny_models import build_tiny_llava
+# LLaVA-1.6's anyres resolutions (llava-hf/llava-v1.6-*): 336 px tiles, up to 2 x 2 (or 1 x 3).
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+TINY_FAMILIES = {  # family: (name, token geometry)
+    "llava": ("tiny MFPruner LLaVA-1.5", "LLaVA-1.5 geometry: 576 visual tokens"),
+    "llava_next": ("tiny MFPruner LLaVA-NeXT", "LLaVA-1.6 anyres tiles: up to 2,928 visual tokens"),
+    "qwen2_5_vl": ("tiny MFPruner Qwen2.5-VL", "Qwen2.5-VL geometry: 28 px per visual token, up to 1,024"),
+}
 
-    return build_tiny_llava(Path(folder) / "tiny-mfpruner-llava", image_size=336, visual_token_budget=64)
+
+def build_default_model(folder: str | os.PathLike, family: str = "llava") -> Path:
+    """The built-in defaults: tiny MFPruner models with random weights and the real models' token
+    geometry, built locally, no download. llava: LLaVA-1.5 (336 px, 14 px patches: 24 x 24 = 576
+    tokens); llava_next: LLaVA-1.6 (336 px tiles, its pinpoints); qwen2_5_vl: Qwen2.5-VL (28 px per
+    token, images resized to at most 1,024 tokens)."""
+    from tools import tiny_models
+
+    folder = Path(folder)
+    if family == "llava":
+        return tiny_models.build_tiny_llava(folder / "tiny-mfpruner-llava", image_size=336, visual_token_budget=64)
+    if family == "llava_next":
+        return tiny_models.build_tiny_llava_next(
+            folder / "tiny-mfpruner-llava-next", tile_size=336, grid_pinpoints=LLAVA_NEXT_PINPOINTS
+        )
+    if family == "qwen2_5_vl":
+        path = tiny_models.build_tiny_qwen2_5_vl(folder / "tiny-mfpruner-qwen2_5_vl")
+        _, image_processor = tiny_models.build_tiny_qwen2_5_vl_processor(max_pixels=28 * 28 * 1024)
+        image_processor.save_pretrained(path)
+        return path
+    raise ValueError(f"`--tiny` must be one of {sorted(TINY_FAMILIES)}, got {family!r}")
 
 
-def load_model(spec: str | None = None) -> DemoModel:
-    """spec: a hub id or a local MFPruner repo; None builds the tiny random-weights default."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+class QwenInputsProcessor:
+    """Tokenizer + image processor in place of `Qwen2_5_VLProcessor`, for repos without a full
+    processor: in transformers 5.x that processor cannot be built without torchvision (its video
+    processor needs it), which CPU set-ups here lack. Images only; the placeholders are expanded
+    exactly as the processor does (`tools.tiny_models.qwen_inputs`)."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def __call__(self, images, text: str, return_tensors: str = "pt"):
+        from transformers import BatchFeature
+
+        from tools.tiny_models import qwen_inputs
+
+        return BatchFeature(qwen_inputs(self.tokenizer, self.image_processor, [text], images=[images]))
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+
+def load_processor(spec: str, family: str):
+    """The repo's processor; for Qwen2.5-VL without a usable one, tokenizer + image processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(spec, trust_remote_code=True)
+    except (ImportError, OSError, ValueError, TypeError):
+        if family != "qwen2_5_vl":
+            raise
+        processor = None
+    if hasattr(processor, "image_processor"):
+        return processor
+    if family != "qwen2_5_vl":
+        raise ValueError(f"{spec} has no image processor (AutoProcessor gave {type(processor).__name__})")
+    tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=True)
+    return QwenInputsProcessor(tokenizer, AutoImageProcessor.from_pretrained(spec, trust_remote_code=True))
+
+
+def load_model(spec: str | None = None, tiny: str = "llava") -> DemoModel:
+    """spec: a hub id or a local MFPruner repo; None builds the tiny random-weights model of the
+    `tiny` family."""
+    from transformers import AutoModelForImageTextToText
 
     random_weights = spec is None
     if random_weights:
-        spec = str(build_default_model(tempfile.mkdtemp(prefix="mfpruner-demo-")))
+        spec = str(build_default_model(tempfile.mkdtemp(prefix="mfpruner-demo-"), tiny))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(spec, trust_remote_code=True)
-    name = "tiny MFPruner LLaVA (random weights)" if random_weights else spec
-    return DemoModel(model.to(device).eval(), processor, name, model_family(model.config), random_weights, device)
+    family = model_family(model.config)
+    processor = load_processor(spec, family)
+    name = f"{TINY_FAMILIES[tiny][0]} (random weights)" if random_weights else spec
+    return DemoModel(model.to(device).eval(), processor, name, family, random_weights, device)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -172,10 +239,22 @@ def check_question(question: str | None) -> str:
 
 # ----------------------------------------------------------------------------- token -> image region
 #
-# One function per model family: (original image size, processor, token grid) -> (N, 4) boxes
-# (x0, y0, x1, y1) in ORIGINAL image pixels, one per visual token in the model's token order;
-# NaN rows for tokens that cover no region (e.g. LLaVA-NeXT's row-newline tokens). Where boxes
-# overlap (e.g. an anyres base tile under its crops), later tokens are drawn over earlier ones.
+# One function per model family (TOKEN_BOXES): (original image size, image processor, the model's
+# MFPrunerResult, image index) -> {map name: (N, 4) boxes}, each box (x0, y0, x1, y1) in ORIGINAL
+# image pixels, one row per visual token in the model's token order, NaN for tokens not drawn on
+# that map. Every family has the "main" map; LLaVA-NeXT adds "base" (its base tile) and draws its
+# row-newline tokens on no map (they stand for no region).
+
+
+UNSEEN = -1  # index map: an image pixel no token covers (e.g. LLaVA-1.5's cropped borders)
+GROUND = -2  # index map: canvas pixels outside the image copies (the drawing section's canvas)
+
+
+def cell_boxes(x_edges: np.ndarray, y_edges: np.ndarray) -> np.ndarray:
+    """(cols + 1,) and (rows + 1,) edges -> (rows * cols, 4) boxes in raster order."""
+    x0, y0 = np.meshgrid(x_edges[:-1], y_edges[:-1])  # (rows, cols)
+    x1, y1 = np.meshgrid(x_edges[1:], y_edges[1:])
+    return np.stack([x0, y0, x1, y1], axis=-1).reshape(-1, 4)
 
 
 def llava_token_boxes(image_size: tuple[int, int], image_processor, grid: tuple[int, int]) -> np.ndarray:
@@ -198,47 +277,114 @@ def llava_token_boxes(image_size: tuple[int, int], image_processor, grid: tuple[
     left, top = (resized_w - crop_w) // 2, (resized_h - crop_h) // 2
     col_edges = left + np.arange(cols + 1) * crop_w / cols  # in resized pixels
     row_edges = top + np.arange(rows + 1) * crop_h / rows
-    x0, y0 = np.meshgrid(col_edges[:-1], row_edges[:-1])  # (rows, cols), raster order
-    x1, y1 = np.meshgrid(col_edges[1:], row_edges[1:])
-    boxes = np.stack([x0, y0, x1, y1], axis=-1).reshape(-1, 4)
-    return boxes * np.array([width / resized_w, height / resized_h] * 2)
+    return cell_boxes(col_edges, row_edges) * np.array([width / resized_w, height / resized_h] * 2)
 
 
 def whole_image_grid_boxes(image_size: tuple[int, int], image_processor, grid: tuple[int, int]) -> np.ndarray:
-    """A raster grid over the whole image: right for processors that resize without cropping
-    (Qwen2.5-VL: one token per 28 x 28 px merged patch of the resized image, raster order)."""
+    """A raster grid over the whole image: right for processors that resize without cropping.
+    Qwen2.5-VL's `smart_resize` scales the whole image to multiples of 28 px (aspect kept within
+    rounding) and each visual token is one 28 x 28 px merged patch, raster order: token (r, c) of
+    an (R, C) grid covers exactly rows [r/R, (r+1)/R) and cols [c/C, (c+1)/C) of the image."""
     width, height = image_size
     rows, cols = grid
-    x = np.arange(cols + 1) * width / cols
-    y = np.arange(rows + 1) * height / rows
-    x0, y0 = np.meshgrid(x[:-1], y[:-1])
-    x1, y1 = np.meshgrid(x[1:], y[1:])
-    return np.stack([x0, y0, x1, y1], axis=-1).reshape(-1, 4)
+    return cell_boxes(np.arange(cols + 1) * width / cols, np.arange(rows + 1) * height / rows)
+
+
+@dataclass
+class AnyresGeometry:
+    """Where LLaVA-NeXT's high-res grid tokens come from, for one image size (in pixels of the
+    padded canvas the processor cuts into tiles): the image resized into `resized` (w, h), pasted
+    at `offset` (x, y) into the best pinpoint resolution, cut into `patch` px tokens; the model's
+    unpadding then drops `cut` (cols, rows) token columns / rows on each side. `grid` (rows, cols)
+    is the unpadded token grid."""
+
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+    patch: int
+    cut: tuple[int, int]
+    grid: tuple[int, int]
+
+
+def anyres_geometry(image_size: tuple[int, int], image_processor, patch_size: int) -> AnyresGeometry:
+    """The LLaVA-NeXT image processor's geometry (select_best_resolution, aspect-kept resize,
+    centred zero padding) and the model's `unpad_image`, replayed on sizes only."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    width, height = image_size
+    best_h, best_w = select_best_resolution((height, width), image_processor.image_grid_pinpoints)
+    scale_w, scale_h = best_w / width, best_h / height
+    if scale_w < scale_h:  # transformers' get_patch_output_size
+        resized_w, resized_h = best_w, min(math.ceil(height * scale_w), best_h)
+    else:
+        resized_w, resized_h = min(math.ceil(width * scale_h), best_w), best_h
+    offset = ((best_w - resized_w) // 2, (best_h - resized_h) // 2)
+    full_rows, full_cols = best_h // patch_size, best_w // patch_size
+    if width / height > full_cols / full_rows:  # unpad_image: rows cut top and bottom
+        cut_rows = (full_rows - int(round(height * (full_cols / width), 7))) // 2
+        cut = (0, cut_rows)
+    else:  # columns cut left and right
+        cut_cols = (full_cols - int(round(width * (full_rows / height), 7))) // 2
+        cut = (cut_cols, 0)
+    grid = (full_rows - 2 * cut[1], full_cols - 2 * cut[0])
+    return AnyresGeometry((resized_w, resized_h), offset, patch_size, cut, grid)
+
+
+def llava_next_token_boxes(image_size: tuple[int, int], image_processor, result, image_index: int = 0) -> dict:
+    """LLaVA-NeXT (anyres): {"main": the unpadded high-res grid tokens, "base": the base tile's}.
+
+    The base tile is the whole image squashed to one tile, so base token (r, c) covers the cell
+    (r, c) of the whole image. A grid token is one patch of the padded, resized canvas: mapped back
+    through the padding and the resize, and clipped to the image (tokens at the unpadding edge can
+    hold some padding). Newline tokens: NaN on both maps."""
+    width, height = image_size
+    part, row, col = result.layouts[image_index].numpy().T
+    base_rows, base_cols = result.base_grids[image_index]
+    patch = image_processor.crop_size["height"] // base_rows
+    geometry = anyres_geometry(image_size, image_processor, patch)
+    if tuple(result.grids[image_index]) != geometry.grid:
+        raise RuntimeError(f"the model's grid {result.grids[image_index]} differs from the processor's {geometry.grid}")
+    maps = {name: np.full((len(part), 4), np.nan) for name in ("main", "base")}
+
+    on_base = part == LAYOUT_BASE
+    cells = cell_boxes(np.arange(base_cols + 1) * width / base_cols, np.arange(base_rows + 1) * height / base_rows)
+    maps["base"][on_base] = cells[row[on_base] * base_cols + col[on_base]]
+
+    on_grid = part == LAYOUT_GRID
+    (resized_w, resized_h), (offset_x, offset_y), (cut_cols, cut_rows) = geometry.resized, geometry.offset, geometry.cut
+    x0 = ((col[on_grid] + cut_cols) * patch - offset_x) * width / resized_w  # canvas px -> original px
+    y0 = ((row[on_grid] + cut_rows) * patch - offset_y) * height / resized_h
+    x1, y1 = x0 + patch * width / resized_w, y0 + patch * height / resized_h
+    boxes = np.stack([x0, y0, x1, y1], axis=-1)
+    maps["main"][on_grid] = np.clip(boxes, 0, [width, height, width, height])
+    return maps
 
 
 TOKEN_BOXES = {
-    "llava": llava_token_boxes,
-    "qwen2_5_vl": whole_image_grid_boxes,  # TODO(lead): check against the Qwen2.5-VL class once merged
-    # "llava_next": anyres base tile + unpadded crops + newline tokens (NaN rows): to be added.
+    "llava": lambda size, processor, result, i: {"main": llava_token_boxes(size, processor, tuple(result.grids[i]))},
+    "llava_next": llava_next_token_boxes,
+    "qwen2_5_vl": lambda size, processor, result, i: {
+        "main": whole_image_grid_boxes(size, processor, tuple(result.grids[i]))
+    },
 }
 
 
-def token_boxes(demo: DemoModel, image_size: tuple[int, int], result, image_index: int = 0) -> np.ndarray:
-    """(N, 4) boxes of image `image_index`'s visual tokens, in original image pixels."""
+def token_maps(demo: DemoModel, image_size: tuple[int, int], result, image_index: int = 0) -> dict[str, np.ndarray]:
+    """{map name: (N, 4) boxes} of image `image_index`'s visual tokens, in original image pixels."""
     boxes_fn = TOKEN_BOXES.get(demo.family)
     if boxes_fn is None:
         gr.Warning(f"No token-to-region mapping for model family '{demo.family}': drawn as a whole-image grid.")
-        boxes_fn = whole_image_grid_boxes
-    boxes = boxes_fn(image_size, demo.processor.image_processor, tuple(result.grids[image_index]))
-    if len(boxes) != result.num_visual_tokens[image_index]:
-        raise RuntimeError(f"{len(boxes)} token boxes for {result.num_visual_tokens[image_index]} visual tokens")
-    return boxes
+        boxes_fn = TOKEN_BOXES["qwen2_5_vl"]
+    maps = boxes_fn(image_size, demo.processor.image_processor, result, image_index)
+    for name, boxes in maps.items():
+        if len(boxes) != result.num_visual_tokens[image_index]:
+            raise RuntimeError(f"{len(boxes)} '{name}' boxes for {result.num_visual_tokens[image_index]} visual tokens")
+    return maps
 
 
 def token_index_map(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """(N, 4) boxes in these pixel units -> (height, width) int map: the token drawn at each
     pixel (pixel centres inside the box), -1 where no token covers the pixel."""
-    index_map = np.full((height, width), -1, dtype=np.int64)
+    index_map = np.full((height, width), UNSEEN, dtype=np.int64)
     for token, (x0, y0, x1, y1) in enumerate(boxes):
         if np.isnan(x0):
             continue
@@ -249,13 +395,51 @@ def token_index_map(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- drawing
+#
+# A panel is a canvas: the image at display size with the "main" token map, and for LLaVA-NeXT a
+# smaller copy to its right with the base tile's tokens. Every drawing works on (pixels, index
+# map) of the whole canvas, so the base tile's tokens are dimmed / coloured like the others.
+
+INSET_SCALE = 0.5  # the base tile map is drawn at this size of the main one
+INSET_GAP = 12  # px between the main map and the base tile map
+GROUND_COLOR = 255.0
 
 
-def display_copy(image: Image.Image) -> tuple[Image.Image, float]:
-    """The image at DISPLAY_SIDE (longest side) and the scale from original to display pixels."""
-    scale = min(1.0, DISPLAY_SIDE / max(image.size))
+@dataclass
+class Canvas:
+    pixels: np.ndarray  # (H, W, 3) float64, the image copies on a white ground
+    index_map: np.ndarray  # (H, W) int64: the token drawn at each pixel, UNSEEN or GROUND
+
+
+def display_copy(image: Image.Image, side: int = DISPLAY_SIDE) -> tuple[Image.Image, float]:
+    """The image at `side` (longest side) and the scale from original to display pixels."""
+    scale = min(1.0, side / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS) if scale < 1.0 else image.copy(), scale
+
+
+def token_canvas(image: Image.Image, maps: dict[str, np.ndarray]) -> Canvas:
+    """The canvas every panel of this image is drawn on (see the section comment)."""
+    display, _ = display_copy(image)
+    copies = [(display, maps["main"])]
+    if "base" in maps:
+        inset, _ = display_copy(image, max(1, round(max(display.size) * INSET_SCALE)))
+        copies.append((inset, maps["base"]))
+    height = max(copy.height for copy, _ in copies)
+    width = sum(copy.width for copy, _ in copies) + INSET_GAP * (len(copies) - 1)
+    pixels = np.full((height, width, 3), GROUND_COLOR)
+    index_map = np.full((height, width), GROUND, dtype=np.int64)
+    left = 0
+    for copy, boxes in copies:
+        scale = np.array([copy.width / image.width, copy.height / image.height] * 2)
+        pixels[: copy.height, left : left + copy.width] = np.asarray(copy, dtype=np.float64)
+        index_map[: copy.height, left : left + copy.width] = token_index_map(boxes * scale, copy.width, copy.height)
+        left += copy.width + INSET_GAP
+    return Canvas(pixels, index_map)
+
+
+def to_image(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 def unseen_pattern(height: int, width: int) -> np.ndarray:
@@ -266,19 +450,17 @@ def unseen_pattern(height: int, width: int) -> np.ndarray:
 
 def shade_unseen(pixels: np.ndarray, index_map: np.ndarray) -> np.ndarray:
     """Greys out and hatches the pixels no token covers (e.g. LLaVA-1.5's cropped borders)."""
-    unseen = index_map < 0
+    unseen = index_map == UNSEEN
     grey = pixels.mean(axis=-1, keepdims=True) * 0.35 + 150 * 0.65
     hatch = unseen_pattern(*index_map.shape)[..., None]
     shaded = np.where(hatch, grey - 45, grey)
     return np.where(unseen[..., None], np.broadcast_to(shaded, pixels.shape), pixels)
 
 
-def kept_overlay(display: Image.Image, index_map: np.ndarray, keep: np.ndarray) -> Image.Image:
+def kept_overlay(canvas: Canvas, keep: np.ndarray) -> Image.Image:
     """Kept tokens' patches unchanged; pruned patches dimmed (outlined where they touch kept
-    ones); unseen borders hatched.
-
-    display: (H, W) RGB; index_map: (H, W) token per pixel; keep: (N,) bool."""
-    pixels = np.asarray(display, dtype=np.float64)
+    ones); unseen borders hatched. keep: (N,) bool."""
+    pixels, index_map = canvas.pixels, canvas.index_map
     pruned = (index_map >= 0) & ~keep[np.clip(index_map, 0, None)]
     kept = (index_map >= 0) & ~pruned
     dimmed = pixels * DIM + DIM_COLOR * (1.0 - DIM)
@@ -290,20 +472,18 @@ def kept_overlay(display: Image.Image, index_map: np.ndarray, keep: np.ndarray) 
     near_kept[:, 1:] |= kept[:, :-1]
     near_kept[:, :-1] |= kept[:, 1:]
     out[pruned & near_kept] = OUTLINE_COLOR
-    out = shade_unseen(out, index_map)
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+    return to_image(shade_unseen(out, index_map))
 
 
-def cue_heatmap(display: Image.Image, index_map: np.ndarray, scores: np.ndarray, value_range=None) -> Image.Image:
+def cue_heatmap(canvas: Canvas, scores: np.ndarray, value_range=None) -> Image.Image:
     """A score per token (N,) as a colormap, alpha-blended over the image; scaled from
     value_range (low, high), by default the scores' own min and max."""
-    pixels = np.asarray(display, dtype=np.float64)
+    pixels, index_map = canvas.pixels, canvas.index_map
     low, high = value_range or (float(scores.min()), float(scores.max()))
     normalized = (scores - low) / (high - low) if high > low else np.full_like(scores, 0.5)
     colors = matplotlib.colormaps[HEATMAP_CMAP](normalized)[:, :3] * 255.0  # (N, 3)
     blended = pixels * (1.0 - HEATMAP_ALPHA) + colors[np.clip(index_map, 0, None)] * HEATMAP_ALPHA
-    out = shade_unseen(np.where((index_map >= 0)[..., None], blended, pixels), index_map)
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+    return to_image(shade_unseen(np.where((index_map >= 0)[..., None], blended, pixels), index_map))
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -329,19 +509,6 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
 
 
-@contextmanager
-def pruning_settings(config, **settings):
-    """Sets config fields for one call (the model reads `min_votes` from its config)."""
-    old = {name: getattr(config, name) for name in settings}
-    for name, value in settings.items():
-        setattr(config, name, value)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            setattr(config, name, value)
-
-
 def build_inputs(demo: DemoModel, image: Image.Image, question: str) -> dict:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = demo.processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -349,9 +516,14 @@ def build_inputs(demo: DemoModel, image: Image.Image, question: str) -> dict:
 
 
 def visual_token_count(demo: DemoModel, image: Image.Image) -> int:
-    """Visual tokens the model makes of this image (the processor's image placeholders)."""
+    """Visual tokens of this image that compete for the budget: the processor's image
+    placeholders, less LLaVA-NeXT's row newlines (kept outside the budget)."""
     inputs = build_inputs(demo, image, "?")
-    return int((inputs["input_ids"] == demo.model.config.image_token_id).sum())
+    count = int((inputs["input_ids"] == demo.model.config.image_token_id).sum())
+    if demo.family == "llava_next":
+        vision = demo.model.config.vision_config
+        count -= anyres_geometry(image.size, demo.processor.image_processor, vision.patch_size).grid[0]
+    return count
 
 
 def synchronize(device: torch.device) -> None:
@@ -386,12 +558,11 @@ def clean_text(text: str) -> str:
 
 
 @torch.no_grad()
-def generate_answers(demo: DemoModel, inputs: dict, prune_kwargs: dict, total: int, max_new_tokens: int):
-    """Greedy answers (pruned, unpruned): with MFPruner's pruning and with all `total` visual
-    tokens kept, which equals the stock model (generate(prune_visual_tokens=False) raises at cf65879)."""
+def generate_answers(demo: DemoModel, inputs: dict, prune_kwargs: dict, max_new_tokens: int):
+    """Greedy answers (pruned, unpruned): with MFPruner's pruning and with the stock model."""
     prompt_length = inputs["input_ids"].shape[1]
     answers = []
-    for kwargs in (prune_kwargs, {"visual_token_budget": total}):
+    for kwargs in (prune_kwargs, {"prune_visual_tokens": False}):
         output = demo.model.generate(**inputs, **kwargs, max_new_tokens=max_new_tokens, do_sample=False)
         answers.append(clean_text(demo.processor.batch_decode(output[:, prompt_length:], skip_special_tokens=True)[0]))
     return answers[0], answers[1]
@@ -429,51 +600,54 @@ def analyze(
     if min_votes is None or int(min_votes) != min_votes or not 1 <= min_votes <= len(CUE_NAMES):
         raise ValueError(f"The vote threshold must be 1, 2 or 3, got {min_votes!r}.")
 
+    prune_kwargs["min_votes"] = int(min_votes)  # per call: the model's config is never touched
+
     inputs = build_inputs(demo, image, question)
     progress(0.15, desc="Prefill, pruned and unpruned (timed)")
-    with pruning_settings(demo.model.config, min_votes=int(min_votes)):
-        pruned_s, unpruned_s, result = timed_prefills(demo, inputs, prune_kwargs, timing_repeats)
-        answer = None
-        if generate_answer:
-            progress(0.6, desc="Generating the answers")
-            total = result.num_visual_tokens[0]
-            pruned_answer, full_answer = generate_answers(demo, inputs, prune_kwargs, total, max_new_tokens)
-            answer = (
-                f"MFPruner ({len(result.keep_indices[0])} visual tokens): {pruned_answer}\n\n"
-                f"Unpruned ({total} visual tokens): {full_answer}"
-            )
+    pruned_s, unpruned_s, result = timed_prefills(demo, inputs, prune_kwargs, timing_repeats)
+    keep_indices = result.keep_indices[0]
+    num_tokens = result.num_visual_tokens[0]  # all of the image's tokens, LLaVA-NeXT's newlines included
+    # The tokens that compete for the budget: all but LLaVA-NeXT's row newlines, which the model
+    # keeps outside the budget (they stand for no region and are drawn on no map).
+    layout = result.layouts[0] if result.layouts else None
+    candidates = torch.ones(num_tokens, dtype=torch.bool) if layout is None else layout[:, 0] != LAYOUT_NEWLINE
+    total = int(candidates.sum())
+    newlines = num_tokens - total
+    kept = len(keep_indices) - newlines
+    answer = None
+    if generate_answer:
+        progress(0.6, desc="Generating the answers")
+        pruned_answer, full_answer = generate_answers(demo, inputs, prune_kwargs, max_new_tokens)
+        answer = f"MFPruner ({kept} visual tokens): {pruned_answer}\n\nUnpruned ({total} visual tokens): {full_answer}"
 
     progress(0.85, desc="Drawing")
-    total = result.num_visual_tokens[0]
-    keep_indices = result.keep_indices[0]
-    kept = len(keep_indices)
-    display, scale = display_copy(image)
-    index_map = token_index_map(token_boxes(demo, image.size, result) * scale, display.width, display.height)
+    canvas = token_canvas(image, token_maps(demo, image.size, result))
 
     def mask_of(indices: torch.Tensor) -> np.ndarray:
-        mask = np.zeros(total, dtype=bool)
+        mask = np.zeros(num_tokens, dtype=bool)
         mask[indices.numpy()] = True
         return mask
 
-    panels = {"original": shade_unseen(np.asarray(display, dtype=np.float64), index_map)}
-    panels["original"] = Image.fromarray(np.rint(panels["original"]).astype(np.uint8))
+    panels = {"original": to_image(shade_unseen(canvas.pixels, canvas.index_map))}
     heatmaps, cue_kept = {}, {}
-    votes = np.zeros(total, dtype=np.int64)
+    votes = np.zeros(num_tokens, dtype=np.int64)
     for name, per_image in result.cue_scores.items():
         scores = per_image[0].float()
-        single = vote([scores[None]], kept)[0]  # that cue alone: its own top-k at the same budget
+        # That cue alone: its own top-k over the candidates at the same budget (newlines kept, as the model does).
+        single = vote_candidates({name: scores[candidates]}, candidates, kept, None, 1, "sum")
         cue_kept[name] = single.tolist()
-        votes += mask_of(single)
-        panels[name] = kept_overlay(display, index_map, mask_of(single))
-        heatmaps[name] = cue_heatmap(display, index_map, scores.numpy())
-    panels["mfpruner"] = kept_overlay(display, index_map, mask_of(keep_indices))
-    heatmaps["votes"] = cue_heatmap(display, index_map, votes.astype(np.float64), (0.0, float(len(cue_kept))))
+        votes += mask_of(single) & candidates.numpy()
+        panels[name] = kept_overlay(canvas, mask_of(single))
+        heatmaps[name] = cue_heatmap(canvas, scores.numpy())
+    panels["mfpruner"] = kept_overlay(canvas, mask_of(keep_indices))
+    heatmaps["votes"] = cue_heatmap(canvas, votes.astype(np.float64), (0.0, float(len(cue_kept))))
 
     text = demo.model.config.get_text_config()
     dims = (text.hidden_size, text.intermediate_size, text.num_hidden_layers)
     full_length = int(inputs["input_ids"].shape[1])
     pruned_length = int(result.lm_input_length)
-    visual_full, visual_pruned = fastv_flops(total, *dims), fastv_flops(kept, *dims)
+    # FastV's visual-token FLOPs over the image tokens the LLM sees (LLaVA-NeXT: newlines included).
+    visual_full, visual_pruned = fastv_flops(num_tokens, *dims), fastv_flops(kept + newlines, *dims)
     prefill_full, prefill_pruned = fastv_flops(full_length, *dims), fastv_flops(pruned_length, *dims)
     stats = {
         "model": demo.name,
@@ -481,6 +655,7 @@ def analyze(
         "image_size": list(image.size),
         "visual_tokens": total,
         "kept": kept,
+        "newline_tokens": newlines,
         "kept_indices": keep_indices.tolist(),
         "cue_kept_indices": cue_kept,
         "votes": votes.tolist(),
@@ -520,6 +695,11 @@ def stats_markdown(stats: dict) -> str:
     return "\n".join(
         [
             f"### Kept {s['kept']} / {s['visual_tokens']} visual tokens ({fraction:.1%})",
+            *(
+                [f"Plus {s['newline_tokens']} row-newline tokens (LLaVA-NeXT), always kept, outside the budget."]
+                if s["newline_tokens"]
+                else []
+            ),
             "",
             "| | unpruned | MFPruner | saved |",
             "|:--|--:|--:|--:|",
@@ -542,8 +722,9 @@ def stats_markdown(stats: dict) -> str:
 
 def model_banner(demo: DemoModel) -> str:
     if demo.random_weights:
+        name, geometry = TINY_FAMILIES[demo.family]
         return (
-            "⚠️ **Built-in tiny model with RANDOM weights** (LLaVA-1.5 geometry: 576 visual tokens). "
+            f"⚠️ **Built-in {name} with RANDOM weights** ({geometry}). "
             "The pruning, the counts and the timings are real; the cue maps and answers are noise, not a "
             f"trained model's. Start the app with `--model` or `{MODEL_ENV}` for a real model."
         )
@@ -573,6 +754,11 @@ PANEL_TITLES = {
     "relevance": "Relevance alone",
     "mfpruner": "MFPruner (vote)",
 }
+ANYRES_NOTE = (
+    "\n\nLLaVA-NeXT sees each image twice: as a high-res grid of tiles (the large map) and as one base "
+    "tile of the whole image (the small map on the right). One budget covers the tokens of both maps; "
+    "the row-newline tokens that close each grid row are always kept and not drawn."
+)
 HEATMAP_TITLES = {**{name: f"{CUE_TITLES[name]} score" for name in CUE_NAMES}, "votes": "votes"}
 
 
@@ -615,7 +801,8 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
                     label=f"Visual tokens kept (of {default_count})", elem_id="budget",
                 )
                 ratio = gr.Slider(
-                    0.01, 1.0, value=0.111, step=0.001, label="Fraction of visual tokens kept", visible=False,
+                    0.01, 1.0, value=demo.model.config.visual_token_ratio or 0.111, step=0.001,
+                    label="Fraction of visual tokens kept", visible=False,
                     elem_id="ratio",
                 )
                 min_votes = gr.Slider(
@@ -635,6 +822,7 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
                 )
         gr.Markdown(
             "### The tokens each cue alone keeps at the same budget, and what the vote keeps (pruned patches dimmed)"
+            + (ANYRES_NOTE if demo.family == "llava_next" else "")
         )
         with gr.Row(equal_height=True):
             panels = {name: result_image(title, f"panel-{name}") for name, title in PANEL_TITLES.items()}
@@ -720,11 +908,15 @@ def main(argv=None):
         "--model", default=os.environ.get(MODEL_ENV),
         help=f"hub id or local MFPruner repo (default: ${MODEL_ENV}, else the tiny random-weights model)",
     )
+    parser.add_argument(
+        "--tiny", choices=sorted(TINY_FAMILIES), default="llava",
+        help="without --model: the family of the built-in tiny random-weights model (default: llava, LLaVA-1.5)",
+    )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    launch(build_demo(load_model(args.model)), args.host, args.port)
+    launch(build_demo(load_model(args.model, tiny=args.tiny)), args.host, args.port)
 
 
 if __name__ == "__main__":

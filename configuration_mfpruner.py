@@ -12,9 +12,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
 
 try:  # the mixin is shared by the configs below; `from .x import y` keeps remote code flat
-    from .mfpruner_core import CUE_NAMES, check_budget, check_ratio
+    from .mfpruner_core import CUE_NAMES, check_budget, check_min_votes, check_ratio
 except ImportError:  # imported as a top-level module (tests, tools)
-    from mfpruner_core import CUE_NAMES, check_budget, check_ratio
+    from mfpruner_core import CUE_NAMES, check_budget, check_min_votes, check_ratio
 
 RELEVANCE_SOURCES = ("auto", "clip_text", "llm")
 FILL_RULES = ("sum", "relevance")
@@ -34,8 +34,7 @@ def validate_mfpruner_settings(config) -> None:
     cues = list(config.mfpruner_cues)
     if not cues or len(set(cues)) != len(cues) or any(c not in CUE_NAMES for c in cues):
         raise ValueError(f"`mfpruner_cues` must be distinct names from {CUE_NAMES}, got {config.mfpruner_cues!r}")
-    if isinstance(config.min_votes, bool) or not isinstance(config.min_votes, int) or not 1 <= config.min_votes:
-        raise ValueError(f"`min_votes` must be a positive int, got {config.min_votes!r}")
+    check_min_votes(config.min_votes)
     if config.relevance_source not in RELEVANCE_SOURCES:
         raise ValueError(f"`relevance_source` must be one of {RELEVANCE_SOURCES}, got {config.relevance_source!r}")
     if config.fill_by not in FILL_RULES:

@@ -38,6 +38,22 @@ def check_ratio(ratio, name: str = "visual_token_ratio") -> None:
         raise ValueError(f"`{name}` must be a float in (0, 1] (fraction of visual tokens kept), got {ratio!r}")
 
 
+def check_min_votes(min_votes, name: str = "min_votes") -> None:
+    if isinstance(min_votes, bool) or not isinstance(min_votes, int) or min_votes < 1:
+        raise ValueError(
+            f"`{name}` must be a positive int (votes that make a consensus token, capped at the number of cues), "
+            f"got {min_votes!r}"
+        )
+
+
+def call_min_votes(config_min_votes: int, min_votes: int | None = None) -> int:
+    """Per-call override of the config's vote threshold (None: the config's)."""
+    if min_votes is None:
+        return config_min_votes
+    check_min_votes(min_votes)
+    return min_votes
+
+
 def resolve_budget(num_tokens: int, budget: int | None = None, ratio: float | None = None) -> int:
     """Tokens to keep for one image of `num_tokens` visual tokens: min(budget, N) or round(ratio * N), >= 1."""
     if (budget is None) == (ratio is None):
@@ -170,8 +186,7 @@ def vote(
     if len(shape) != 2 or any(s.shape != shape for s in scores):
         raise ValueError(f"every cue score must be (B, N) with one shape, got {[tuple(s.shape) for s in scores]}")
     check_budget(budget, "budget")
-    if isinstance(min_votes, bool) or not isinstance(min_votes, int) or min_votes < 1:
-        raise ValueError(f"`min_votes` must be a positive int, got {min_votes!r}")
+    check_min_votes(min_votes)
     fill = torch.stack(scores).sum(dim=0) if fill_score is None else fill_score.float()
     if any(not torch.isfinite(s).all() for s in [*scores, fill]):
         raise ValueError("cue scores must be finite (found NaN or inf)")

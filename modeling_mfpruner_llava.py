@@ -48,6 +48,7 @@ try:
         restore_prompt,
         vote_candidates,
         call_budget,
+        call_min_votes,
         clip_text_relevance,
         compact_rows,
         llm_relevance,
@@ -68,6 +69,7 @@ except ImportError:  # imported as a top-level module (tests, tools)
         restore_prompt,
         vote_candidates,
         call_budget,
+        call_min_votes,
         clip_text_relevance,
         compact_rows,
         llm_relevance,
@@ -246,12 +248,15 @@ class MFPrunerMixin:
         clip_input_ids=None,
         clip_attention_mask=None,
         left_pad: bool | None = None,
+        min_votes: int | None = None,
     ) -> dict:
         """Encodes the images, votes per image, and returns the pruned language-model inputs:
-        input_ids, inputs_embeds, attention_mask (and labels), re-padded."""
+        input_ids, inputs_embeds, attention_mask (and labels), re-padded. The budget and
+        `min_votes` arguments override the config's for this call."""
         budget, ratio = call_budget(
             self.config.visual_token_budget, self.config.visual_token_ratio, visual_token_budget, visual_token_ratio
         )
+        min_votes = call_min_votes(self.config.min_votes, min_votes)
         image_token_id = self.config.image_token_id
         if input_ids is None or not (input_ids == image_token_id).any():
             check_image_tokens(input_ids, image_token_id, len(pixel_values), [1])  # raises the clear error
@@ -275,7 +280,7 @@ class MFPrunerMixin:
                 cues = self.image_cues(images, i, row, inputs_embeds, text_mask, clip_text)
                 candidates = images.candidates[i]
                 keep_indices.append(
-                    vote_candidates(cues, candidates, budget, ratio, self.config.min_votes, self.config.fill_by)
+                    vote_candidates(cues, candidates, budget, ratio, min_votes, self.config.fill_by)
                 )
                 for name, score in cues.items():
                     cue_scores[name].append(scatter_to_all(score, candidates).cpu())
@@ -320,6 +325,7 @@ class MFPrunerMixin:
         prune_visual_tokens: bool | None = None,
         clip_input_ids=None,
         clip_attention_mask=None,
+        min_votes: int | None = None,
         **kwargs,
     ):
         """Stock forward; with `pixel_values` the visual tokens are pruned first (logits and the
@@ -343,6 +349,7 @@ class MFPrunerMixin:
             visual_token_ratio=visual_token_ratio,
             clip_input_ids=clip_input_ids,
             clip_attention_mask=clip_attention_mask,
+            min_votes=min_votes,
         )
         kwargs.pop("position_ids", None)  # renumbered over the pruned sequence, as in generate()
         mask = pruned["attention_mask"]
@@ -366,6 +373,7 @@ class MFPrunerMixin:
         prune_visual_tokens: bool | None = None,
         clip_input_ids=None,
         clip_attention_mask=None,
+        min_votes: int | None = None,
         **kwargs,
     ):
         """Stock generate on the pruned prompt. Returns the original (unpruned) prompt followed by
@@ -391,6 +399,7 @@ class MFPrunerMixin:
             clip_input_ids=clip_input_ids,
             clip_attention_mask=clip_attention_mask,
             left_pad=True,
+            min_votes=min_votes,
         )
         output = super().generate(**pruned, **kwargs)
         return restore_prompt(output, input_ids, pruned["input_ids"].shape[1])

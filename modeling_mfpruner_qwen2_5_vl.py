@@ -40,6 +40,7 @@ try:
         attention_received,
         auto_map_with_auto_model,
         call_budget,
+        call_min_votes,
         check_image_tokens,
         compact_rows,
         keep_mask_for_images,
@@ -57,6 +58,7 @@ except ImportError:  # imported as a top-level module (tests, tools)
         attention_received,
         auto_map_with_auto_model,
         call_budget,
+        call_min_votes,
         check_image_tokens,
         compact_rows,
         keep_mask_for_images,
@@ -68,7 +70,7 @@ except ImportError:  # imported as a top-level module (tests, tools)
         uniqueness,
     )
 
-PRUNING_KWARGS = ("visual_token_budget", "visual_token_ratio", "prune_visual_tokens")
+PRUNING_KWARGS = ("visual_token_budget", "visual_token_ratio", "prune_visual_tokens", "min_votes")
 VISION_KWARGS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
 
 
@@ -224,12 +226,15 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         visual_token_budget=None,
         visual_token_ratio=None,
         left_pad: bool | None = None,
+        min_votes: int | None = None,
     ) -> dict:
         """Encodes images and videos, votes per item, and returns the pruned language-model
-        inputs: input_ids, inputs_embeds, attention_mask, position_ids (4, B, L') (and labels)."""
+        inputs: input_ids, inputs_embeds, attention_mask, position_ids (4, B, L') (and labels).
+        The budget and `min_votes` arguments override the config's for this call."""
         budget, ratio = call_budget(
             self.config.visual_token_budget, self.config.visual_token_ratio, visual_token_budget, visual_token_ratio
         )
+        min_votes = call_min_votes(self.config.min_votes, min_votes)
         encoded = self.encode_prompt(
             input_ids,
             pixel_values,
@@ -240,7 +245,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             second_per_grid_ts,
             mm_token_type_ids,
         )
-        return self.select_and_compact(encoded, budget, ratio, labels=labels, left_pad=left_pad)
+        return self.select_and_compact(encoded, budget, ratio, min_votes, labels=labels, left_pad=left_pad)
 
     def encode_prompt(
         self,
@@ -302,9 +307,12 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             items=items,
         )
 
-    def select_and_compact(self, encoded: dict, budget, ratio, labels=None, left_pad: bool | None = None) -> dict:
+    def select_and_compact(
+        self, encoded: dict, budget, ratio, min_votes: int | None = None, labels=None, left_pad: bool | None = None
+    ) -> dict:
         """The vote per image / video under its own budget, then the kept positions of every
         per-token input, re-padded; sets `rope_deltas` and `last_pruning`."""
+        min_votes = call_min_votes(self.config.min_votes, min_votes)
         input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         inputs_embeds, items = encoded["inputs_embeds"], encoded["items"]
         is_image, is_video = input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
@@ -314,8 +322,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             for kind, features, attention, row, _ in items:
                 cues = self.cue_scores(features, attention, inputs_embeds, text_mask, row)
                 k = resolve_budget(len(features), budget, ratio)
-                min_votes = min(self.config.min_votes, len(cues))
-                keep_indices.append(select_tokens(cues, k, min_votes, self.config.fill_by)[0])
+                keep_indices.append(select_tokens(cues, k, min(min_votes, len(cues)), self.config.fill_by)[0])
                 for name, score in cues.items():
                     cue_scores[name].append(score[0].cpu())
 
@@ -382,6 +389,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         visual_token_budget=None,
         visual_token_ratio=None,
         prune_visual_tokens=None,
+        min_votes=None,
         **kwargs,
     ):
         """Stock forward; with pixel inputs the visual tokens are pruned first (logits and the loss
@@ -421,6 +429,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             labels=labels,
             visual_token_budget=visual_token_budget,
             visual_token_ratio=visual_token_ratio,
+            min_votes=min_votes,
             **vision,
         )
         pruned.pop("input_ids")
@@ -454,6 +463,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             attention_mask=attention_mask,
             visual_token_budget=settings["visual_token_budget"],
             visual_token_ratio=settings["visual_token_ratio"],
+            min_votes=settings["min_votes"],
             left_pad=True,
             **vision,
         )

@@ -51,11 +51,11 @@ def last_keep(demo):
 
 
 def pixel_map(demo, analysis, image_path):
-    """The (H, W) token-per-pixel map of the display images, rebuilt from the model's result."""
+    """The panels' canvas (the image copies) and its (H, W) token-per-pixel map, rebuilt from the
+    model's result."""
     image, _ = app.load_image(image_path)
-    display, scale = app.display_copy(image)
-    boxes = app.token_boxes(demo, image.size, demo.model.last_pruning) * scale
-    return display, app.token_index_map(boxes, display.width, display.height)
+    canvas = app.token_canvas(image, app.token_maps(demo, image.size, demo.model.last_pruning))
+    return app.to_image(canvas.pixels), canvas.index_map
 
 
 def test_importing_the_app_writes_no_files():
@@ -172,7 +172,7 @@ def test_ratio_mode_and_vote_threshold(demo_model, image_file):
         analysis = analyze(demo_model, image_file, QUESTION, "tokens", 7, min_votes=min_votes)
         cues = {name: scores[0][None] for name, scores in demo_model.model.last_pruning.cue_scores.items()}
         assert analysis.stats["kept_indices"] == select_tokens(cues, 7, min_votes)[0].tolist()
-    assert demo_model.model.config.min_votes == config_votes  # restored after the run
+    assert demo_model.model.config.min_votes == config_votes  # passed per call, the config untouched
 
 
 def test_generated_answers(demo_model, image_file):
@@ -304,3 +304,167 @@ def test_real_browser(served, image_file, tmp_path):
         page.get_by_text("Kept 9 / 36 visual tokens").first.wait_for(timeout=30_000)
         browser.close()
     assert Image.open(tmp_path / "demo.png").size[0] == 1400
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT and Qwen2.5-VL
+
+
+@pytest.fixture(scope="session")
+def next_demo(llava_next_repo):
+    return app.load_model(str(llava_next_repo))
+
+
+@pytest.fixture(scope="session")
+def qwen_demo(qwen_repo):
+    """The tiny Qwen repo has no full processor (it needs torchvision): the app falls back."""
+    return app.load_model(str(qwen_repo))
+
+
+def coded_image(width: int, height: int) -> Image.Image:
+    """Red encodes x, green y (0..255 over the image); blue 255 marks image pixels (padding is 0)."""
+    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
+    coded = np.stack([xs * 255 / (width - 1), ys * 255 / (height - 1), np.full_like(xs, 255)], -1)
+    return Image.fromarray(np.rint(coded).astype(np.uint8))
+
+
+def decoded_sums(pixels: torch.Tensor, image_processor, size) -> torch.Tensor:
+    """(..., 3, h, w) normalised pixels of a coded image -> (..., 3): per patch, the sums of the
+    decoded x and y (original pixel centres) over its image pixels, and their count."""
+    width, height = size
+    mean = torch.tensor(image_processor.image_mean)[:, None, None]
+    std = torch.tensor(image_processor.image_std)[:, None, None]
+    rgb = (pixels * std + mean) * 255
+    inside = (rgb[..., 2, :, :] > 127).float()
+    x = rgb[..., 0, :, :] / 255 * (width - 1) + 0.5
+    y = rgb[..., 1, :, :] / 255 * (height - 1) + 0.5
+    return torch.stack([(x * inside).sum((-2, -1)), (y * inside).sum((-2, -1)), inside.sum((-2, -1))], -1)
+
+
+def assert_boxes_centre_on(boxes: np.ndarray, sums: torch.Tensor, tolerance: float):
+    """Each drawn token's box centre is the mean original position of the image pixels in its patch."""
+    for token, ((x0, y0, x1, y1), (sx, sy, count)) in enumerate(zip(boxes, sums.tolist())):
+        if np.isnan(x0):
+            continue
+        assert count > 0, token
+        x, y = sx / count, sy / count
+        assert abs(x - (x0 + x1) / 2) < tolerance and abs(y - (y0 + y1) / 2) < tolerance, (token, x, y, (x0, y0, x1, y1))
+
+
+@pytest.mark.parametrize("size", [(120, 80), (70, 130), (84, 84), (200, 60)])
+def test_qwen_token_boxes_match_the_processor(qwen_demo, size):
+    """Qwen2.5-VL: smart_resize, no crop; each token is a 28 x 28 px block of the resized image,
+    raster order. The pixels' decoded positions, per token, centre on the token's box."""
+    processor = qwen_demo.processor.image_processor
+    inputs = processor(images=coded_image(*size), return_tensors="pt")
+    _, grid_h, grid_w = inputs["image_grid_thw"][0].tolist()
+    rows, cols = grid_h // 2, grid_w // 2
+    blocks = inputs["pixel_values"].view(rows, cols, 2, 2, 3, 2, 14, 14)  # the processor's patch order
+    blocks = blocks.permute(0, 1, 4, 5, 2, 6, 3, 7).reshape(rows * cols, 3, 2, 28, 28)[:, :, 0]  # (N, 3, 28, 28)
+    boxes = app.whole_image_grid_boxes(size, processor, (rows, cols))
+    assert_boxes_centre_on(boxes, decoded_sums(blocks, processor, size), tolerance=1.0)
+    index_map = app.token_index_map(boxes, *size)
+    assert (index_map >= 0).all() and set(np.unique(index_map)) == set(range(rows * cols))  # the whole image
+
+
+@pytest.mark.parametrize("size", [(100, 60), (60, 100), (112, 112), (150, 56)])
+def test_llava_next_token_boxes_match_the_processor(next_demo, size):
+    """LLaVA-NeXT: base tile = the whole image squashed; high-res grid = the image resized into
+    the best pinpoint, centre-padded, unpadded by the model. The pixel sums per patch are packed
+    by the model's own pack_image_features, so they line up with the packed tokens; each drawn
+    token's box centres on the mean decoded position of the image pixels in its patch."""
+    model, processor = next_demo.model, next_demo.processor
+    inputs = processor(images=coded_image(*size), text="USER: <image>\nHi ASSISTANT:", return_tensors="pt")
+    with torch.no_grad():
+        model(**inputs, visual_token_budget=4)
+    result = model.last_pruning
+    tiles = inputs["pixel_values"][0]  # (tiles, 3, 56, 56), padded to the model's max tile count
+    tiles = tiles[: len(tiles) - int((tiles.flatten(1) == 0).all(-1).sum())]
+    patches = tiles.unfold(2, 14, 14).unfold(3, 14, 14).permute(0, 2, 3, 1, 4, 5)  # (t, 4, 4, 3, 14, 14)
+    sums = decoded_sums(patches, processor.image_processor, size).reshape(len(tiles), 16, 3)
+    (packed,), _ = model.model.pack_image_features(
+        [sums], inputs["image_sizes"], model.config.vision_feature_select_strategy, torch.tensor([0.0, 0.0, 0.0])
+    )
+    maps = app.token_maps(next_demo, size, result)
+    layout = result.layouts[0]
+    for name, part in (("main", app.LAYOUT_GRID), ("base", app.LAYOUT_BASE)):
+        drawn = ~np.isnan(maps[name][:, 0])
+        assert (drawn == (layout[:, 0] == part).numpy()).all(), name  # each patch token on its own map
+        assert_boxes_centre_on(maps[name], packed, tolerance=1.5)
+    assert np.isnan(maps["main"][(layout[:, 0] == app.LAYOUT_NEWLINE).numpy()]).all()
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("size", [(120, 80), (60, 110)])
+def test_overlay_marks_exactly_the_kept_tokens_for_other_families(request, family, size, tmp_path):
+    demo = request.getfixturevalue({"llava_next": "next_demo", "qwen2_5_vl": "qwen_demo"}[family])
+    path = tmp_path / "image.png"
+    random_image(7, size=size).save(path)
+    analysis = analyze(demo, path, QUESTION, "tokens", 5, min_votes=1)
+    result = demo.model.last_pruning
+    keep = result.keep_indices[0].tolist()
+    display, index_map = pixel_map(demo, analysis, path)
+    drawn = sorted(set(np.unique(index_map).tolist()) - {app.UNSEEN, app.GROUND})
+    candidates = list(range(result.num_visual_tokens[0]))
+    seen_from = 0  # Qwen: no crop, the whole image is seen
+    if family == "llava_next":  # every patch token drawn once (grid, or base map); newlines nowhere
+        candidates = [t for t in candidates if result.layouts[0][t, 0] != app.LAYOUT_NEWLINE]
+        main_width = app.display_copy(app.load_image(path)[0])[0].width
+        assert (index_map[:, main_width : main_width + app.INSET_GAP] == app.GROUND).all()
+        seen_from = main_width  # the base tile sees the whole image (unpadding may cut grid edges)
+    assert drawn == candidates and not (index_map[:, seen_from:] == app.UNSEEN).any()
+    unchanged = (np.asarray(analysis.panels["mfpruner"]) == np.asarray(display)).all(axis=-1)
+    assert [t for t in drawn if unchanged[index_map == t].all()] == [t for t in keep if t in drawn]
+    assert [t for t in drawn if not unchanged[index_map == t].any()] == [t for t in drawn if t not in keep]
+    for name, kept in analysis.stats["cue_kept_indices"].items():  # single-cue panels: top-5 of the candidates
+        scores = result.cue_scores[name][0]
+        top = torch.tensor(candidates)[torch.sort(scores[candidates], descending=True, stable=True).indices[:5]]
+        assert [t for t in kept if t in candidates] == sorted(top.tolist())
+
+    stats = analysis.stats
+    cues = {name: scores[0][candidates][None] for name, scores in result.cue_scores.items()}
+    voted = torch.tensor(candidates)[select_tokens(cues, 5, 1)[0]].tolist()
+    assert [t for t in keep if t in candidates] == voted  # the per-call min_votes=1 reached the model
+    newlines = result.num_visual_tokens[0] - len(candidates)
+    assert (stats["kept"], stats["visual_tokens"], stats["newline_tokens"]) == (5, len(candidates), newlines)
+    assert stats["kept_indices"] == keep and len(keep) == 5 + newlines
+    assert stats["prefill_length_pruned"] == result.lm_input_length
+    assert stats["prefill_length_unpruned"] - stats["prefill_length_pruned"] == len(candidates) - 5
+    assert app.visual_token_count(demo, app.load_image(path)[0]) == len(candidates)  # the slider's maximum
+    assert f"Kept 5 / {len(candidates)} visual tokens" in app.stats_markdown(stats)
+    assert demo.model.config.min_votes == 2
+
+
+def test_qwen_ratio_mode_and_answers(qwen_demo, image_file):
+    assert isinstance(qwen_demo.processor, app.QwenInputsProcessor) and qwen_demo.family == "qwen2_5_vl"
+    analysis = analyze(qwen_demo, image_file, QUESTION, "ratio", ratio=0.25, generate_answer=True, max_new_tokens=3)
+    total = qwen_demo.model.last_pruning.num_visual_tokens[0]
+    assert analysis.stats["kept"] == resolve_budget(total, ratio=0.25) == len(analysis.stats["kept_indices"])
+    assert analysis.answer.startswith(f"MFPruner ({analysis.stats['kept']} visual tokens): ")
+    assert f"Unpruned ({total} visual tokens): " in analysis.answer
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_tiny_flag_builds_the_family(tmp_path, family):
+    path = app.build_default_model(tmp_path, family)
+    from transformers import AutoConfig
+
+    assert app.model_family(AutoConfig.from_pretrained(path, trust_remote_code=True)) == family
+    with pytest.raises(ValueError, match="--tiny"):
+        app.build_default_model(tmp_path, "llava_2")
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_page_builds_for_other_families(request, family):
+    """The budget slider spans the budget-competing tokens of a 448 px image; LLaVA-NeXT's page
+    explains its two maps."""
+    import gradio as gr
+
+    demo = request.getfixturevalue({"llava_next": "next_demo", "qwen2_5_vl": "qwen_demo"}[family])
+    page = app.build_demo(demo)
+    count = app.visual_token_count(demo, Image.new("RGB", (448, 448)))
+    sliders = {block.elem_id: block for block in page.blocks.values() if isinstance(block, gr.Slider)}
+    assert sliders["budget"].maximum == count
+    texts = " ".join(block.value for block in page.blocks.values() if isinstance(block, gr.Markdown))
+    assert (app.ANYRES_NOTE.strip() in texts) == (family == "llava_next")
+    assert "RANDOM" not in texts and demo.name in texts  # a real repo path: no random-weights banner
+    page.close()

@@ -156,6 +156,36 @@ def test_kept_tokens_follow_the_vote_of_the_recorded_cues(llava_model, inputs):
     assert result.keep_indices[0].tolist() == core.select_tokens(scores, 7)[0].tolist()
 
 
+def test_min_votes_per_call_sets_the_vote_threshold(llava_model, inputs):
+    """A per-call `min_votes` changes the vote exactly as core.select_tokens says, for that call
+    only (the config is not touched); generate(), forward() and prune_inputs() take it."""
+    import mfpruner_core as core
+
+    kept = {}
+    for min_votes in (1, 3):
+        llava_model.generate(**inputs, max_new_tokens=1, visual_token_budget=7, min_votes=min_votes)
+        result = llava_model.last_pruning
+        scores = {name: values[0][None] for name, values in result.cue_scores.items()}
+        kept[min_votes] = result.keep_indices[0].tolist()
+        assert kept[min_votes] == core.select_tokens(scores, 7, min_votes)[0].tolist()
+        llava_model(**inputs, visual_token_budget=7, min_votes=min_votes)
+        assert llava_model.last_pruning.keep_indices[0].tolist() == kept[min_votes]
+        llava_model.prune_inputs(inputs["input_ids"], inputs["pixel_values"], visual_token_budget=7, min_votes=min_votes)
+        assert llava_model.last_pruning.keep_indices[0].tolist() == kept[min_votes]
+    assert kept[1] != kept[3]
+    assert llava_model.config.min_votes == 2
+    llava_model.generate(**inputs, max_new_tokens=1, visual_token_budget=7)
+    assert llava_model.last_pruning.keep_indices[0].tolist() == core.select_tokens(scores, 7, 2)[0].tolist()
+
+
+@pytest.mark.parametrize("min_votes", [0, -1, 1.5, True, "2"])
+def test_bad_min_votes_per_call_raises(llava_model, inputs, min_votes):
+    with pytest.raises(ValueError, match="min_votes"):
+        llava_model.generate(**inputs, max_new_tokens=1, min_votes=min_votes)
+    with pytest.raises(ValueError, match="min_votes"):
+        llava_model(**inputs, min_votes=min_votes)
+
+
 def test_cached_generate_equals_no_cache_recomputation(llava_model, inputs):
     out = llava_model.generate(**inputs, max_new_tokens=5, do_sample=False, visual_token_budget=6)
     new_tokens = out[0, inputs["input_ids"].shape[1] :]

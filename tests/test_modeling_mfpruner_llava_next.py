@@ -161,6 +161,28 @@ def test_newlines_are_kept_outside_the_budget_and_patches_follow_the_vote(llava_
     assert kept_patches == (~newline).nonzero()[:, 0][voted].tolist()
 
 
+def test_min_votes_per_call_sets_the_vote_threshold(llava_next_model, inputs):
+    """A per-call `min_votes` changes the vote over the patch tokens exactly as
+    core.select_tokens says, for that call only; newlines stay kept."""
+    kept = {}
+    for min_votes in (1, 3):
+        llava_next_model.generate(**inputs, max_new_tokens=1, visual_token_budget=7, min_votes=min_votes)
+        result = llava_next_model.last_pruning
+        newline = result.layouts[0][:, 0] == LAYOUT_NEWLINE
+        candidate_scores = {name: scores[0][~newline][None] for name, scores in result.cue_scores.items()}
+        voted = (~newline).nonzero()[:, 0][core.select_tokens(candidate_scores, 7, min_votes)[0]]
+        kept[min_votes] = result.keep_indices[0].tolist()
+        assert kept[min_votes] == sorted(voted.tolist() + newline.nonzero()[:, 0].tolist())
+        llava_next_model(**inputs, visual_token_budget=7, min_votes=min_votes)
+        assert llava_next_model.last_pruning.keep_indices[0].tolist() == kept[min_votes]
+    assert kept[1] != kept[3] and llava_next_model.config.min_votes == 2
+    for bad in (0, 2.5, False):
+        with pytest.raises(ValueError, match="min_votes"):
+            llava_next_model.generate(**inputs, max_new_tokens=1, min_votes=bad)
+        with pytest.raises(ValueError, match="min_votes"):
+            llava_next_model(**inputs, min_votes=bad)
+
+
 def test_layout_maps_every_token_to_its_region(llava_next_model, llava_next_processor):
     """Base tile tokens raster the base grid; grid tokens raster the unpadded grid, each row
     closed by its newline. A 60 x 100 image padded to a 112 x 112 grid loses rows to unpadding."""

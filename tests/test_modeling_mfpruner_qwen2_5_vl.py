@@ -247,6 +247,33 @@ def test_authors_variant_fills_by_relevance(qwen_model, prompts):
         assert torch.equal(keep, select_tokens(cues, len(keep), 2, fill_by="relevance")[0])
 
 
+def test_min_votes_per_call_sets_the_vote_threshold(qwen_model, prompts):
+    """A per-call `min_votes` changes each item's vote exactly as core.select_tokens says, for
+    that call only; generate(), forward() and prune_inputs() take it; bad values raise."""
+    inputs = prompts["two_images"]
+    kept = {}
+    for min_votes in (1, 3):
+        qwen_model.generate(**inputs, max_new_tokens=1, do_sample=False, visual_token_ratio=0.5, min_votes=min_votes)
+        result = qwen_model.last_pruning
+        kept[min_votes] = [keep.tolist() for keep in result.keep_indices]
+        for i, keep in enumerate(result.keep_indices):
+            cues = {name: scores[i][None] for name, scores in result.cue_scores.items()}
+            assert keep.tolist() == select_tokens(cues, len(keep), min_votes)[0].tolist()
+        qwen_model(**inputs, visual_token_ratio=0.5, min_votes=min_votes)
+        assert [keep.tolist() for keep in qwen_model.last_pruning.keep_indices] == kept[min_votes]
+        vision = {key: inputs[key] for key in ("image_grid_thw", "mm_token_type_ids")}
+        qwen_model.prune_inputs(
+            inputs["input_ids"], inputs["pixel_values"], visual_token_ratio=0.5, min_votes=min_votes, **vision
+        )
+        assert [keep.tolist() for keep in qwen_model.last_pruning.keep_indices] == kept[min_votes]
+    assert kept[1] != kept[3] and qwen_model.config.min_votes == 2
+    for bad in (0, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="min_votes"):
+            qwen_model.generate(**inputs, max_new_tokens=1, min_votes=bad)
+        with pytest.raises(ValueError, match="min_votes"):
+            qwen_model(**inputs, min_votes=bad)
+
+
 def test_cue_subset_skips_the_attention_hook(qwen_model, prompts):
     inputs = prompts["video"]
     qwen_model.config.mfpruner_cues = ["uniqueness"]
