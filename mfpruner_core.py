@@ -280,8 +280,10 @@ class MFPrunerResult:
         part 0 (LAYOUT_BASE): the base (or only) map, (row, col) in base_grids[i] (or grids[i]);
         part 1 (LAYOUT_GRID): LLaVA-NeXT's unpadded high-res grid, (row, col) in grids[i];
         part 2 (LAYOUT_NEWLINE): an `image_newline` token closing grid row `row` (col = -1).
-        A token at (row, col) of an (R, C) map covers the region [row / R, (row + 1) / R) x
-        [col / C, (col + 1) / C) of the image the processor saw (LLaVA-1.5: its center crop).
+        A token at (row, col) of an (R, C) map covers about [row / R, (row + 1) / R) x
+        [col / C, (col + 1) / C) of the image the processor saw (LLaVA-1.5: its center crop;
+        LLaVA-NeXT's grid: the unpadded high-res image, whose unpadding can cut thin edges;
+        app.py replays the processors' geometry exactly).
     """
 
     keep_indices: list[torch.Tensor]
