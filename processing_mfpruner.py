@@ -1,6 +1,6 @@
 """Processor of MFPruner repos that carry a CLIP text tower (the paper's relevance cue).
 
-It is the stock LLaVA processor plus a second tokenizer, the CLIP tokenizer, which turns the
+It is the stock LLaVA (or LLaVA-NeXT) processor plus a second tokenizer, the CLIP tokenizer, which turns the
 user's instruction into the text tower's inputs:
 
     inputs = processor(images=image, text=prompt, return_tensors="pt")
@@ -24,7 +24,7 @@ model ignores segments whose mask is all zero).
 
 from __future__ import annotations
 
-from transformers import BatchFeature, LlavaProcessor
+from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor
 from transformers.processing_utils import ProcessorMixin
 
 SENTINELS = ("\x00first-question\x00", "\x00first-answer\x00", "\x00last-question\x00")
@@ -205,6 +205,17 @@ class MFPrunerLlavaProcessor(CLIPInstructionMixin, LlavaProcessor):
         self.set_instruction_settings(clip_text_window, user_turn_prefix, turn_end)
 
 
-MFPrunerLlavaProcessor.register_for_auto_class("AutoProcessor")
+class MFPrunerLlavaNextProcessor(CLIPInstructionMixin, LlavaNextProcessor):
+    r"""LlavaNextProcessor + the CLIP tokenizer of the model's text tower (LLaVA-1.6 / LLaVA-NeXT).
 
-__all__ = ["CLIPInstructionMixin", "MFPrunerLlavaProcessor"]
+    Same arguments as `MFPrunerLlavaProcessor`: LlavaNextProcessor.__init__ takes the same
+    parts and settings as LlavaProcessor's, so the same __init__ serves both.
+    """
+
+    __init__ = MFPrunerLlavaProcessor.__init__
+
+
+MFPrunerLlavaProcessor.register_for_auto_class("AutoProcessor")
+MFPrunerLlavaNextProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["CLIPInstructionMixin", "MFPrunerLlavaNextProcessor", "MFPrunerLlavaProcessor"]

@@ -84,14 +84,18 @@ def load_mfpruner_config(pretrained: str, revision: str | None, overrides: dict)
 
 
 def load_multimodal_processor(pretrained: str, revision: str | None):
-    """AutoProcessor, required to be a multimodal one (a tokenizer alone cannot encode images)."""
+    """AutoProcessor, required to be a multimodal one (a tokenizer alone cannot encode images).
+
+    No fallback to a tokenizer + image processor: how a prompt's image placeholder expands into
+    visual tokens is each family's processor logic (LLaVA-NeXT's anyres tiles, Qwen2.5-VL's grid
+    merge), and a copy of it here could drift from the processor the model was evaluated with."""
     advice = (
-        "the repo needs its processor files (processor_config.json); Qwen2.5-VL's processor also "
-        "needs torchvision in transformers 5.x"
+        "the repo needs its processor files (processor_config.json, or preprocessor_config.json naming a "
+        "processor_class); Qwen2.5-VL's processor (Qwen2_5_VLProcessor) also needs torchvision in transformers 5.x"
     )
     try:
         processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=True)
-    except OSError as error:
+    except (OSError, ImportError) as error:  # ImportError: a processor part needs a missing package
         raise ValueError(f"pretrained={pretrained!r}: no multimodal processor could be loaded ({error}); {advice}") from error
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise ValueError(f"pretrained={pretrained!r}: AutoProcessor loaded {type(processor).__name__}, not a multimodal processor; {advice}")
@@ -160,6 +164,7 @@ class MFPrunerLMM(lmms):
 
         overrides = pruning_overrides({key: kwargs.get(key) for key in PRUNING_ARGS})
         config = load_mfpruner_config(pretrained, revision, overrides)
+        self.processor = load_multimodal_processor(pretrained, revision)  # before the weights: fail fast
 
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # data parallel: the whole model on this process's GPU
@@ -187,7 +192,6 @@ class MFPrunerLMM(lmms):
         else:
             self._device = self._model.device  # first shard: inputs go there
 
-        self.processor = load_multimodal_processor(pretrained, revision)
         self.processor.tokenizer.padding_side = "left"
         self.tokenizer = self.processor.tokenizer
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"

@@ -24,31 +24,39 @@ PROMPT = f"USER: <image>\n{LONG_QUESTION} ASSISTANT:"
 
 # Runs in a fresh interpreter, outside the repo (nothing importable from it), hub offline: loads
 # OUT through the Auto classes with trust_remote_code, compares the weights with BASE loaded by
-# the stock class, prunes one image, and saves what it saw for the test to check.
+# the stock class, prunes one image, and saves what it saw for the test to check. The inputs come
+# from OUT's AutoProcessor, or (INPUTS_FILE given: repos whose base has no full processor, the tiny
+# Qwen2.5-VL) were made by the test from OUT's tokenizer and image processor, which are loaded here too.
 FRESH_PROCESS_CHECK = textwrap.dedent(
     """
     import json, sys
-    import numpy as np, torch
+    import numpy as np, torch, transformers
     from PIL import Image
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    out, base, result_file, prompt = sys.argv[1:5]
+    out, base, result_file, prompt, stock_class, inputs_file = sys.argv[1:7]
     config = AutoConfig.from_pretrained(out, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
     plain = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
-    stock = LlavaForConditionalGeneration.from_pretrained(base).eval().state_dict()
+    if inputs_file == "-":
+        processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+        preprocessing = [type(processor).__name__]
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 100, 3), dtype=np.uint8))
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+    else:
+        processor = AutoImageProcessor.from_pretrained(out, trust_remote_code=True)
+        preprocessing = [type(AutoTokenizer.from_pretrained(out, trust_remote_code=True)).__name__, type(processor).__name__]
+        inputs = torch.load(inputs_file)
+    stock = getattr(transformers, stock_class).from_pretrained(base).eval().state_dict()
     weights = model.state_dict()
     identical = all(torch.equal(weights[k], v) for k, v in stock.items())
     plain_identical = all(torch.equal(plain.state_dict()[k], v) for k, v in stock.items())
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 100, 3), dtype=np.uint8))
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     pruning = model.last_pruning
     torch.save(
         {
-            "classes": [type(config).__name__, type(model).__name__, type(plain).__name__, type(processor).__name__],
+            "classes": [type(config).__name__, type(model).__name__, type(plain).__name__, *preprocessing],
             "modules": [type(model).__module__, type(processor).__module__],
             "identical": identical,
             "plain_identical": plain_identical,
@@ -56,6 +64,8 @@ FRESH_PROCESS_CHECK = textwrap.dedent(
             "inputs": dict(inputs),
             "keep_indices": pruning.keep_indices,
             "cue_scores": pruning.cue_scores,
+            "num_visual_tokens": pruning.num_visual_tokens,
+            "layouts": getattr(pruning, "layouts", None),
             "lm_input_length": pruning.lm_input_length,
             "output": output,
         },
@@ -65,13 +75,15 @@ FRESH_PROCESS_CHECK = textwrap.dedent(
 )
 
 
-def run_fresh(out: Path, base: Path, tmp: Path) -> dict:
-    script, result = tmp / "check.py", tmp / "result.pt"
+def run_fresh(out: Path, base: Path, tmp: Path, stock_class="LlavaForConditionalGeneration", prompt=PROMPT, inputs=None) -> dict:
+    script, result, inputs_file = tmp / "check.py", tmp / "result.pt", tmp / "inputs.pt"
     script.write_text(FRESH_PROCESS_CHECK)
+    if inputs is not None:
+        torch.save(dict(inputs), inputs_file)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", HF_MODULES_CACHE=str(tmp / "modules"))
     done = subprocess.run(
-        [sys.executable, str(script), str(out), str(base), str(result), PROMPT],
+        [sys.executable, str(script), str(out), str(base), str(result), prompt, stock_class, str(inputs_file) if inputs is not None else "-"],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -313,16 +325,18 @@ def test_model_card_metadata(clip_export, plain_export):
     assert "keeps 5 visual tokens per image" in plain.text
 
 
-def test_the_card_usage_snippet_runs(clip_export, tmp_path):
+@pytest.mark.parametrize("export_fixture", ["clip_export", "llava_next_clip_export"])
+def test_the_card_usage_snippet_runs(export_fixture, request, tmp_path):
     """The card's code block, pointed at the exported folder and a real image file, runs as written."""
     from huggingface_hub import ModelCard
 
     from conftest import random_image
 
-    text = ModelCard.load(clip_export / "README.md").text
+    exported = request.getfixturevalue(export_fixture)
+    text = ModelCard.load(exported / "README.md").text
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     random_image(4).save(tmp_path / "photo.jpg")
-    code = code.replace('"your-name/out-clip"', repr(str(clip_export))).replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
+    code = code.replace(f'"your-name/{exported.name}"', repr(str(exported))).replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
     namespace = {}
     exec(compile(code, "card-snippet", "exec"), namespace)
     inputs, processor = namespace["inputs"], namespace["processor"]
@@ -583,3 +597,144 @@ def test_turn_markers_of_a_chatml_template():
     prompt = render([{"role": "user", "content": [{"type": "text", "text": "<|vision_start|><|image_pad|><|vision_end|>What is this?"}]}])
     placeholders = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
     assert instruction_from_prompt(prompt, prefix, end, placeholders) == "What is this?"
+
+
+# ----------------------------------------------------------------------------- other model families
+# One fresh-process round trip per MFPruner class, from a tiny STOCK checkpoint of that family.
+
+
+def kept_patch_tokens(result: dict) -> list[int]:
+    """Kept tokens per image that count against the budget (LLaVA-NeXT's newlines are kept outside it)."""
+    from mfpruner_core import LAYOUT_NEWLINE
+
+    if not result["layouts"]:  # only LLaVA-NeXT records layouts
+        return [len(k) for k in result["keep_indices"]]
+    return [int((layout[keep, 0] != LAYOUT_NEWLINE).sum()) for keep, layout in zip(result["keep_indices"], result["layouts"])]
+
+
+def patch_tokens(result: dict) -> list[int]:
+    from mfpruner_core import LAYOUT_NEWLINE
+
+    if not result["layouts"]:  # only LLaVA-NeXT records layouts
+        return list(result["num_visual_tokens"])
+    return [int((layout[:, 0] != LAYOUT_NEWLINE).sum()) for layout in result["layouts"]]
+
+
+def assert_pruned_and_prompt_kept(result: dict, expected_kept: list[int]) -> None:
+    assert kept_patch_tokens(result) == expected_kept
+    removed = sum(n - len(k) for n, k in zip(result["num_visual_tokens"], result["keep_indices"]))
+    assert removed > 0 and result["lm_input_length"] == result["inputs"]["input_ids"].shape[1] - removed
+    prompt_length = result["inputs"]["input_ids"].shape[1]
+    assert torch.equal(result["output"][:, :prompt_length], result["inputs"]["input_ids"])  # stock generate() output
+
+
+@pytest.fixture(scope="session")
+def llava_next_hub_base(export_dir) -> Path:
+    """A stock LLaVA-NeXT checkpoint in the hub's key layout (`vision_tower.vision_model.*`)."""
+    from tools.tiny_models import build_tiny_llava_next
+
+    return build_tiny_llava_next(export_dir / "llava-next-hub-layout", stock=True, hub_layout=True, seed=3)
+
+
+@pytest.fixture(scope="session")
+def llava_next_clip_export(export_dir, llava_next_hub_base) -> Path:
+    """LLaVA-NeXT with the CLIP text tower of its vision tower's CLIP, at the family's default ratio."""
+    clip = build_tiny_clip(export_dir / "clip-for-llava-next", vision_from=llava_next_hub_base)
+    out = export_dir / "out-llava-next-clip"
+    main([str(llava_next_hub_base), str(out), "--clip-text", str(clip), "--base-model-id", "llava-hf/llava-v1.6-vicuna-7b-hf"])
+    return out
+
+
+def test_llava_next_clip_export_loads_fresh_with_identical_weights_and_prunes(llava_next_clip_export, llava_next_hub_base, export_dir, tmp_path):
+    from mfpruner_core import resolve_budget
+
+    result = run_fresh(llava_next_clip_export, llava_next_hub_base, tmp_path, stock_class="LlavaNextForConditionalGeneration")
+    assert result["classes"] == [
+        "MFPrunerLlavaNextConfig", "MFPrunerLlavaNextForConditionalGeneration",
+        "MFPrunerLlavaNextForConditionalGeneration", "MFPrunerLlavaNextProcessor",
+    ]
+    assert all(module.startswith("transformers_modules") for module in result["modules"])
+    assert result["identical"] and result["plain_identical"]
+    assert result["extra_keys"] and all(k.startswith(("clip_text_model.", "clip_visual_projection.")) for k in result["extra_keys"])
+    # the processor's CLIP inputs are the question (the prompt's last user turn) in 16-token windows
+    from transformers import AutoTokenizer
+
+    from processing_mfpruner import clip_segments
+
+    question = AutoTokenizer.from_pretrained(export_dir / "clip-for-llava-next")([LONG_QUESTION])["input_ids"]
+    assert result["inputs"]["clip_input_ids"].tolist() == [clip_segments(question, 16)[0][0]]
+    assert result["inputs"]["clip_input_ids"].shape[1] >= 2
+    assert set(result["cue_scores"]) == {"attention", "uniqueness", "relevance"}
+    # the family's default: 22.2% of the image's patch tokens (base tile + unpadded grid), newlines kept on top
+    assert_pruned_and_prompt_kept(result, [resolve_budget(n, ratio=0.222) for n in patch_tokens(result)])
+    config = json.loads((llava_next_clip_export / "config.json").read_text())
+    assert config["model_type"] == "mfpruner_llava_next" and config["visual_token_ratio"] == 0.222
+    assert config["auto_map"]["AutoProcessor"] == "processing_mfpruner.MFPrunerLlavaNextProcessor"
+
+
+def test_llava_next_export_of_the_save_pretrained_layout(export_dir, llava_next_stock_repo, tmp_path):
+    out = export(str(llava_next_stock_repo), export_dir / "out-llava-next", budget=7, base_model="llava-hf/llava-v1.6-vicuna-7b-hf")
+    result = run_fresh(out, llava_next_stock_repo, tmp_path, stock_class="LlavaNextForConditionalGeneration")
+    assert result["classes"][3] == "LlavaNextProcessor" and not (out / "processing_mfpruner.py").exists()
+    assert result["identical"] and result["plain_identical"] and result["extra_keys"] == []
+    assert_pruned_and_prompt_kept(result, [7])
+    assert filecmp.cmp(llava_next_stock_repo / "model.safetensors", out / "model.safetensors", shallow=False)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert {"mfpruner", "llava_next"} <= set(card.data.to_dict()["tags"])
+    assert "LLaVA-NeXT" in card.text and "keeps 7 visual tokens per image" in card.text
+
+
+QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the image?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="session")
+def qwen_export(export_dir, qwen_stock_repo) -> Path:
+    return export(str(qwen_stock_repo), export_dir / "out-qwen", base_model="Qwen/Qwen2.5-VL-7B-Instruct", license="apache-2.0")
+
+
+def test_qwen_export_loads_fresh_with_identical_weights_and_prunes(qwen_export, qwen_stock_repo, tmp_path):
+    """The tiny Qwen2.5-VL base has no Qwen2_5_VLProcessor (it needs torchvision, which CPU torch
+    here lacks): the inputs come from the exported repo's tokenizer and image processor through
+    tools.tiny_models.qwen_inputs, which expands the placeholders as the processor does."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from conftest import random_image
+    from mfpruner_core import resolve_budget
+    from tools.tiny_models import qwen_inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_export, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(qwen_export, trust_remote_code=True)
+    inputs = qwen_inputs(tokenizer, image_processor, [QWEN_PROMPT], images=[random_image(0, (112, 84))])
+    result = run_fresh(qwen_export, qwen_stock_repo, tmp_path, stock_class="Qwen2_5_VLForConditionalGeneration", inputs=inputs)
+    assert result["classes"][:3] == [
+        "MFPrunerQwen2_5_VLConfig", "MFPrunerQwen2_5_VLForConditionalGeneration", "MFPrunerQwen2_5_VLForConditionalGeneration"
+    ]
+    assert result["modules"][0].startswith("transformers_modules")
+    assert result["identical"] and result["plain_identical"] and result["extra_keys"] == []
+    assert result["num_visual_tokens"] == [12]  # 112 x 84 px: 4 x 3 merged tokens
+    assert_pruned_and_prompt_kept(result, [resolve_budget(12, ratio=0.222)])  # the family's default ratio
+    assert filecmp.cmp(qwen_stock_repo / "model.safetensors", qwen_export / "model.safetensors", shallow=False)
+
+
+def test_qwen_card_and_config(qwen_export):
+    from huggingface_hub import ModelCard
+
+    config = json.loads((qwen_export / "config.json").read_text())
+    assert config["model_type"] == "mfpruner_qwen2_5_vl" and config["visual_token_ratio"] == 0.222
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_mfpruner_qwen2_5_vl.MFPrunerQwen2_5_VLForConditionalGeneration"
+    assert "AutoProcessor" not in config["auto_map"]  # the base's own Qwen2_5_VLProcessor files are copied
+    card = ModelCard.load(qwen_export / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "Qwen/Qwen2.5-VL-7B-Instruct" and data["license"] == "apache-2.0"
+    assert {"mfpruner", "qwen2_5_vl"} <= set(data["tags"])
+    assert "[CLS]" not in card.text and "attention each patch receives" in card.text
+    assert "keeps 22.2% of each image's visual tokens" in card.text and "torchvision" in card.text
+    assert "visual_token_ratio=0.333" in card.text
+
+
+def test_qwen_refuses_clip_text_before_reading_anything(qwen_stock_repo, tmp_path):
+    with pytest.raises(ValueError, match=r"--clip-text: Qwen2.5-VL \('qwen2_5_vl'\) has no CLIP text tower"):
+        export(str(qwen_stock_repo), tmp_path / "out", clip_text=str(tmp_path / "no-such-clip"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -48,7 +48,8 @@ def task_dir(tmp_path_factory) -> Path:
     for name in ("utils.py", "tiny_vqa.yaml", "tiny_mc.yaml"):
         shutil.copy(TASKS_SRC / name, folder / name)
     questions = ["What color is the car?", "Is there a dog?", "How many people are there?", "What is in the image?"]
-    images = [random_image(seed, size=(96 + 8 * seed, 80)) for seed in range(4)]
+    sizes = [(96, 80), (104, 80), (112, 80), (60, 120)]  # the tall one: another LLaVA-NeXT tile grid
+    images = [random_image(seed, size=size) for seed, size in enumerate(sizes)]
     write_rows(folder / "tiny_vqa.parquet", {"image": images, "question": questions, "answer": ["blue", "yes", "two", "cat"]})
     write_rows(
         folder / "tiny_mc.parquet",
@@ -172,19 +173,22 @@ def test_cli_rejects_bad_model_args_before_any_sample(llava_repo, task_dir, offl
 # ----------------------------------------------------------------------------- Python API + LM hook
 
 
-def evaluate_with_lm_hook(model_args: str, tasks: list[str], task_dir: Path):
-    """simple_evaluate on the simple class; records the language model's prefill length per row."""
+def evaluate_with_lm_hook(model_args: str, tasks: list[str], task_dir: Path, batch_size: int = 2):
+    """simple_evaluate on the simple class. Returns (results, the language model's prefill length
+    per row in call order, the model's `last_pruning` at each of those calls)."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
     from lmms_eval.tasks import TaskManager
 
-    lm = get_model("mfpruner", force_simple=True).create_from_arg_string(model_args, {"batch_size": 2})
-    rows = []
+    lm = get_model("mfpruner", force_simple=True).create_from_arg_string(model_args, {"batch_size": batch_size})
+    rows, prunings = [], []
 
     def record(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None and embeds.shape[1] > 1:  # a prefill or a scoring forward, not a decode step
-            rows.extend(kwargs["attention_mask"].sum(-1).tolist())
+            mask = kwargs.get("attention_mask")  # None: stock generate() dropped an all-ones mask
+            rows.extend(mask.sum(-1).tolist() if mask is not None else [embeds.shape[1]] * len(embeds))
+            prunings.append(getattr(lm.model, "last_pruning", None))
 
     handle = lm.model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -193,37 +197,77 @@ def evaluate_with_lm_hook(model_args: str, tasks: list[str], task_dir: Path):
         )
     finally:
         handle.remove()
-    return output["results"], sorted(rows)
+    return output["results"], rows, prunings
 
 
 def test_language_model_receives_pruned_length_generation_and_loglikelihood(llava_repo, task_dir, offline_env):
     tasks = ["tiny_vqa", "tiny_mc"]
-    pruned_results, pruned = evaluate_with_lm_hook(
+    pruned_results, pruned, _ = evaluate_with_lm_hook(
         f"pretrained={llava_repo},visual_token_budget={BUDGET},device=cpu", tasks, task_dir
     )
-    full_results, full = evaluate_with_lm_hook(f"pretrained={llava_repo},prune_visual_tokens=False,device=cpu", tasks, task_dir)
+    full_results, full, _ = evaluate_with_lm_hook(f"pretrained={llava_repo},prune_visual_tokens=False,device=cpu", tasks, task_dir)
     # 4 generation prompts + 8 scored choices, one image each: every row lost exactly 36 - BUDGET tokens
     assert len(pruned) == len(full) == 4 + 8
-    assert [length + TOKENS_PER_IMAGE - BUDGET for length in pruned] == full
+    assert sorted(length + TOKENS_PER_IMAGE - BUDGET for length in pruned) == sorted(full)
     for results in (pruned_results, full_results):
         assert 0.0 <= results["tiny_vqa"]["accuracy,none"] <= 1.0
         assert 0.0 <= results["tiny_mc"]["acc,none"] <= 1.0
 
 
-def test_ratio_and_single_cue_reach_the_model(llava_repo, offline_env):
+def test_llava_next_language_model_receives_pruned_length(llava_next_repo, task_dir, offline_env):
+    """LLaVA-NeXT (anyres: the token count depends on the image size) through the same tasks.
+    One row per call, in the same order in both runs (same prompts, same sort), so the unpruned
+    run gives each row's full length: it must shrink by exactly the pruned patch tokens, and each
+    image keeps BUDGET patch tokens plus its row-closing newlines (kept outside the budget)."""
+    from mfpruner_core import LAYOUT_NEWLINE
+
+    tasks = ["tiny_vqa", "tiny_mc"]
+    pruned_results, pruned, prunings = evaluate_with_lm_hook(
+        f"pretrained={llava_next_repo},visual_token_budget={BUDGET},device=cpu", tasks, task_dir, batch_size=1
+    )
+    full_results, full, _ = evaluate_with_lm_hook(
+        f"pretrained={llava_next_repo},prune_visual_tokens=False,device=cpu", tasks, task_dir, batch_size=1
+    )
+    assert len(pruned) == len(full) == len(prunings) == 4 + 8
+    sizes = set()
+    for pruned_length, full_length, pruning in zip(pruned, full, prunings):
+        (keep,), (layout,), (tokens,) = pruning.keep_indices, pruning.layouts, pruning.num_visual_tokens
+        is_newline = layout[:, 0] == LAYOUT_NEWLINE
+        assert int((~is_newline[keep]).sum()) == BUDGET and bool(is_newline[keep].sum() == is_newline.sum())
+        assert full_length - pruned_length == tokens - len(keep)
+        sizes.add(tokens)
+    assert len(sizes) > 1  # the task images differ in size, hence in visual token count
+    for results in (pruned_results, full_results):
+        assert 0.0 <= results["tiny_vqa"]["accuracy,none"] <= 1.0
+        assert 0.0 <= results["tiny_mc"]["acc,none"] <= 1.0
+
+
+@pytest.mark.parametrize("repo_fixture", ["llava_repo", "llava_next_repo"])
+def test_ratio_and_single_cue_reach_the_model(repo_fixture, request, offline_env):
     from lmms_eval.models import get_model
 
-    lm = get_model("mfpruner").create_from_arg_string(
-        f"pretrained={llava_repo},visual_token_ratio=0.25,mfpruner_cues=attention,device=cpu"
-    )
+    repo = request.getfixturevalue(repo_fixture)
+    lm = get_model("mfpruner").create_from_arg_string(f"pretrained={repo},visual_token_ratio=0.25,mfpruner_cues=attention,device=cpu")
     assert lm.model.config.visual_token_ratio == 0.25 and lm.model.config.visual_token_budget is None
     assert lm.model.config.mfpruner_cues == ["attention"]
+
+
+def chat_requests(lm, images: list, question: str) -> list:
+    """Chat-class generate_until requests, one per image, over a one-split task set on `lm`."""
+    from lmms_eval.api.instance import Instance
+
+    lm.task_dict = {"t": {"test": [{"image": image} for image in images]}}
+    messages = lambda doc: [{"role": "user", "content": [{"type": "image", "url": doc["image"]}, {"type": "text", "text": question}]}]  # noqa: E731
+    return [
+        Instance("generate_until", ("", messages, {"max_new_tokens": 2}, i, "t", "test"), idx=0,
+                 metadata={"task": "t", "doc_id": i, "repeats": 1})
+        for i in range(len(images))
+    ]
 
 
 def test_exported_repo_with_clip_processor_drives_the_papers_relevance_cue(tmp_path, offline_env):
     """An exported repo (tools.export) with a CLIP text tower: its processor's CLIP inputs reach the
     model through the adapter (relevance_source=clip_text raises without them)."""
-    from lmms_eval.api.instance import Instance
     from lmms_eval.models import get_model
 
     from tools.export import export
@@ -235,16 +279,27 @@ def test_exported_repo_with_clip_processor_drives_the_papers_relevance_cue(tmp_p
     lm = get_model("mfpruner").create_from_arg_string(
         f"pretrained={repo},relevance_source=clip_text,device=cpu", {"batch_size": 2}
     )
-    lm.task_dict = {"t": {"test": [{"image": random_image(seed)} for seed in range(2)]}}
-    messages = lambda doc: [{"role": "user", "content": [{"type": "image", "url": doc["image"]}, {"type": "text", "text": "What color is the car?"}]}]  # noqa: E731
-    requests = [
-        Instance("generate_until", ("", messages, {"max_new_tokens": 2}, i, "t", "test"), idx=0,
-                 metadata={"task": "t", "doc_id": i, "repeats": 1})
-        for i in range(2)
-    ]
+    requests = chat_requests(lm, [random_image(seed) for seed in range(2)], "What color is the car?")
     assert len(lm.generate_until(requests)) == 2
     assert [len(k) for k in lm.model.last_pruning.keep_indices] == [5, 5]
     assert "relevance" in lm.model.last_pruning.cue_scores
+
+
+def test_llava_next_chat_batch_of_different_image_sizes(llava_next_repo, offline_env):
+    """The chat class on LLaVA-NeXT: one left-padded batch whose images give different token counts."""
+    from lmms_eval.models import get_model
+
+    from mfpruner_core import LAYOUT_NEWLINE
+
+    lm = get_model("mfpruner").create_from_arg_string(
+        f"pretrained={llava_next_repo},visual_token_budget={BUDGET},device=cpu", {"batch_size": 2}
+    )
+    requests = chat_requests(lm, [random_image(0, (112, 56)), random_image(1, (60, 60))], "What is in the image?")
+    assert len(lm.generate_until(requests)) == 2
+    pruning = lm.model.last_pruning
+    assert len(set(pruning.num_visual_tokens)) == 2  # one batch, two token counts
+    for keep, layout in zip(pruning.keep_indices, pruning.layouts):
+        assert int((layout[keep, 0] != LAYOUT_NEWLINE).sum()) == BUDGET
 
 
 def test_loglikelihood_is_the_negative_log_likelihood_of_the_continuation(llava_repo, llava_processor, offline_env):
@@ -337,3 +392,44 @@ def test_missing_pretrained_is_a_clear_error(offline_env):
 
     with pytest.raises(ValueError, match="must give `pretrained`"):
         get_model("mfpruner").create_from_arg_string("visual_token_budget=8")
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL: needs its real processor
+
+
+def refuse_weights(monkeypatch):
+    """The processor check runs before any weight is loaded."""
+    from mfpruner_eval import model as adapter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the processor was checked")
+
+    monkeypatch.setattr(adapter.AutoModelForImageTextToText, "from_pretrained", refuse)
+
+
+def test_qwen_repo_without_its_processor_is_a_clear_error(qwen_repo, offline_env, monkeypatch):
+    """The tiny Qwen2.5-VL repo has a tokenizer and an image processor but no Qwen2_5_VLProcessor
+    (transformers 5.x builds it only with torchvision). The adapter does not stitch one together:
+    the placeholder expansion is the processor's job, so it stops with the remedy."""
+    from lmms_eval.models import get_model
+
+    refuse_weights(monkeypatch)
+    with pytest.raises(ValueError, match="not a multimodal processor.*Qwen2_5_VLProcessor.*needs torchvision"):
+        get_model("mfpruner").create_from_arg_string(f"pretrained={qwen_repo},device=cpu")
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torchvision") is not None,
+    reason="with torchvision installed the Qwen2.5-VL processor loads",
+)
+def test_qwen_repo_with_its_processor_but_no_torchvision_is_a_clear_error(qwen_repo, tmp_path, offline_env, monkeypatch):
+    """A real Qwen2.5-VL repo names `Qwen2_5_VLProcessor` in preprocessor_config.json; without
+    torchvision loading it raises ImportError, which the adapter turns into a ValueError with the remedy."""
+    from lmms_eval.models import get_model
+
+    repo = shutil.copytree(qwen_repo, tmp_path / "qwen-like-hub")
+    config = json.loads((repo / "preprocessor_config.json").read_text())
+    (repo / "preprocessor_config.json").write_text(json.dumps({**config, "processor_class": "Qwen2_5_VLProcessor"}))
+    refuse_weights(monkeypatch)
+    with pytest.raises(ValueError, match=r"(?s)no multimodal processor could be loaded .*Torchvision.*needs torchvision"):
+        get_model("mfpruner").create_from_arg_string(f"pretrained={repo},device=cpu")

@@ -3,7 +3,8 @@
     python -m tools.export BASE OUT [--budget N | --ratio R] [--clip-text PATH_OR_ID]
                            [--allow-download] [--overwrite] [--push-to-hub REPO_ID]
 
-BASE: a local folder, or a hub id with --allow-download (nothing is downloaded otherwise).
+BASE: a local folder, or a hub id with --allow-download (nothing is downloaded otherwise), of a
+model type in ARCHITECTURES: LLaVA-1.5 (`llava`), LLaVA-NeXT (`llava_next`), Qwen2.5-VL (`qwen2_5_vl`).
 OUT gets, written in a temporary folder next to it and renamed into place only when complete:
   - the weights as safetensors, sharded as BASE is. Shard files are copied byte for byte, in
     the stock key layout: the MFPruner class registers the stock conversion mapping, which
@@ -54,6 +55,10 @@ class Architecture:
     processor_class: str | None  # the processor that adds the CLIP tokenizer (None: no --clip-text)
     vision_patch_key: str | None  # regex of the vision tower's patch embedding in the stock keys
     tags: tuple[str, ...]
+    family: str = "LLaVA"  # the model family, for messages and the card
+    attention_cue: str = "the vision tower's [CLS] attention"  # cue A, for the card
+    per_call_setting: str = "visual_token_budget=128"  # the card's per-call override example
+    processor_note: str = ""  # what the card says about the processor (when it needs more than AutoProcessor)
 
 
 # model_type of the base config -> MFPruner classes. Add a row per new MFPruner model class.
@@ -64,6 +69,31 @@ ARCHITECTURES = {
         processor_class="processing_mfpruner.MFPrunerLlavaProcessor",
         vision_patch_key=r"vision_tower\.(vision_model\.)?embeddings\.patch_embedding\.weight$",
         tags=("llava",),
+        family="LLaVA-1.5",
+    ),
+    "llava_next": Architecture(
+        config_class="configuration_mfpruner.MFPrunerLlavaNextConfig",
+        model_class="modeling_mfpruner_llava.MFPrunerLlavaNextForConditionalGeneration",
+        processor_class="processing_mfpruner.MFPrunerLlavaNextProcessor",
+        vision_patch_key=r"vision_tower\.(vision_model\.)?embeddings\.patch_embedding\.weight$",
+        tags=("llava", "llava_next"),
+        family="LLaVA-NeXT / LLaVA-1.6",
+        attention_cue="the vision tower's [CLS] attention of each tile",
+        per_call_setting="visual_token_ratio=0.111",
+    ),
+    "qwen2_5_vl": Architecture(
+        config_class="configuration_mfpruner.MFPrunerQwen2_5_VLConfig",
+        model_class="modeling_mfpruner_qwen2_5_vl.MFPrunerQwen2_5_VLForConditionalGeneration",
+        processor_class=None,  # Qwen2.5-VL has no CLIP text tower: relevance is measured in the LLM's space
+        vision_patch_key=None,
+        tags=("qwen2_5_vl",),
+        family="Qwen2.5-VL",
+        attention_cue="the attention each patch receives in the last full-attention vision block",
+        per_call_setting="visual_token_ratio=0.333",
+        processor_note=(
+            "The processor is the base model's own `Qwen2_5_VLProcessor`; in transformers 5.x it needs "
+            "`torchvision` (for its video processor)."
+        ),
     ),
 }
 
@@ -369,6 +399,7 @@ def model_card(arch: Architecture, config, base_id: str, license: str, repo_id: 
         if has_clip
         else "relevance to the instruction in the language model's embedding space (no CLIP text tower in this repo)"
     )
+    note = f"\n{arch.processor_note}\n" if arch.processor_note else ""
     data = ModelCardData(
         base_model=base_id,
         library_name="transformers",
@@ -379,17 +410,17 @@ def model_card(arch: Architecture, config, base_id: str, license: str, repo_id: 
     body = f"""
 # MFPruner: {base_id}
 
-[{base_id}](https://huggingface.co/{base_id}) with MFPruner, training-free visual-token pruning
+[{base_id}](https://huggingface.co/{base_id}) ({arch.family}) with MFPruner, training-free visual-token pruning
 ("Rethinking Attention Cues: Multi-Factor Guided Token Pruning for Efficient Vision-Language
 Understanding"). The weights are the base model's, unchanged. Before the language model runs,
-each image's visual tokens are ranked by three cues (the vision tower's [CLS] attention, token
+each image's visual tokens are ranked by three cues ({arch.attention_cue}, token
 uniqueness, relevance to the instruction), the tokens at least two cues put in their top-k are
 kept, and the budget is filled by the summed score: the language model prefills far fewer tokens.
 
 This repo {budget} by default. Relevance: {relevance}.
 
 ## Usage
-
+{note}
 ```python
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -403,7 +434,7 @@ messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text",
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=image, text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=64)                              # the default budget
-out = model.generate(**inputs, max_new_tokens=64, visual_token_budget=128)     # per call
+out = model.generate(**inputs, max_new_tokens=64, {arch.per_call_setting})     # per call
 print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
 print(model.last_pruning.keep_indices)  # the kept visual tokens of each image
 ```
@@ -451,6 +482,11 @@ def export(
         raise ValueError(f"BASE {base!r} has no config.json: not a transformers checkpoint")
     model_type = read_json(base_dir / "config.json").get("model_type")
     arch = architecture_for(model_type, base_dir)
+    if clip_text is not None and arch.processor_class is None:
+        raise ValueError(
+            f"--clip-text: {arch.family} ({model_type!r}) has no CLIP text tower to add (its vision tower is not "
+            "CLIP); its relevance cue uses the language model's embeddings. Export without --clip-text"
+        )
     base_id = base_model_id(base_dir, hub_id, base_model)
     if push_to_hub and base_id is None:
         raise ValueError("--push-to-hub needs the base model's hub id for the card: pass --base-model-id")
@@ -508,8 +544,8 @@ def main(argv=None):
     parser.add_argument("base", metavar="BASE", help="stock checkpoint folder (or hub id with --allow-download)")
     parser.add_argument("out", metavar="OUT", help="output folder (must be empty or absent unless --overwrite)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--budget", type=int, help="default visual tokens kept per image (default 64)")
-    group.add_argument("--ratio", type=float, help="default fraction of each image's visual tokens kept")
+    group.add_argument("--budget", type=int, help="default visual tokens kept per image (default: the family's, e.g. 64 for LLaVA-1.5)")
+    group.add_argument("--ratio", type=float, help="default fraction of each image's visual tokens kept (LLaVA-NeXT, Qwen2.5-VL: 0.222)")
     parser.add_argument("--clip-text", metavar="PATH_OR_ID", help="CLIP checkpoint of the vision tower: adds its text tower")
     parser.add_argument("--allow-download", action="store_true", help="BASE / --clip-text may be hub ids to download")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")

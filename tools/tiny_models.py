@@ -202,7 +202,7 @@ def build_tiny_clip(path: str | os.PathLike, *, vision_from: str | os.PathLike |
     """Writes a tiny CLIPModel checkpoint (text tower + both projections) with a tokenizer whose
     window is the text tower's 16 positions and which adds <s> ... </s> like CLIP's tokenizer.
 
-    vision_from: a tiny LLaVA folder; its vision tower becomes this CLIP's vision model, as
+    vision_from: a tiny stock LLaVA / LLaVA-NeXT folder; its vision tower becomes this CLIP's vision model, as
     openai/clip-vit-large-patch14-336 is LLaVA-1.5's (random vision weights without it)."""
     from tokenizers import processors
     from transformers import CLIPConfig, CLIPModel
@@ -218,10 +218,15 @@ def build_tiny_clip(path: str | os.PathLike, *, vision_from: str | os.PathLike |
         single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
     )
     vision_config = tiny_llava_config(len(tokenizer), 4).vision_config
+    llava = None
+    if vision_from is not None:  # a stock LLaVA or LLaVA-NeXT folder: its tower's config and weights
+        from transformers import AutoModelForImageTextToText
+
+        llava = AutoModelForImageTextToText.from_pretrained(vision_from)
+        vision_config = llava.config.vision_config
     torch.manual_seed(seed)
     clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config.to_dict(), projection_dim=16))
-    if vision_from is not None:
-        llava = LlavaForConditionalGeneration.from_pretrained(vision_from)
+    if llava is not None:
         clip.vision_model.load_state_dict(llava.model.vision_tower.state_dict())
     clip.eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
