@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mfpruner_core import CUE_NAMES, LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE, vote_candidates
+from tools.flops import fastv_flops
 
 try:  # Hugging Face ZeroGPU Spaces: the model calls run on a GPU borrowed per call
     import spaces
@@ -487,12 +488,6 @@ def cue_heatmap(canvas: Canvas, scores: np.ndarray, value_range=None) -> Image.I
 
 
 # ----------------------------------------------------------------------------- FLOPs
-
-
-def fastv_flops(n: int, hidden: int, intermediate: int, layers: int) -> int:
-    """FastV's prefill FLOPs of `layers` decoder layers over n tokens: 4nd^2 + 2n^2d + 2ndm each
-    (attention projections, attention scores, MLP). The paper's "FLOPs" uses n = visual tokens."""
-    return layers * (4 * n * hidden**2 + 2 * n**2 * hidden + 2 * n * hidden * intermediate)
 
 
 # ----------------------------------------------------------------------------- the analysis

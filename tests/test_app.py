@@ -13,6 +13,7 @@ from PIL import Image
 
 import app
 from mfpruner_core import resolve_budget, select_tokens, vote
+from tools.flops import fastv_flops
 
 from conftest import random_image
 
@@ -151,7 +152,7 @@ def test_stats_agree_with_the_model(demo_model, image_file, llava_processor):
     assert stats["prefill_length_unpruned"] - stats["prefill_length_pruned"] == 36 - 10
     text = demo_model.model.config.text_config
     dims = (text.hidden_size, text.intermediate_size, text.num_hidden_layers)
-    assert stats["visual_flops_saved"] == pytest.approx(1 - app.fastv_flops(10, *dims) / app.fastv_flops(36, *dims))
+    assert stats["visual_flops_saved"] == pytest.approx(1 - fastv_flops(10, *dims) / fastv_flops(36, *dims))
     assert stats["speedup"] == pytest.approx(stats["prefill_seconds_unpruned"] / stats["prefill_seconds_pruned"])
     shown = app.stats_markdown(stats)
     assert "Kept 10 / 36 visual tokens" in shown and f"| {stats['prefill_length_pruned']} |" in shown
@@ -159,9 +160,9 @@ def test_stats_agree_with_the_model(demo_model, image_file, llava_processor):
 
 def test_fastv_flops_reproduces_the_papers_figure():
     """LLaVA-1.5-7B, 32 of 576 tokens: FLOPs -94.6% (d 4096, m 11008, 32 layers)."""
-    saved = 1 - app.fastv_flops(32, 4096, 11008, 32) / app.fastv_flops(576, 4096, 11008, 32)
+    saved = 1 - fastv_flops(32, 4096, 11008, 32) / fastv_flops(576, 4096, 11008, 32)
     assert round(saved * 100, 1) == 94.6
-    assert app.fastv_flops(1, 2, 3, 1) == 4 * 4 + 2 * 2 + 2 * 2 * 3
+    assert fastv_flops(1, 2, 3, 1) == 4 * 4 + 2 * 2 + 2 * 2 * 3
 
 
 def test_ratio_mode_and_vote_threshold(demo_model, image_file):
