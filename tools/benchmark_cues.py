@@ -14,7 +14,13 @@ memory allocated during the call (tools.bench_utils). A straightforward version 
 peak exceeds `--max-naive-gb` is not run; the table gives its predicted size instead. Every pair
 that runs is checked to agree (max |difference|).
 
-    python -m tools.benchmark_cues --output benchmarks/cues_cpu.md
+    python -m tools.benchmark_cues --output benchmarks/cues_cpu.md [--query-chunk 256]
+
+Qwen2.5-VL's own images fall in the same two regimes as the rows here: a 1024x1024 image has
+5,476 patches in the full-attention block (a (16, N, N) map of 1.9 GB still fits, like N = 2,928),
+a 2048x2048 one 21,316 (27 GB, like N = 16,384: only the chunked cue runs). `--query-chunk` sets
+the queries per step (the model's `attention_query_chunk`, 256 by default there): the largest
+temporary is heads x chunk x N floats, so a smaller chunk trades a little time for memory.
 """
 
 from __future__ import annotations
@@ -160,7 +166,8 @@ def compare(name: str, naive, ours, predicted: int, max_naive_bytes: int, repeat
     return row
 
 
-def run_case(case: Case, repeats: int, warmup: int, max_naive_bytes: int, device: str, seed: int = 0) -> list[dict]:
+def run_case(case: Case, repeats: int, warmup: int, max_naive_bytes: int, device: str, query_chunk: int = 1024,
+             seed: int = 0) -> list[dict]:
     repeats, warmup = case.rounds or (repeats, warmup)
     generator = torch.Generator().manual_seed(seed)
     predicted = predicted_naive_bytes(case)
@@ -185,7 +192,7 @@ def run_case(case: Case, repeats: int, warmup: int, max_naive_bytes: int, device
         k = torch.randn(case.qwen_heads, case.n, case.qwen_head_dim, generator=generator).to(device)
         scale = case.qwen_head_dim**-0.5
         rows.append(compare(
-            "attention received", lambda: attention_received_naive(q, k, scale), lambda: attention_received(q, k, scale),
+            "attention received", lambda: attention_received_naive(q, k, scale), lambda: attention_received(q, k, scale, query_chunk),
             predicted["attention_received"], max_naive_bytes, repeats, warmup, device,
         ))
     for row in rows:
@@ -193,7 +200,8 @@ def run_case(case: Case, repeats: int, warmup: int, max_naive_bytes: int, device
     return rows
 
 
-def markdown_report(rows: list[dict], cases, machine: str, repeats: int, warmup: int, max_naive_gb: float) -> str:
+def markdown_report(rows: list[dict], cases, machine: str, repeats: int, warmup: int, max_naive_gb: float,
+                    query_chunk: int = 1024) -> str:
     c = cases[0]
     header = (
         "### Cues: ours vs straightforward\n\n"
@@ -204,7 +212,7 @@ def markdown_report(rows: list[dict], cases, machine: str, repeats: int, warmup:
         f"({(c.image_size // 14) ** 2} patches each; N = tiles x patches, so 2,928 -> 5 tiles = 2,880, "
         "16,384 -> 28 tiles = 16,128); output_attentions keeps every layer's maps, x24 for ViT-L. "
         f"Attention received with {c.qwen_heads} heads x {c.qwen_head_dim} (Qwen2.5-VL's vision attention), "
-        f"query chunks of 1,024. Straightforward versions predicted above {max_naive_gb:g} GB are not run "
+        f"query chunks of {query_chunk:,}. Straightforward versions predicted above {max_naive_gb:g} GB are not run "
         "(predicted lower bound shown)."
         + "".join(f" {c.label}: {c.rounds[0]} round(s), {c.rounds[1]} warm-up." for c in cases if c.rounds)
         + "\n"
@@ -235,20 +243,22 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-naive-gb", type=float, default=4.0, help="skip straightforward runs predicted above this")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--query-chunk", type=int, default=1024,
+                        help="queries per step of the chunked attention received (the Qwen model's default: 256)")
     parser.add_argument("--output", help="write the markdown table here")
     args = parser.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup = 1, 0
-    if args.repeats < 1 or args.warmup < 0 or args.max_naive_gb <= 0:
-        raise ValueError("`--repeats` must be >= 1, `--warmup` >= 0 and `--max-naive-gb` > 0")
+    if args.repeats < 1 or args.warmup < 0 or args.max_naive_gb <= 0 or args.query_chunk < 1:
+        raise ValueError("`--repeats` and `--query-chunk` must be >= 1, `--warmup` >= 0 and `--max-naive-gb` > 0")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("`--device cuda` was asked for but torch sees no CUDA device")
     rows, cases = [], SMOKE_CASES if args.smoke else FULL_CASES
     for case in cases:
-        rows += run_case(case, args.repeats, args.warmup, int(args.max_naive_gb * 2**30), args.device)
+        rows += run_case(case, args.repeats, args.warmup, int(args.max_naive_gb * 2**30), args.device, args.query_chunk)
     rows.sort(key=lambda r: (r["cue"], r["n"]))
     report = markdown_report(rows, cases, bench_utils.machine_description(args.device), args.repeats, args.warmup,
-                             args.max_naive_gb)
+                             args.max_naive_gb, args.query_chunk)
     print(report)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,17 @@ discarded, medians of the rest). Reported per setting:
   * peak tensor memory of the prefill (tools.bench_utils) and decode tokens/s with the shorter
     KV cache (greedy, one token per step).
 
+Families: LLaVA-1.5 (336 px, 576 visual tokens; budgets 192/128/64/32), LLaVA-NeXT (a 672x672 image:
+5 tiles, 2,928 visual tokens; keep-ratios 0.222/0.111/0.056), Qwen2.5-VL (a 1024x1024 image, 1,369
+visual tokens; keep-ratios 0.444/0.333/0.222).
+
 Sizes: "smoke" (tiny, seconds, for CI), "cpu" (real token counts, narrow and shallow towers),
 "real" (the published sizes; meant for `--device cuda`). Absolute times mean something only on a
 GPU; on a CPU the ratios are the result.
 
     python -m tools.benchmark_prefill --size cpu --output-dir benchmarks --plot assets/prefill_speedup.png
+    python -m tools.benchmark_prefill --size cpu --family llava-next --family qwen2.5-vl --output-dir benchmarks \
+        --plot assets/prefill_speedup.png --plot-also benchmarks/prefill_llava-1.5_cpu_cpu.json
     python -m tools.benchmark_prefill --size real --device cuda --dtype bfloat16
 
 A family is one `Family` entry in FAMILIES: how to build the model at each size, its inputs, its
@@ -51,7 +57,9 @@ class Family:
     encode(model, inputs): the stock image encoding up to the LLM input embeddings.
     prune(model, inputs, budget_kwargs): MFPruner's pruned LLM inputs (a dict with
     inputs_embeds, attention_mask, ...). lm_prefill(model, pruned): the LLM alone on them.
-    prefill_flops(config, text_tokens, kept): tools.flops.PrefillFlops of that prefill.
+    prefill_flops(config, size, text_tokens, kept): tools.flops.PrefillFlops of that prefill (kept: the
+    visual tokens that reach the LLM, None = unpruned). text_tokens: every prompt token that is not
+    an image placeholder.
     """
 
     name: str
@@ -89,6 +97,13 @@ LLAVA_1_5_SIZES = {
 }
 
 
+def instantiate(model_class, config, dtype: torch.dtype, device: str):
+    """Random weights, allocated on `device` directly ("meta": shapes only), eval mode."""
+    with torch.device(device):
+        model = model_class(config)
+    return model.to(dtype).eval()
+
+
 def describe_llava(size: str) -> str:
     v, t = LLAVA_1_5_SIZES[size]["vision"], LLAVA_1_5_SIZES[size]["text"]
     return (
@@ -106,9 +121,15 @@ def build_llava_1_5(size: str, dtype: torch.dtype, device: str):
     config = model_sizes.llava_config(
         sizes["vision"], sizes["text"], config_class=MFPrunerLlavaConfig, image_token_id=sizes["image_token_id"]
     )
-    with torch.device(device):
-        model = MFPrunerLlavaForConditionalGeneration(config)
-    return model.to(dtype).eval()
+    return instantiate(MFPrunerLlavaForConditionalGeneration, config, dtype, device)
+
+
+def prompt_with_image(image_part: torch.Tensor, delimiters: int, text_tokens: int, vocab_end: int, generator):
+    """(1, L) ids: BOS, the first third of the text, `image_part` (placeholders and `delimiters`
+    delimiter ids), the rest of the text; `text_tokens` counts every id that is not a placeholder."""
+    text = torch.randint(5, vocab_end, (text_tokens - 1 - delimiters,), generator=generator)
+    split = len(text) // 3
+    return torch.cat([torch.tensor([1]), text[:split], image_part, text[split:]])[None]
 
 
 def llava_1_5_inputs(model, size: str, seed: int, device: str, text_tokens: int) -> dict:
@@ -117,10 +138,8 @@ def llava_1_5_inputs(model, size: str, seed: int, device: str, text_tokens: int)
     generator = torch.Generator().manual_seed(seed)
     image_size = config.vision_config.image_size
     visual = (image_size // config.vision_config.patch_size) ** 2
-    text = torch.randint(5, config.image_token_id, (text_tokens - 1,), generator=generator)
-    split = len(text) // 3
     image = torch.full((visual,), config.image_token_id)
-    input_ids = torch.cat([torch.tensor([1]), text[:split], image, text[split:]])[None]
+    input_ids = prompt_with_image(image, 0, text_tokens, config.image_token_id, generator)
     pixel_values = torch.randn(1, 3, image_size, image_size, generator=generator)
     return {
         "input_ids": input_ids.to(device),
@@ -140,8 +159,9 @@ def paper_budgets(num_visual_tokens: int) -> list[tuple[str, dict]]:
 
 
 def llava_encode(model, inputs):
-    """The stock path up to the LLM input: vision tower, projector, scatter into the embeddings."""
-    features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    """The stock path up to the LLM input: vision tower, projector (NeXT: packing), scatter into the embeddings."""
+    sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}  # LLaVA-NeXT only
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"], **sizes).pooler_output
     features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features  # (I*N, D) or (I, N, D)
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     is_image = (inputs["input_ids"] == model.config.image_token_id)[..., None]
@@ -150,7 +170,8 @@ def llava_encode(model, inputs):
 
 def llava_prune(model, inputs, budget_kwargs):
     return model.prune_inputs(
-        inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"], **budget_kwargs
+        inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"],
+        image_sizes=inputs.get("image_sizes"), **budget_kwargs
     )
 
 
@@ -163,8 +184,187 @@ def llava_lm_prefill(model, pruned):
     return model.lm_head(hidden[:, -1:])
 
 
-def llava_1_5_flops(config, text_tokens: int, kept: int | None):
+def llava_1_5_flops(config, size: str, text_tokens: int, kept: int | None):
     return flops.prefill_flops(config, text_tokens, kept)
+
+
+def ratio_budgets(ratios: tuple[float, ...]) -> Callable:
+    """The paper's keep-ratios, applied per image by the model (`visual_token_ratio`)."""
+    return lambda num_visual_tokens: [(f"{100 * r:.1f}%", {"visual_token_ratio": r}) for r in ratios]
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)
+
+# A 672x672 image on LLaVA-1.6's anyres pinpoints: a base tile + a 2 x 2 grid of 336 px tiles =
+# 576 + 48 x 48 patch tokens + 48 newlines = 2,928 visual tokens. "cpu": the LLaVA-1.5 cpu towers.
+LLAVA_NEXT_RATIOS = (0.222, 0.111, 0.056)  # the paper's LLaVA-NeXT settings
+LLAVA_NEXT_SIZES = {
+    "smoke": dict(LLAVA_1_5_SIZES["smoke"], vision=dict(LLAVA_1_5_SIZES["smoke"]["vision"], image_size=56),
+                  pinpoints=[[56, 112], [112, 56], [112, 112]], image_hw=(112, 112)),
+    "cpu": dict(LLAVA_1_5_SIZES["cpu"], pinpoints=model_sizes.LLAVA_NEXT_PINPOINTS, image_hw=(672, 672)),
+    "real": dict(LLAVA_1_5_SIZES["real"], pinpoints=model_sizes.LLAVA_NEXT_PINPOINTS, image_hw=(672, 672)),
+}
+
+
+def describe_llava_next(size: str) -> str:
+    v, t, (h, w) = LLAVA_NEXT_SIZES[size]["vision"], LLAVA_NEXT_SIZES[size]["text"], LLAVA_NEXT_SIZES[size]["image_hw"]
+    return (
+        f"CLIP tower {v['num_hidden_layers']} layers x {v['hidden_size']} on {v['image_size']} px tiles, "
+        f"one {h}x{w} image (anyres: base + grid tiles, newline tokens); Llama {t['num_hidden_layers']} layers x "
+        f"{t['hidden_size']} (MLP {t['intermediate_size']})"
+    )
+
+
+def build_llava_next(size: str, dtype: torch.dtype, device: str):
+    from configuration_mfpruner import MFPrunerLlavaNextConfig
+    from modeling_mfpruner_llava import MFPrunerLlavaNextForConditionalGeneration
+
+    sizes = LLAVA_NEXT_SIZES[size]
+    config = model_sizes.llava_config(
+        sizes["vision"], sizes["text"], config_class=MFPrunerLlavaNextConfig, image_token_id=sizes["image_token_id"],
+        image_grid_pinpoints=sizes["pinpoints"],
+    )
+    return instantiate(MFPrunerLlavaNextForConditionalGeneration, config, dtype, device)
+
+
+def llava_next_inputs(model, size: str, seed: int, device: str, text_tokens: int) -> dict:
+    """One image of LLAVA_NEXT_SIZES[size]["image_hw"]: its tiles as random pixels, its packed
+    placeholder count from tools.flops' anyres geometry (the processor's count)."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    image_hw = LLAVA_NEXT_SIZES[size]["image_hw"]
+    geo = flops.geometry(config, image_hw)
+    tile = config.vision_config.image_size
+    image = torch.full((geo.visual_tokens,), config.image_token_id)
+    input_ids = prompt_with_image(image, 0, text_tokens, config.image_token_id, generator)
+    pixel_values = torch.randn(1, geo.tiles, 3, tile, tile, generator=generator)  # (images, tiles, 3, H, W)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": pixel_values.to(device, model.dtype),
+        "image_sizes": torch.tensor([image_hw], device=device),
+    }
+
+
+def llava_next_flops(config, size: str, text_tokens: int, kept: int | None):
+    return flops.prefill_flops(config, text_tokens, kept, image_hw=LLAVA_NEXT_SIZES[size]["image_hw"])
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+# A 1024x1024 image (resized to 1036x1036 by the 7B repo's processor): 74 x 74 patches of 14 px,
+# merged 2 x 2 into 1,369 visual tokens; 112 px windows in all vision blocks but the full-attention
+# ones (where cue A is read). "cpu": 2 vision blocks (the last full attention) x 384, LLM 8 x 1024.
+QWEN_RATIOS = (0.444, 0.333, 0.222)  # the paper's Qwen2.5-VL settings
+QWEN_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                      vision_end_token_id=151653)  # the 7B repo's ids
+QWEN_SMALL_TOKEN_IDS = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503)
+QWEN_SIZES = {
+    "smoke": dict(
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        token_ids=QWEN_SMALL_TOKEN_IDS, image_hw=(112, 112),
+    ),
+    "cpu": dict(
+        vision=dict(depth=2, hidden_size=384, intermediate_size=1024, num_heads=6, out_hidden_size=1024, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                    hidden_act="silu"),
+        text=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=32064, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}),
+        token_ids=dict(image_token_id=32000, video_token_id=32001, vision_start_token_id=32002,
+                       vision_end_token_id=32003),
+        image_hw=(1024, 1024),
+    ),
+    "real": dict(
+        vision=model_sizes.QWEN2_5_VL_7B_VISION,
+        text=dict(model_sizes.QWEN2_5_VL_7B_TEXT,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        token_ids=QWEN_TOKEN_IDS, image_hw=(1024, 1024),
+    ),
+}
+
+
+def describe_qwen(size: str) -> str:
+    v, t, (h, w) = QWEN_SIZES[size]["vision"], QWEN_SIZES[size]["text"], QWEN_SIZES[size]["image_hw"]
+    return (
+        f"Qwen2.5-VL vision {v['depth']} blocks x {v['hidden_size']} (full attention: {v['fullatt_block_indexes']}, "
+        f"the rest {v['window_size']} px windows), one {h}x{w} image; Qwen2 LLM {t['num_hidden_layers']} layers x "
+        f"{t['hidden_size']} (MLP {t['intermediate_size']}, {t['num_key_value_heads']} KV heads)"
+    )
+
+
+def build_qwen2_5_vl(size: str, dtype: torch.dtype, device: str):
+    from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
+    from modeling_mfpruner_qwen2_5_vl import MFPrunerQwen2_5_VLForConditionalGeneration
+
+    sizes = QWEN_SIZES[size]
+    text = dict(sizes["text"], bos_token_id=None, eos_token_id=None)
+    config = model_sizes.qwen2_5_vl_config(
+        sizes["vision"], text, config_class=MFPrunerQwen2_5_VLConfig, **sizes["token_ids"]
+    )
+    return instantiate(MFPrunerQwen2_5_VLForConditionalGeneration, config, dtype, device)
+
+
+def qwen_inputs(model, size: str, seed: int, device: str, text_tokens: int) -> dict:
+    """One image of QWEN_SIZES[size]["image_hw"], resized as the 7B repo's processor does (tools.flops'
+    geometry): random patches (patches, 3 x 2 x 14 x 14), <|vision_start|> placeholders <|vision_end|>."""
+    config = model.config
+    v = config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    geo = flops.geometry(config, QWEN_SIZES[size]["image_hw"])
+    side = int(geo.vision_patches**0.5)  # square images: side x side patches
+    image = torch.cat([
+        torch.tensor([config.vision_start_token_id]), torch.full((geo.visual_tokens,), config.image_token_id),
+        torch.tensor([config.vision_end_token_id]),
+    ])
+    input_ids = prompt_with_image(image, 2, text_tokens, config.image_token_id, generator)
+    pixel_values = torch.randn(geo.vision_patches, 3 * v.temporal_patch_size * v.patch_size**2, generator=generator)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "mm_token_type_ids": (input_ids == config.image_token_id).int().to(device),
+        "pixel_values": pixel_values.to(device, model.dtype),
+        "image_grid_thw": torch.tensor([[1, side, side]], device=device),
+    }
+
+
+def qwen_encode(model, inputs):
+    """The stock path up to the LLM input: vision tower + merger, scatter, M-RoPE positions."""
+    features = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+    ).pooler_output
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    is_image = (inputs["input_ids"] == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(is_image, torch.cat(list(features)).to(embeds.dtype))
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+    )
+    return embeds, positions
+
+
+def qwen_prune(model, inputs, budget_kwargs):
+    return model.prune_inputs(
+        inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"],
+        image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=inputs["mm_token_type_ids"], **budget_kwargs
+    )
+
+
+def qwen_lm_prefill(model, pruned):
+    """The decoder alone on the pruned inputs, with their gathered (4, B, L') M-RoPE positions."""
+    hidden = model.model.language_model(
+        inputs_embeds=pruned["inputs_embeds"], attention_mask=pruned["attention_mask"],
+        position_ids=pruned["position_ids"], use_cache=True,
+    ).last_hidden_state
+    return model.lm_head(hidden[:, -1:])
+
+
+def qwen_flops(config, size: str, text_tokens: int, kept: int | None):
+    return flops.prefill_flops(config, text_tokens, kept, image_hw=QWEN_SIZES[size]["image_hw"])
 
 
 FAMILIES = {
@@ -179,6 +379,28 @@ FAMILIES = {
         prefill_flops=llava_1_5_flops,
         note={size: describe_llava(size) for size in SIZES},
     ),
+    "llava-next": Family(
+        name="LLaVA-NeXT",
+        build=build_llava_next,
+        inputs=llava_next_inputs,
+        budgets=ratio_budgets(LLAVA_NEXT_RATIOS),
+        encode=llava_encode,
+        prune=llava_prune,
+        lm_prefill=llava_lm_prefill,
+        prefill_flops=llava_next_flops,
+        note={size: describe_llava_next(size) for size in SIZES},
+    ),
+    "qwen2.5-vl": Family(
+        name="Qwen2.5-VL",
+        build=build_qwen2_5_vl,
+        inputs=qwen_inputs,
+        budgets=ratio_budgets(QWEN_RATIOS),
+        encode=qwen_encode,
+        prune=qwen_prune,
+        lm_prefill=qwen_lm_prefill,
+        prefill_flops=qwen_flops,
+        note={size: describe_qwen(size) for size in SIZES},
+    ),
 }
 
 
@@ -192,17 +414,19 @@ def lm_input_length(model, inputs, settings: dict) -> int:
 
 
 def decode_tokens_per_second(model, inputs, settings: dict, steps: int, device: str) -> float:
-    """Prefill (untimed), then `steps` greedy one-token forwards on its KV cache (timed)."""
+    """Prefill (untimed), then `steps` greedy one-token forwards on its KV cache (timed). Batch 1,
+    no padding, so no attention mask: the models number the new positions from the cache length
+    (Qwen2.5-VL adds the `rope_deltas` its prefill stored; with a mask its plain forward would
+    number the whole mask, which only generate() slices)."""
     out = model(**inputs, **settings, use_cache=True, logits_to_keep=1)
     cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    mask = torch.ones(1, lm_input_length(model, inputs, settings), dtype=torch.long, device=token.device)
-    if cache.get_seq_length() != mask.shape[1]:  # decoding must run on the pruned (shorter) cache
-        raise RuntimeError(f"KV cache holds {cache.get_seq_length()} positions, the LLM prefilled {mask.shape[1]}")
+    prefilled = lm_input_length(model, inputs, settings)
+    if cache.get_seq_length() != prefilled:  # decoding must run on the pruned (shorter) cache
+        raise RuntimeError(f"KV cache holds {cache.get_seq_length()} positions, the LLM prefilled {prefilled}")
     bench_utils.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=-1)
-        out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     bench_utils.synchronize(device)
     return steps / (time.perf_counter() - start)
@@ -245,10 +469,10 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
         }
 
     times = {name: bench_utils.median(values) for name, values in samples.items()}
-    full_flops = family.prefill_flops(model.config, text_tokens, None)
+    full_flops = family.prefill_flops(model.config, size, text_tokens, None)
     rows = []
     for label, _ in settings:
-        pruned_flops = full_flops if label == "unpruned" else family.prefill_flops(model.config, text_tokens, kept[label])
+        pruned_flops = full_flops if label == "unpruned" else family.prefill_flops(model.config, size, text_tokens, kept[label])
         prefill, lm = times[f"prefill/{label}"], times[f"lm/{label}"]
         overhead = None
         if label != "unpruned":  # median of the per-round differences of adjacent calls
@@ -349,6 +573,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output-dir", help="write prefill_<family>_<size>_<device>.md / .json here")
     parser.add_argument("--plot", help="write the speed-up plot (png) here")
+    parser.add_argument("--plot-also", nargs="+", default=[], metavar="JSON",
+                        help="saved results (.json from --output-dir) of earlier runs to plot before this run's")
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.repeats, args.warmup, args.decode_steps = "smoke", 1, 0, 2
@@ -378,7 +604,8 @@ def main(argv=None) -> list[dict]:
             (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot_speedups(results, args.plot)
+        earlier = [json.loads(Path(path).read_text()) for path in args.plot_also]
+        plot_speedups(earlier + results, args.plot)
     return results
 
 
