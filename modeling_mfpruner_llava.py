@@ -119,7 +119,8 @@ def capture_clip_select_layer(vision_tower, select_layer: int):
     implementation, since it reads the projections, not the attention weights.
     """
     layers = vision_tower.encoder.layers
-    attention = layers[clip_encoder_layer_index(select_layer, len(layers))].self_attn
+    layer = layers[clip_encoder_layer_index(select_layer, len(layers))]
+    attention = layer.self_attn
     captured = {}
 
     def heads(x):  # (B, T, C) -> (B, H, T, Dh)
@@ -128,7 +129,7 @@ def capture_clip_select_layer(vision_tower, select_layer: int):
     handles = [
         attention.q_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("q_cls", heads(out[:, :1])[:, :, 0])),
         attention.k_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("k", heads(out))),
-        layers[clip_encoder_layer_index(select_layer, len(layers))].register_forward_hook(
+        layer.register_forward_hook(
             lambda m, i, out: captured.__setitem__("hidden", (out[0] if isinstance(out, tuple) else out).detach())
         ),
     ]
