@@ -133,20 +133,24 @@ def build_tiny_llava_processor(image_size: int = 84) -> LlavaProcessor:
     )
 
 
-def to_hub_key_layout(path: Path, renames: list[tuple[str, str]]) -> None:
-    """Rewrites a saved checkpoint's keys into the layout of the hub's checkpoints (prefix renames)."""
-    from safetensors.torch import load_file, save_file
-
-    file = path / "model.safetensors"
-    tensors = load_file(file)
+def rename_to_hub_keys(state: dict, renames: list[tuple[str, str]]) -> dict:
+    """A state dict with the first matching prefix rename applied to each key (hub layout)."""
     renamed = {}
-    for key, tensor in tensors.items():
+    for key, tensor in state.items():
         for old, new in renames:
             if key.startswith(old) and not key.startswith(new):
                 key = new + key[len(old) :]
                 break
         renamed[key] = tensor
-    save_file(renamed, file, metadata={"format": "pt"})
+    return renamed
+
+
+def to_hub_key_layout(path: Path, renames: list[tuple[str, str]]) -> None:
+    """Rewrites a saved checkpoint's keys into the layout of the hub's checkpoints (prefix renames)."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    save_file(rename_to_hub_keys(load_file(file), renames), file, metadata={"format": "pt"})
 
 
 # llava-hf checkpoints keep CLIP's `vision_model` wrapper and the language model's `model.` level.
@@ -242,12 +246,8 @@ def rewrite_as_hub_layout(path: str | os.PathLike, max_shard_bytes: int | None =
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
-    state = load_file(path / "model.safetensors")
+    state = rename_to_hub_keys(load_file(path / "model.safetensors"), LLAVA_HUB_RENAMES)
     (path / "model.safetensors").unlink()
-    state = {
-        (key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.") else key): value
-        for key, value in state.items()
-    }
     shards, current, size = [], {}, 0
     for key, value in state.items():
         nbytes = value.numel() * value.element_size()
