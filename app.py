@@ -21,7 +21,6 @@ import math
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mfpruner_core import CUE_NAMES, LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE, vote_candidates
+from tools.bench_utils import time_interleaved
 from tools.flops import fastv_flops
 
 try:  # Hugging Face ZeroGPU Spaces: the model calls run on a GPU borrowed per call
@@ -521,30 +521,18 @@ def visual_token_count(demo: DemoModel, image: Image.Image) -> int:
     return count
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def timed_prefills(demo: DemoModel, inputs: dict, prune_kwargs: dict, repeats: int = TIMING_REPEATS):
     """Prefill (one forward pass over the prompt, KV cache on, last logits only) with and without
-    pruning, alternated after one warm-up each. Returns (median pruned s, median unpruned s,
+    pruning, alternated after one warm-up round. Returns (median pruned s, median unpruned s,
     the pruned call's MFPrunerResult)."""
-    times = {"pruned": [], "unpruned": []}
-    result = None
-    for step in range(repeats + 1):
-        for setting in ("unpruned", "pruned"):
-            kwargs = prune_kwargs if setting == "pruned" else {"prune_visual_tokens": False}
-            synchronize(demo.device)
-            start = time.perf_counter()
-            demo.model(**inputs, **kwargs, use_cache=True, logits_to_keep=1)
-            synchronize(demo.device)
-            if step > 0:
-                times[setting].append(time.perf_counter() - start)
-            if setting == "pruned":
-                result = demo.model.last_pruning
-    return statistics.median(times["pruned"]), statistics.median(times["unpruned"]), result
+    calls = {
+        setting: (lambda kwargs=kwargs: demo.model(**inputs, **kwargs, use_cache=True, logits_to_keep=1))
+        for setting, kwargs in (("unpruned", {"prune_visual_tokens": False}), ("pruned", prune_kwargs))
+    }
+    times = time_interleaved(calls, repeats=repeats, warmup=1, device=str(demo.device))
+    # The pruned call runs last in every round, and the unpruned one leaves last_pruning alone.
+    return statistics.median(times["pruned"]), statistics.median(times["unpruned"]), demo.model.last_pruning
 
 
 def clean_text(text: str) -> str:
