@@ -6,10 +6,13 @@ needs two votes to be a consensus token, and the fill uses the summed score.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
+from huggingface_hub.errors import StrictDataclassError
+from transformers import CLIPTextConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
 
 try:  # the mixin is shared by the configs below; `from .x import y` keeps remote code flat
     from .mfpruner_core import CUE_NAMES, check_budget, check_min_votes, check_ratio
@@ -18,33 +21,126 @@ except ImportError:  # imported as a top-level module (tests, tools)
 
 RELEVANCE_SOURCES = ("auto", "clip_text", "llm")
 FILL_RULES = ("sum", "relevance")
+# The keywords generate() / forward() take on top of the stock ones.
+MFPRUNER_CALL_KWARGS = (
+    "visual_token_budget",
+    "visual_token_ratio",
+    "prune_visual_tokens",
+    "min_votes",
+    "clip_input_ids",
+    "clip_attention_mask",
+)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_cues(cues, name: str = "mfpruner_cues") -> None:
+    """A non-empty list (or tuple) of distinct cue names."""
+    allowed = f"`{name}` must be distinct names from {CUE_NAMES} (at least one), got {cues!r}"
+    if not isinstance(cues, (list, tuple)):
+        raise ValueError(f"{allowed}: a list of names, not a {type(cues).__name__}")
+    if not cues:
+        raise ValueError(f"{allowed}: no cue would vote")
+    unknown = [cue for cue in cues if cue not in CUE_NAMES]
+    if unknown:
+        raise ValueError(f"{allowed}: {unknown[0]!r} is not a cue")
+    if len(set(cues)) != len(cues):
+        raise ValueError(f"{allowed}: a cue is named twice")
+
+
+def check_choice(value, choices: tuple[str, ...], name: str) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+
+
+def check_clip_text_config(value, relevance_sources: tuple[str, ...], name: str = "clip_text_config") -> None:
+    """None, or a CLIPTextConfig dict (the CLIP text tower of the paper's relevance cue)."""
+    if value is None:
+        return
+    if "clip_text" not in relevance_sources:
+        raise ValueError(f"`{name}` must be None for this model: it has no CLIP text tower, got {value!r}")
+    if not isinstance(value, dict):
+        raise ValueError(f"`{name}` must be None or a CLIPTextConfig dict (`.to_dict()`), got a {type(value).__name__}")
+    try:
+        CLIPTextConfig(**value)
+    except (TypeError, ValueError, StrictDataclassError) as error:
+        raise ValueError(f"`{name}` is not a valid CLIPTextConfig dict: {error}") from error
+
+
+def check_setting(name: str, value, relevance_sources: tuple[str, ...] = RELEVANCE_SOURCES) -> None:
+    """One MFPruner setting on its own (a config field, or the same keyword given to a call);
+    ValueError naming it and what is allowed. Rules between fields: `validate_mfpruner_settings`.
+    Names that are not MFPruner settings pass. `relevance_sources` are the model's (Qwen2.5-VL
+    has no CLIP text tower, so no "clip_text" there)."""
+    if name == "visual_token_budget" and value is not None:
+        check_budget(value, name)
+    elif name == "visual_token_ratio" and value is not None:
+        check_ratio(value, name)
+    elif name == "prune_visual_tokens" and not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}")
+    elif name == "mfpruner_cues":
+        check_cues(value, name)
+    elif name == "relevance_source":
+        if value == "clip_text" and value not in relevance_sources:
+            raise ValueError(f"`{name}` must be one of {relevance_sources}: this model has no CLIP text tower")
+        check_choice(value, relevance_sources, name)
+    elif name == "min_votes":
+        check_min_votes(value, name)
+    elif name == "fill_by":
+        check_choice(value, FILL_RULES, name)
+    elif name == "clip_text_config":
+        check_clip_text_config(value, relevance_sources, name)
+    elif name == "attention_query_chunk" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"`{name}` must be a positive int (queries per step of the attention cue), got {value!r}")
 
 
 def validate_mfpruner_settings(config) -> None:
-    """Checks the pruning fields of an MFPruner config; raises ValueError naming the field."""
-    if config.visual_token_budget is not None and config.visual_token_ratio is not None:
+    """Checks every MFPruner field of `config` and the rules between them; raises ValueError naming
+    the field. Runs when a config is built or loaded and at every pruning call, so a config edited
+    in place after loading (`config.mfpruner_cues.append(...)`) is caught before it is used."""
+    sources = getattr(config, "relevance_sources", RELEVANCE_SOURCES)
+    for name in MFPRUNER_CONFIG_FIELDS:
+        if hasattr(config, name):
+            check_setting(name, getattr(config, name), sources)
+    budget, ratio = config.visual_token_budget, config.visual_token_ratio
+    if (budget is None) == (ratio is None):
+        problem = "only one of" if budget is not None else "one of"
         raise ValueError(
-            "set only one of `visual_token_budget` and `visual_token_ratio` "
-            f"(got {config.visual_token_budget!r} and {config.visual_token_ratio!r}); set the other to None"
+            f"set {problem} `visual_token_budget` and `visual_token_ratio`, the other to None "
+            f"(got visual_token_budget={budget!r}, visual_token_ratio={ratio!r})"
         )
-    if config.visual_token_budget is not None:
-        check_budget(config.visual_token_budget)
-    if config.visual_token_ratio is not None:
-        check_ratio(config.visual_token_ratio)
-    cues = list(config.mfpruner_cues)
-    if not cues or len(set(cues)) != len(cues) or any(c not in CUE_NAMES for c in cues):
-        raise ValueError(f"`mfpruner_cues` must be distinct names from {CUE_NAMES}, got {config.mfpruner_cues!r}")
-    check_min_votes(config.min_votes)
-    if config.relevance_source not in RELEVANCE_SOURCES:
-        raise ValueError(f"`relevance_source` must be one of {RELEVANCE_SOURCES}, got {config.relevance_source!r}")
-    if config.fill_by not in FILL_RULES:
-        raise ValueError(f"`fill_by` must be one of {FILL_RULES}, got {config.fill_by!r}")
+    if config.fill_by == "relevance" and ("relevance" not in config.mfpruner_cues or len(config.mfpruner_cues) < 2):
+        raise ValueError(
+            "`fill_by='relevance'` needs 'relevance' and at least one other cue in `mfpruner_cues`, "
+            f"got {config.mfpruner_cues!r}"
+        )
+
+
+def check_call_kwargs(kwargs: dict, known: Iterable[str], names: Iterable[str] = MFPRUNER_CALL_KWARGS) -> None:
+    """Refuses a misspelled MFPruner keyword: a key of `kwargs` that is neither in `known` (the
+    stock keywords the call accepts) nor in `names`, but is a close match to one of `names`.
+    Other unknown keys are left to the stock code (it decides what it accepts)."""
+    names, known = tuple(names), set(known)
+    for key in kwargs:
+        if key in known or key in names:
+            continue
+        # 0.88: a slip or two in a name; the stock `attention_mask` (0.85 to `clip_attention_mask`) passes
+        match = difflib.get_close_matches(key, names, n=1, cutoff=0.88)
+        if match:
+            raise ValueError(f"unknown keyword `{key}`; did you mean `{match[0]}`?")
+
+
+# ----------------------------------------------------------------------------- configs
 
 
 @dataclass(repr=False, eq=False)
 class MFPrunerSettings:
     r"""The MFPruner fields shared by every MFPruner config (a dataclass mixin: each config below is
-    `@strict class X(MFPrunerSettings, <stock config>)`, so the fields are type-checked there).
+    `@strict class X(MFPrunerSettings, <stock config>)`). Each field is checked whenever it is set
+    (`check_setting`), and the rules between fields (exactly one of budget and ratio, what
+    fill_by="relevance" needs) when a config is built or loaded, saved, and at every pruning call
+    (`validate_mfpruner_settings`); a bad value is a ValueError naming the field.
 
     visual_token_budget: visual tokens kept per image (LLaVA-1.5 paper: 192, 128, 64, 32 of 576).
     visual_token_ratio: fraction kept per image, used when visual_token_budget is None.
@@ -68,11 +164,35 @@ class MFPrunerSettings:
     fill_by: str = "sum"
     clip_text_config: dict | None = None
 
+    relevance_sources = RELEVANCE_SOURCES  # allowed `relevance_source` values (a class attribute, not a field)
+
     def __post_init__(self, **kwargs):
         # Each config sets its default budget before calling this (when neither is given).
         self.mfpruner_cues = list(self.mfpruner_cues)
         super().__post_init__(**kwargs)
         validate_mfpruner_settings(self)
+
+    def __setattr__(self, name, value):
+        # Every assignment is checked: the constructor's, from_pretrained's kwargs (transformers sets
+        # them on the built config) and a user's `config.min_votes = 0`. @strict runs no type check
+        # on these fields (their annotations are strings here), so this is their only check.
+        check_setting(name, value, self.relevance_sources)
+        super().__setattr__(name, value)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' from_dict (behind every from_pretrained): builds the config, then sets each
+        kwarg that names a field. Refuses a misspelled MFPruner field among the kwargs, and checks
+        the rules between fields once every kwarg is applied (`visual_token_budget=None` then
+        `visual_token_ratio=0.5` is a valid pair of kwargs)."""
+        check_call_kwargs(kwargs, known=cls.__dataclass_fields__, names=MFPRUNER_CONFIG_FIELDS)
+        loaded = super().from_dict(config_dict, **kwargs)
+        validate_mfpruner_settings(loaded[0] if isinstance(loaded, tuple) else loaded)  # (config, unused kwargs)
+        return loaded
+
+    def save_pretrained(self, *args, **kwargs):
+        validate_mfpruner_settings(self)  # never write a config.json that would not load
+        return super().save_pretrained(*args, **kwargs)
 
 
 @strict
@@ -130,18 +250,25 @@ class MFPrunerQwen2_5_VLConfig(MFPrunerSettings, Qwen2_5_VLConfig):
 
     attention_query_chunk: int = 256
 
+    relevance_sources = ("auto", "llm")  # no CLIP text tower, so no "clip_text" (and no clip_text_config)
+
     def __post_init__(self, **kwargs):
         if self.visual_token_budget is None and self.visual_token_ratio is None:
             self.visual_token_ratio = 0.222  # the paper's Qwen2.5-VL setting: prune 77.8%
         super().__post_init__(**kwargs)
-        if self.relevance_source == "clip_text" or self.clip_text_config is not None:
-            raise ValueError(
-                "`relevance_source` must be 'auto' or 'llm' and `clip_text_config` None for Qwen2.5-VL "
-                "(it has no CLIP text tower)"
-            )
-        chunk = self.attention_query_chunk
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
-            raise ValueError(f"`attention_query_chunk` must be a positive int (queries per step), got {chunk!r}")
 
 
-__all__ = ["MFPrunerLlavaConfig", "MFPrunerLlavaNextConfig", "MFPrunerQwen2_5_VLConfig", "MFPrunerSettings"]
+# The MFPruner fields of the configs: the mixin's, and Qwen2.5-VL's `attention_query_chunk`.
+MFPRUNER_CONFIG_FIELDS = tuple(f.name for f in fields(MFPrunerSettings)) + ("attention_query_chunk",)
+
+__all__ = [
+    "MFPRUNER_CALL_KWARGS",
+    "MFPRUNER_CONFIG_FIELDS",
+    "MFPrunerLlavaConfig",
+    "MFPrunerLlavaNextConfig",
+    "MFPrunerQwen2_5_VLConfig",
+    "MFPrunerSettings",
+    "check_call_kwargs",
+    "check_setting",
+    "validate_mfpruner_settings",
+]

@@ -35,7 +35,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 try:
-    from .configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig
+    from .configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, validate_mfpruner_settings
     from .mfpruner_core import (
         LAYOUT_GRID,
         LAYOUT_NEWLINE,
@@ -56,7 +56,7 @@ try:
         uniqueness,
     )
 except ImportError:  # imported as a top-level module (tests, tools)
-    from configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig
+    from configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, validate_mfpruner_settings
     from mfpruner_core import (
         LAYOUT_GRID,
         LAYOUT_NEWLINE,
@@ -254,6 +254,7 @@ class MFPrunerMixin:
         """Encodes the images, votes per image, and returns the pruned language-model inputs:
         input_ids, inputs_embeds, attention_mask (and labels), re-padded. The budget and
         `min_votes` arguments override the config's for this call."""
+        validate_mfpruner_settings(self.config)  # the config may have been edited since loading
         budget, ratio = call_budget(
             self.config.visual_token_budget, self.config.visual_token_ratio, visual_token_budget, visual_token_ratio
         )

@@ -34,7 +34,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.vision_utils import get_vision_window_index
 
 try:
-    from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig
+    from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig, validate_mfpruner_settings
     from .mfpruner_core import (
         MFPrunerResult,
         attention_received,
@@ -52,7 +52,7 @@ try:
         uniqueness,
     )
 except ImportError:  # imported as a top-level module (tests, tools)
-    from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
+    from configuration_mfpruner import MFPrunerQwen2_5_VLConfig, validate_mfpruner_settings
     from mfpruner_core import (
         MFPrunerResult,
         attention_received,
@@ -231,6 +231,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         """Encodes images and videos, votes per item, and returns the pruned language-model
         inputs: input_ids, inputs_embeds, attention_mask, position_ids (4, B, L') (and labels).
         The budget and `min_votes` arguments override the config's for this call."""
+        validate_mfpruner_settings(self.config)  # the config may have been edited since loading
         budget, ratio = call_budget(
             self.config.visual_token_budget, self.config.visual_token_ratio, visual_token_budget, visual_token_ratio
         )
