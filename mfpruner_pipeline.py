@@ -453,12 +453,15 @@ class MFPrunerPipelineMixin:
         call.update(call.pop("kwargs", {}))
         if STOCK_CALL.get() or not self.wants_pruning(call, settings):
             return stock_forward(*args, **kwargs)
+        caller_positions = call.get("position_ids") is not None
         pruned, result = self.prune_call(call, settings, left_pad=None)
         pruned.pop("input_ids")
         vision_outputs = pruned.pop("vision_outputs", {})
-        if pruned.get("position_ids") is not None:
+        if pruned.get("position_ids") is not None and not caller_positions:
             self.remember_prefill(pruned["position_ids"], pruned["attention_mask"])
         output = stock_forward(**call, **pruned)
+        if isinstance(output, tuple):  # return_dict=False: the result is in last_pruning only
+            return output
         for name, value in vision_outputs.items():
             if hasattr(output, name):
                 output[name] = value
