@@ -252,7 +252,7 @@ def compact_rows(keep: torch.Tensor, tensors: dict[str, torch.Tensor], pad: dict
         compact = torch.full(
             (keep.shape[0], new_len, *tensor.shape[2:]), pad[name], dtype=tensor.dtype, device=tensor.device
         )
-        compact[real] = tensor[keep]
+        compact[real.to(tensor.device)] = tensor[keep.to(tensor.device)]
         out[name] = compact
     return out, real
 

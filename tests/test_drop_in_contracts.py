@@ -261,6 +261,25 @@ def test_continuing_from_a_stock_cache_equals_the_stock_model(family):
     assert torch.equal(results[0], results[1])
 
 
+def test_a_filled_cache_with_pixel_inputs_is_refused(family):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=family.model.config)
+    with torch.no_grad():
+        family.model(**family.single, cache=cache, use_cache=True, prune_visual_tokens=False)
+    with pytest.raises(ValueError, match="non-empty cache cannot be combined with pruning"):
+        family.model.generate(**family.single, cache=cache, **GREEDY)
+
+
+def test_forward_without_return_dict_returns_the_stock_tuple(family):
+    with torch.no_grad():
+        ours = family.model(**family.single, visual_token_budget=5, return_dict=False)
+        reference = family.model(**family.single, visual_token_budget=5)
+    assert isinstance(ours, tuple)
+    torch.testing.assert_close(ours[0], reference.logits, rtol=0, atol=0)
+    assert family.model.last_pruning.lm_input_length == ours[0].shape[1]
+
+
 @pytest.mark.parametrize("option", ["assistant_model", "prompt_lookup_num_tokens"])
 def test_assisted_decoding_with_pruning_is_refused(family, option):
     value = family.stock if option == "assistant_model" else 2
@@ -423,26 +442,33 @@ def test_auto_device_map_keeps_the_clip_tower_with_the_vision_tower(clip_model):
 # ----------------------------------------------------------------------------- split device map
 
 
-def test_split_device_map_gives_the_unsplit_tokens_and_logits(llava_repo, llava_model, llava_processor, tmp_path):
-    """Vision tower and projector on the CPU, the language model offloaded to disk (accelerate
-    hooks move weights and activations): same kept tokens and logits as the unsplit model."""
-    inputs = llava_processor(images=random_image(0), text=LLAVA_PROMPT, return_tensors="pt")
-    device_map = {
-        "model.vision_tower": "cpu",
-        "model.multi_modal_projector": "cpu",
-        "model.language_model": "disk",
-        "lm_head": "cpu",
-    }
+def test_split_device_map_gives_the_unsplit_tokens_and_logits(family, request, tmp_path):
+    """Vision side on the CPU, the language model offloaded to disk (accelerate hooks move weights
+    and activations between them): the same kept tokens, logits and greedy tokens as the unsplit
+    model. (tools/check_split_device_map.py is the same check with the language model on a GPU.)"""
+    repo = request.getfixturevalue("qwen_repo" if family.name == "qwen2_5_vl" else f"{family.name}_repo")
+    if family.name == "qwen2_5_vl":
+        device_map = {"model.visual": "cpu", "model.language_model": "disk", "lm_head": "cpu"}
+    else:
+        device_map = {
+            "model.vision_tower": "cpu",
+            "model.multi_modal_projector": "cpu",
+            "model.language_model": "disk",
+            "lm_head": "cpu",
+        }
+    if family.name == "llava_next":
+        device_map["model.image_newline"] = "cpu"
     split = AutoModelForImageTextToText.from_pretrained(
-        llava_repo, trust_remote_code=True, device_map=device_map, offload_folder=str(tmp_path)
+        repo, trust_remote_code=True, device_map=device_map, offload_folder=str(tmp_path)
     ).eval()
+    inputs = family.single
     with torch.no_grad():
         ours = split(**inputs, visual_token_budget=5)
-        reference = llava_model(**inputs, visual_token_budget=5)
+        reference = family.model(**inputs, visual_token_budget=5)
     # accelerate's device-map hooks rebuild the output object: the result is in `last_pruning`
     assert [k.tolist() for k in split.last_pruning.keep_indices] == [k.tolist() for k in reference.pruning.keep_indices]
     torch.testing.assert_close(ours.logits, reference.logits)
-    assert torch.equal(split.generate(**inputs, **GREEDY), llava_model.generate(**inputs, **GREEDY))
+    assert torch.equal(split.generate(**inputs, **GREEDY), family.model.generate(**inputs, **GREEDY))
 
 
 # ----------------------------------------------------------------------------- shipped imports
