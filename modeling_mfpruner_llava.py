@@ -206,11 +206,10 @@ class MFPrunerMixin(MFPrunerPipelineMixin):
             )
             # First in module order, so that device_map="auto" puts them with the vision tower
             # (the first module of `model`), not after lm_head on the last device.
-            first = ("clip_text_model", "clip_visual_projection")
-            self._modules = {
-                **{name: self._modules[name] for name in first},
-                **{name: module for name, module in self._modules.items() if name not in first},
-            }
+            for name, module in list(self.named_children()):
+                if name not in ("clip_text_model", "clip_visual_projection"):
+                    delattr(self, name)  # re-added last: the stock modules now follow the CLIP ones
+                    setattr(self, name, module)
             self.post_init()
         install_clip_cue_hooks(self.model.vision_tower, select_layer_index(config))
 
