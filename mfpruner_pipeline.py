@@ -15,9 +15,10 @@ here, once, top to bottom:
 
 Contract (see the README's API section): the only difference from the stock model is the shorter
 prefill. Stock arguments pass through untouched; `max_length` / `min_length` count the original
-prompt; `generate()` returns the original prompt followed by the new tokens. Refused with a
-ValueError while pruning: assisted decoding, continuing from a cache filled by a pruned
-generate(), `inputs_embeds` instead of `input_ids`.
+prompt; `generate()` returns the original prompt followed by the new tokens, and the cache it
+fills carries its keep mask, so that continuing from it (re-feeding the returned sequences) works.
+Refused with a ValueError while pruning: assisted decoding, a non-empty cache of another origin
+with pixel inputs, `inputs_embeds` instead of `input_ids`.
 
 Thread safety: nothing per call is stored on the model. The vision hooks are installed once in
 __init__ and write only into the capture buffer of the current context (`CUE_CAPTURE`, a
@@ -89,8 +90,8 @@ PRUNING_KEYWORDS = (
 # generate() options that run assisted decoding (transformers mishandles a prompt given as
 # `inputs_embeds` there, so a pruned prompt would not match greedy search).
 ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-# The attribute a cache filled by a pruned generate() carries: its (B, L) keep mask.
-PRUNED_CACHE_MARK = "mfpruner_keep_mask"
+# The attribute a cache filled by a pruned generate() carries: a PrunedCacheRecord.
+PRUNED_CACHE_MARK = "mfpruner_pruned_prompt"
 
 # The capture buffer of the current pruning call (a dict the vision hooks fill), None elsewhere.
 CUE_CAPTURE: ContextVar[dict | None] = ContextVar("mfpruner_cue_capture", default=None)
@@ -163,6 +164,18 @@ class EncodedPrompt:
     vision_outputs: dict | None = None
 
 
+@dataclass
+class PrunedCacheRecord:
+    """What continuing from a cache filled by a pruned generate() needs (kept on the cache object).
+
+    keep_mask: (B, L) bool over the sequences that filled it: True where the cache holds the position.
+    rope_deltas: (B, 1) next M-RoPE position minus the cached length (Qwen2.5-VL), else None.
+    """
+
+    keep_mask: torch.Tensor
+    rope_deltas: torch.Tensor | None = None
+
+
 # ----------------------------------------------------------------------------- per-thread results
 
 _THREAD_RESULTS = threading.local()
@@ -226,6 +239,15 @@ class MFPrunerPipelineMixin:
 
     def remember_prefill(self, position_ids, attention_mask) -> None:
         """What the stock forward() stores on the model after a prefill (Qwen2.5-VL: rope_deltas)."""
+
+    def rope_deltas(self, position_ids, attention_mask) -> torch.Tensor | None:
+        """(B, 1) next position minus real length of a pruned prompt, for families whose positions
+        are not the running count (Qwen2.5-VL's M-RoPE); None: the running count."""
+        return None
+
+    def continuation_position_ids(self, attention_mask, rope_deltas) -> torch.Tensor | None:
+        """Position ids of a prompt continued from a pruned cache; None: the stock numbering."""
+        return None
 
     # -- per-thread result ------------------------------------------------------------------
 
@@ -477,16 +499,13 @@ class MFPrunerPipelineMixin:
         known |= set(self.generation_config.to_dict())
         settings = self.pop_pruning_keywords(kwargs, known)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if getattr(cache, PRUNED_CACHE_MARK, None) is not None:
-            raise ValueError(
-                "this cache was filled by a pruned generate(): it holds the pruned prompt, while `sequences` hold the "
-                "original one, so continuing from it would feed the wrong tokens. Generate again from the prompt "
-                "(or pass prune_visual_tokens=False to both calls)"
-            )
         call = inspect.signature(super().generate).bind_partial(*args, **kwargs).arguments
         call.update(call.pop("kwargs", {}))
         if "inputs" in call and "input_ids" not in call:
             call["input_ids"] = call.pop("inputs")
+        record = getattr(cache, PRUNED_CACHE_MARK, None)
+        if record is not None:
+            return self.continue_from_pruned_cache(call, record, cache)
         if not self.wants_pruning(call, settings):
             with stock_call():
                 return super().generate(*args, **kwargs)
@@ -495,18 +514,61 @@ class MFPrunerPipelineMixin:
         prompt_ids = call["input_ids"]
         pruned, result = self.prune_call(call, settings, left_pad=True)
         pruned.pop("vision_outputs", None)
-        removed = prompt_ids.shape[1] - pruned["input_ids"].shape[1]
-        call.update(prompt_lengths_for_pruned_prompt(call, self.generation_config, removed))
-        output = super().generate(**call, **pruned)
-
-        output = restore_prompt(output, prompt_ids, pruned["input_ids"].shape[1])
-        returned_cache = getattr(output, "cache", None) if not isinstance(output, torch.Tensor) else None
-        for filled in (cache, returned_cache):
-            if filled is not None:
-                setattr(filled, PRUNED_CACHE_MARK, result.keep_mask)
+        record = PrunedCacheRecord(result.keep_mask, self.rope_deltas(pruned.get("position_ids"), pruned["attention_mask"]))
+        output = self.generate_on_compacted(call, pruned, prompt_ids, record, cache)
         if not isinstance(output, torch.Tensor):
             output.pruning = result
         return output
+
+    def generate_on_compacted(self, call, compacted, prompt_ids, record, cache):
+        """The stock generate() on a compacted prompt; returns the original prompt + new tokens and
+        marks the cache it filled with `record` (so that continuing from it works)."""
+        removed = prompt_ids.shape[1] - compacted["input_ids"].shape[1]
+        call.update(prompt_lengths_for_pruned_prompt(call, self.generation_config, removed))
+        output = super().generate(**call, **compacted)
+        output = restore_prompt(output, prompt_ids, compacted["input_ids"].shape[1])
+        returned_cache = getattr(output, "cache", None) if not isinstance(output, torch.Tensor) else None
+        for filled in (cache, returned_cache):
+            if filled is not None:
+                setattr(filled, PRUNED_CACHE_MARK, record)
+        return output
+
+    def continue_from_pruned_cache(self, call: dict, record: PrunedCacheRecord, cache):
+        """generate(input_ids=<sequences of a pruned generate() + more>, cache=<its cache>): drops the
+        positions the cache never held (the pruned visual tokens and old padding) from the re-fed
+        prompt, so the stock generate() feeds only the uncached tokens. The images are in the
+        cache already: pixel inputs are ignored."""
+        input_ids = call.pop("input_ids", None)
+        if input_ids is None or call.pop("inputs_embeds", None) is not None:
+            raise ValueError("continuing from a pruned cache needs `input_ids` (the returned sequences, then new tokens)")
+        for name in self.visual_input_names:
+            call.pop(name, None)
+        attention_mask = call.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows = input_ids.shape[0]
+        if rows % record.keep_mask.shape[0] or input_ids.shape[1] < record.keep_mask.shape[1]:
+            raise ValueError(
+                "`input_ids` must start with the sequences of the generate() call that filled this cache "
+                f"({record.keep_mask.shape[0]} row(s) of length >= {record.keep_mask.shape[1]}), "
+                f"got shape {tuple(input_ids.shape)}"
+            )
+        repeat = rows // record.keep_mask.shape[0]
+        old_keep = record.keep_mask.repeat_interleave(repeat, dim=0).to(attention_mask.device)
+        new_part = attention_mask[:, old_keep.shape[1] :].bool()
+        keep = torch.cat([old_keep, new_part], dim=-1)
+        pad_id = self.config.text_config.pad_token_id
+        compacted, _ = compact_rows(
+            keep,
+            {"input_ids": input_ids, "attention_mask": attention_mask},
+            {"input_ids": pad_id if pad_id is not None else 0, "attention_mask": 0},
+            left=True,
+        )
+        deltas = None if record.rope_deltas is None else record.rope_deltas.repeat_interleave(repeat, dim=0)
+        positions = self.continuation_position_ids(compacted["attention_mask"], deltas)
+        if positions is not None:
+            compacted["position_ids"] = positions
+        return self.generate_on_compacted(call, compacted, input_ids, PrunedCacheRecord(keep.cpu(), deltas), cache)
 
     def refuse_unsupported_generation(self, call: dict, cache) -> None:
         config = call.get("generation_config") or self.generation_config

@@ -276,12 +276,23 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
         text_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         return torch.cat([text_positions[None].to(positions.device), positions], dim=0)
 
-    def remember_prefill(self, position_ids, attention_mask) -> None:
-        """As the stock forward(): rope_deltas = next position - real length, per row."""
+    def rope_deltas(self, position_ids, attention_mask):
+        """(B, 1) next M-RoPE position - real length of each row (what the stock model adds to a
+        running count to continue)."""
         mrope = position_ids[-3:]
         mask = attention_mask.to(mrope.device)
         real_max = mrope.masked_fill(mask[None] == 0, 0).amax(dim=(0, 2))  # (B,)
-        self.model.rope_deltas = (real_max + 1 - mask.sum(dim=-1))[:, None]
+        return (real_max + 1 - mask.sum(dim=-1))[:, None]
+
+    def remember_prefill(self, position_ids, attention_mask) -> None:
+        """As the stock forward(): stores rope_deltas on the model (manual decoding reads it)."""
+        self.model.rope_deltas = self.rope_deltas(position_ids, attention_mask)
+
+    def continuation_position_ids(self, attention_mask, rope_deltas):
+        """(4, B, L): the running text count, and count + rope_deltas in the three M-RoPE rows."""
+        text_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        mrope = text_positions[None].expand(3, -1, -1) + rope_deltas.to(text_positions.device)[None]
+        return torch.cat([text_positions[None], mrope], dim=0)
 
 
 register_stock_key_layout(MFPrunerQwen2_5_VLForConditionalGeneration, "Qwen2_5_VLForConditionalGeneration")

@@ -230,20 +230,29 @@ def test_caller_position_ids_are_gathered_at_the_kept_positions(family):
 # ----------------------------------------------------------------------------- caches, assisted decoding
 
 
-def test_continuing_from_a_pruned_generate_cache_is_refused(family):
-    inputs = family.single
-    out = family.model.generate(**inputs, return_dict_in_generate=True, **GREEDY)
-    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + GREEDY["max_new_tokens"]
-    assert out.cache.get_seq_length() == family.model.last_pruning.lm_input_length + GREEDY["max_new_tokens"] - 1
-    mask = torch.ones_like(out.sequences)
-    for prune in (True, False):
-        with pytest.raises(ValueError, match="cache was filled by a pruned generate"):
-            family.model.generate(
-                **dict(inputs, input_ids=out.sequences, attention_mask=mask),
-                cache=out.cache,
-                prune_visual_tokens=prune,
-                **GREEDY,
-            )
+@pytest.mark.parametrize("batch", [False, True], ids=["one-row", "padded-batch"])
+def test_continuing_from_a_pruned_generate_cache_equals_one_call(family, batch):
+    """The transformers continue-from-cache check with pruning on: generate 3 tokens, then 1 more
+    from the returned cache with the returned sequences (and the same pixel inputs) re-fed: the
+    same tokens and logits as generating 4 at once."""
+    inputs = family.batch if batch else family.single
+    once = family.model.generate(
+        **inputs, do_sample=False, max_new_tokens=4, return_dict_in_generate=True, output_logits=True
+    )
+    first = family.model.generate(**inputs, do_sample=False, max_new_tokens=3, return_dict_in_generate=True)
+    assert first.sequences.shape[1] == inputs["input_ids"].shape[1] + 3  # the original prompt + 3
+    assert first.cache.get_seq_length() == first.pruning.lm_input_length + 2
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(first.sequences[:, inputs["input_ids"].shape[1] :])], -1)
+    second = family.model.generate(
+        **dict(inputs, input_ids=first.sequences, attention_mask=mask),
+        cache=first.cache,
+        do_sample=False,
+        max_new_tokens=1,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    assert torch.equal(second.sequences, once.sequences)
+    torch.testing.assert_close(second.logits[0], once.logits[3])
 
 
 def test_continuing_from_a_stock_cache_equals_the_stock_model(family):
