@@ -214,8 +214,8 @@ class MFPrunerPipelineMixin:
         generate() reads the signature (e.g. to send `logits_to_keep`)."""
         super().__init_subclass__(**kwargs)
         stock_forward = getattr(super(MFPrunerPipelineMixin, cls), "forward", None)
-        if stock_forward is None or getattr(stock_forward, "__mfpruner__", False):
-            return  # an intermediate mixin (no stock class yet), or a subclass of a family: done
+        if stock_forward is None or "forward" in vars(cls) or getattr(cls.forward, "__mfpruner__", False):
+            return  # an intermediate mixin (no stock class yet), an own forward(), or a family's subclass
 
         def forward(self, *args, **kwargs):
             return MFPrunerPipelineMixin.pruning_forward(self, *args, **kwargs)
