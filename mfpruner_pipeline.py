@@ -364,10 +364,17 @@ class MFPrunerPipelineMixin:
                 "pass `input_ids`, not `inputs_embeds`, with pixel inputs: MFPruner locates the visual tokens by id"
             )
         attention_mask = call.pop("attention_mask", None)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         labels = call.pop("labels", None)
         caller_positions = call.pop("position_ids", None)
+        if attention_mask is None and caller_positions is not None and bool((caller_positions.diff(dim=-1) < 0).any()):
+            # The stock code reads restarting positions without a mask as packed sequences; the
+            # gaps the pruning leaves would read as sequence starts too.
+            raise ValueError(
+                "packed sequences (`position_ids` restarting within a row, no `attention_mask`) cannot be pruned: "
+                "pass one sequence per row with an `attention_mask`, or prune_visual_tokens=False"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         visual = {name: call.pop(name, None) for name in self.visual_input_names}
         timings = {}
 

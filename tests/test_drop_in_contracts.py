@@ -227,6 +227,19 @@ def test_caller_position_ids_are_gathered_at_the_kept_positions(family):
     assert torch.equal(calls[0]["position_ids"], positions[..., keep[0]])
 
 
+def test_packed_sequences_without_a_mask_are_refused(family):
+    """Restarting `position_ids` and no mask mean packed sequences to the stock code; the gaps of
+    a pruned prompt would read as more sequence starts, so pruning refuses them."""
+    inputs = {k: v for k, v in family.single.items() if k != "attention_mask"}
+    length = inputs["input_ids"].shape[1]
+    positions = torch.cat([torch.arange(4), torch.arange(length - 4)])[None]  # two packed sequences
+    if family.name == "qwen2_5_vl":
+        positions = positions[None].expand(3, 1, -1)
+    with pytest.raises(ValueError, match="packed sequences"):
+        with torch.no_grad():
+            family.model(**inputs, position_ids=positions)
+
+
 # ----------------------------------------------------------------------------- caches, assisted decoding
 
 
