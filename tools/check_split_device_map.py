@@ -23,15 +23,18 @@ from tools.tiny_models import build_tiny_llava, build_tiny_llava_next, build_tin
 
 LLAVA_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is in the image?<|im_end|>\n<|im_start|>assistant\n"
+LLAVA_MAP = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "model.language_model": 0, "lm_head": 0}
 VISION_ON_CPU = {
-    "llava": {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "model.language_model": 0, "lm_head": 0},
-    "qwen": {"model.visual": "cpu", "model.language_model": 0, "lm_head": 0},
+    "llava": LLAVA_MAP,
+    "llava_next": {**LLAVA_MAP, "model.image_newline": "cpu"},
+    "qwen2_5_vl": {"model.visual": "cpu", "model.language_model": 0, "lm_head": 0},
 }
 
 
 def family_inputs(name: str, repo: Path) -> dict:
     if name == "qwen2_5_vl":
-        tokenizer, image_processor = AutoTokenizer.from_pretrained(repo), AutoImageProcessor.from_pretrained(repo)
+        tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
+        image_processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
         return qwen_inputs(tokenizer, image_processor, [QWEN_PROMPT], images=[random_image(1, (112, 84))])
     processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
     size = (96, 80) if name == "llava" else (100, 60)
@@ -40,7 +43,7 @@ def family_inputs(name: str, repo: Path) -> dict:
 
 def check(name: str, repo: Path) -> bool:
     inputs = family_inputs(name, repo)
-    device_map = VISION_ON_CPU["qwen" if name == "qwen2_5_vl" else "llava"]
+    device_map = VISION_ON_CPU[name]
     reference = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
     split = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, device_map=device_map).eval()
     with torch.no_grad():
