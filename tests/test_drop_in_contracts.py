@@ -9,7 +9,6 @@ limits, caches, assisted decoding, position ids, threads, device maps."""
 from __future__ import annotations
 
 import ast
-import copy
 import logging
 import threading
 from pathlib import Path
