@@ -354,6 +354,22 @@ def test_two_threads_give_the_sequential_results(family):
             assert torch.equal(sequences, expected[t][0]) and keep == expected[t][1] and own
 
 
+def test_no_hooks_are_added_or_removed_per_call(family):
+    """The cue capture is installed once (in __init__): a pruning call leaves every module's hooks
+    as they were, and no capture buffer stays active."""
+    from mfpruner_pipeline import CUE_CAPTURE
+
+    def hooks():
+        return [
+            (name, len(module._forward_hooks), len(module._forward_pre_hooks))
+            for name, module in family.model.named_modules()
+        ]
+
+    before = hooks()
+    family.model.generate(**family.single, **GREEDY)
+    assert hooks() == before and CUE_CAPTURE.get() is None
+
+
 def test_last_pruning_is_per_thread(family):
     family.model.generate(**family.single, visual_token_budget=3, **GREEDY)
     mine = family.model.last_pruning
