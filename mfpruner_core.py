@@ -252,7 +252,7 @@ def compact_rows(keep: torch.Tensor, tensors: dict[str, torch.Tensor], pad: dict
         compact = torch.full(
             (keep.shape[0], new_len, *tensor.shape[2:]), pad[name], dtype=tensor.dtype, device=tensor.device
         )
-        compact[real] = tensor[keep]
+        compact[real.to(tensor.device)] = tensor[keep.to(tensor.device)]
         out[name] = compact
     return out, real
 
@@ -284,6 +284,12 @@ class MFPrunerResult:
         [col / C, (col + 1) / C) of the image the processor saw (LLaVA-1.5: its center crop;
         LLaVA-NeXT's grid: the unpadded high-res image, whose unpadding can cut thin edges;
         app.py replays the processors' geometry exactly).
+    relevance_source: "clip_text" or "llm", the source cue C used (None without that cue).
+    visual_token_budget / visual_token_ratio: the budget rule the call used (one is None).
+    min_votes, fill_by: the vote threshold and fill rule the call used.
+    timings: wall seconds per stage of the call: "vision" (tower incl. cue capture), "cues",
+        "vote", "splice" (no device syncs: approximate on CUDA).
+    keep_mask: (B, L) bool over the original prompt, True where the language model got the position.
     """
 
     keep_indices: list[torch.Tensor]
@@ -295,6 +301,13 @@ class MFPrunerResult:
     kinds: list[str] = field(default_factory=list)
     base_grids: list[tuple[int, int]] = field(default_factory=list)
     layouts: list[torch.Tensor] = field(default_factory=list)
+    relevance_source: str | None = None
+    visual_token_budget: int | None = None
+    visual_token_ratio: float | None = None
+    min_votes: int | None = None
+    fill_by: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    keep_mask: torch.Tensor | None = None
 
 
 LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE = 0, 1, 2
@@ -312,6 +325,7 @@ def vote_candidates(cues: dict[str, torch.Tensor], candidates: torch.Tensor, bud
     cues: {name: (n,)} scores of the n candidates; candidates: (N,) bool. Returns the (k',) kept
     indices into all N tokens, ascending: the k voted candidates plus every non-candidate.
     """
+    candidates = candidates.to(next(iter(cues.values())).device)
     positions = candidates.nonzero()[:, 0]  # (n,)
     k = resolve_budget(len(positions), budget, ratio)
     kept = select_tokens({name: score[None] for name, score in cues.items()}, k, min(min_votes, len(cues)), fill_by)[0]
@@ -354,10 +368,10 @@ def keep_mask_for_images(is_image, keep_indices, tokens_per_image, keep=None):
     """(B, L) bool: True for the kept positions of every image, and elsewhere `keep` (default:
     every non-image position). keep_indices[i]: (k_i,) into image i's tokens_per_image[i] tokens."""
     flat_keep = torch.cat(
-        [torch.zeros(n, dtype=torch.bool, device=is_image.device).index_fill_(0, idx, True)
+        [torch.zeros(n, dtype=torch.bool, device=is_image.device).index_fill_(0, idx.to(is_image.device), True)
          for idx, n in zip(keep_indices, tokens_per_image)]
     )
-    keep = ~is_image if keep is None else keep.clone()
+    keep = ~is_image if keep is None else keep.to(is_image.device, copy=True)
     keep[is_image] = flat_keep
     return keep
 

@@ -2,20 +2,15 @@
 (llava-hf/llava-v1.6-vicuna-7b-hf and the other LlavaNextForConditionalGeneration checkpoints).
 
 The path, top to bottom:
-  pixels -> CLIP vision tower, with hooks on the select layer ([CLS] query, keys, features)
+  pixels -> CLIP vision tower; hooks installed once on the select layer ([CLS] query, keys,
+            features) write into the call's capture buffer (mfpruner_pipeline.CUE_CAPTURE)
          -> projector (LLaVA-NeXT: + packing of the tiles) -> visual tokens scattered into the
             prompt embeddings
-         -> cues (attention, uniqueness, relevance) -> vote per image (mfpruner_core) -> keep mask
-         -> drop pruned image positions (embeddings, mask, labels), re-pad -> language model.
+         -> cues, vote, splice, language model: mfpruner_pipeline.MFPrunerPipelineMixin.
 
-`MFPrunerMixin` holds all of that; each model class only says how its images become visual
-tokens plus per-token cue inputs (`encode_images`). `generate()` prunes once, then runs the
-stock `generate()` on the kept embeddings, so the prefill and the KV cache are truly shorter.
-`forward(pixel_values=...)` prunes the same way (logits have the pruned length; `labels` are
-pruned with the tokens).
-
-After each pruning call `model.last_pruning` holds an `MFPrunerResult`: per image, the kept
-indices into its visual tokens, each cue's scores, and where each token comes from.
+This file holds only the visual encoding of the two LLaVA families (`encode_images`) and the
+optional CLIP text tower of the paper's relevance cue. See mfpruner_pipeline for the contract of
+generate() / forward() and where the per-call `MFPrunerResult` lives.
 """
 
 from __future__ import annotations
@@ -31,52 +26,73 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
 )
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 try:
-    from .configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, validate_mfpruner_settings
-    from .mfpruner_core import (
-        LAYOUT_GRID,
-        LAYOUT_NEWLINE,
-        MFPrunerResult,
-        attention_from_query,
-        auto_map_with_auto_model,
-        check_image_tokens,
-        grid_layout,
-        keep_mask_for_images,
-        restore_prompt,
-        vote_candidates,
-        call_budget,
-        call_min_votes,
-        clip_text_relevance,
-        compact_rows,
-        llm_relevance,
-        min_max_normalize,
-        uniqueness,
+    from .configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig
+    from .mfpruner_core import LAYOUT_GRID, LAYOUT_NEWLINE, MFPrunerResult, attention_from_query, check_image_tokens, grid_layout
+    from .mfpruner_pipeline import (
+        CUE_CAPTURE,
+        EncodedPrompt,
+        MFPrunerPipelineMixin,
+        VisualItem,
+        cue_capture,
+        register_stock_key_layout,
     )
 except ImportError:  # imported as a top-level module (tests, tools)
-    from configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, validate_mfpruner_settings
-    from mfpruner_core import (
-        LAYOUT_GRID,
-        LAYOUT_NEWLINE,
-        MFPrunerResult,
-        attention_from_query,
-        auto_map_with_auto_model,
-        check_image_tokens,
-        grid_layout,
-        keep_mask_for_images,
-        restore_prompt,
-        vote_candidates,
-        call_budget,
-        call_min_votes,
-        clip_text_relevance,
-        compact_rows,
-        llm_relevance,
-        min_max_normalize,
-        uniqueness,
+    from configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig
+    from mfpruner_core import LAYOUT_GRID, LAYOUT_NEWLINE, MFPrunerResult, attention_from_query, check_image_tokens, grid_layout
+    from mfpruner_pipeline import (
+        CUE_CAPTURE,
+        EncodedPrompt,
+        MFPrunerPipelineMixin,
+        VisualItem,
+        cue_capture,
+        register_stock_key_layout,
     )
 
+
+# ----------------------------------------------------------------------------- anyres geometry
+# Small helpers of the stock LLaVA-NeXT code, copied so that the shipped file imports only public
+# transformers API (exported repos keep this code; a rename inside transformers must not break them).
+
+
+# Copied from transformers.image_processing_utils.select_best_resolution (v5.24)
+def select_best_resolution(original_size: tuple, possible_resolutions: list) -> tuple:
+    """(height, width) of the grid pinpoint that keeps the most of the image and wastes the least."""
+    original_height, original_width = original_size
+    best_fit = None
+    max_effective_resolution = 0
+    min_wasted_resolution = float("inf")
+    for height, width in possible_resolutions:
+        scale = min(width / original_width, height / original_height)
+        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
+        effective_resolution = min(downscaled_width * downscaled_height, original_width * original_height)
+        wasted_resolution = (width * height) - effective_resolution
+        if effective_resolution > max_effective_resolution or (
+            effective_resolution == max_effective_resolution and wasted_resolution < min_wasted_resolution
+        ):
+            max_effective_resolution = effective_resolution
+            min_wasted_resolution = wasted_resolution
+            best_fit = (height, width)
+    return best_fit
+
+
+def as_size_list(image_size) -> list:
+    return list(image_size) if isinstance(image_size, (list, tuple)) else image_size.tolist()
+
+
+# Copied from transformers.models.llava_next.modeling_llava_next.get_anyres_image_grid_shape (v5.24)
+def get_anyres_image_grid_shape(image_size, grid_pinpoints, patch_size):
+    """(rows, cols) of high-res tiles the processor cut an image of `image_size` (height, width) into."""
+    height, width = select_best_resolution(as_size_list(image_size), grid_pinpoints)
+    return height // patch_size, width // patch_size
+
+
+# Copied from transformers.models.llava_next.modeling_llava_next.image_size_to_num_patches (v5.24)
+def image_size_to_num_patches(image_size, grid_pinpoints, patch_size: int) -> int:
+    """Tiles of one image: the high-res grid plus the base tile."""
+    height, width = select_best_resolution(as_size_list(image_size), grid_pinpoints)
+    return len(range(0, height, patch_size)) * len(range(0, width, patch_size)) + 1
 
 
 @dataclass
@@ -88,6 +104,7 @@ class EncodedImages:
     select_features[i]: (N_i, C) select-layer vision features (for the CLIP relevance cue; None
         when the model has no CLIP text tower and does not need them).
     candidates[i]: (N_i,) bool, the tokens that compete for the budget.
+    vision_output: the stock `get_image_features` output (returned as `image_outputs`).
     """
 
     tokens: list[torch.Tensor]
@@ -97,6 +114,7 @@ class EncodedImages:
     grids: list[tuple[int, int]]
     base_grids: list[tuple[int, int]]
     layouts: list[torch.Tensor]
+    vision_output: object = None
 
 
 # ----------------------------------------------------------------------------- cue capture
@@ -110,31 +128,46 @@ def clip_encoder_layer_index(select_layer: int, num_layers: int) -> int:
     return index
 
 
-@contextmanager
-def capture_clip_select_layer(vision_tower, select_layer: int):
-    """Hooks the select layer of a CLIP vision tower for one forward pass.
-
-    Yields a dict that fills with: "q_cls" (B, H, Dh) the [CLS] query, "k" (B, H, T, Dh) the
-    keys, "hidden" (B, T, C) the layer's output (T = 1 + patches). Works under any attention
-    implementation, since it reads the projections, not the attention weights.
-    """
+def install_clip_cue_hooks(vision_tower, select_layer: int) -> list:
+    """Hooks the select layer of a CLIP vision tower, once. While a capture buffer is active
+    (mfpruner_pipeline.cue_capture) they fill it with: "q_cls" (B, H, Dh) the [CLS] query, "k"
+    (B, H, T, Dh) the keys, "hidden" (B, T, C) the layer's output (T = 1 + patches); otherwise
+    they return at once. Any attention implementation works: they read the projections, not
+    the attention weights. Returns the hook handles."""
     layers = vision_tower.encoder.layers
     layer = layers[clip_encoder_layer_index(select_layer, len(layers))]
     attention = layer.self_attn
-    captured = {}
 
     def heads(x):  # (B, T, C) -> (B, H, T, Dh)
         return x.detach().view(x.shape[0], x.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
 
-    handles = [
-        attention.q_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("q_cls", heads(out[:, :1])[:, :, 0])),
-        attention.k_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("k", heads(out))),
-        layer.register_forward_hook(
-            lambda m, i, out: captured.__setitem__("hidden", (out[0] if isinstance(out, tuple) else out).detach())
-        ),
+    def on_query(module, args, out):
+        if (captured := CUE_CAPTURE.get()) is not None:
+            captured["q_cls"] = heads(out[:, :1])[:, :, 0]
+
+    def on_keys(module, args, out):
+        if (captured := CUE_CAPTURE.get()) is not None:
+            captured["k"] = heads(out)
+
+    def on_layer(module, args, out):
+        if (captured := CUE_CAPTURE.get()) is not None:
+            captured["hidden"] = (out[0] if isinstance(out, tuple) else out).detach()
+
+    return [
+        attention.q_proj.register_forward_hook(on_query),
+        attention.k_proj.register_forward_hook(on_keys),
+        layer.register_forward_hook(on_layer),
     ]
+
+
+@contextmanager
+def capture_clip_select_layer(vision_tower, select_layer: int):
+    """For a bare CLIP vision tower (tools, tests): hooks its select layer for the block and
+    yields the filled capture dict. The MFPruner models install their hooks once instead."""
+    handles = install_clip_cue_hooks(vision_tower, select_layer)
     try:
-        yield captured
+        with cue_capture() as captured:
+            yield captured
     finally:
         for handle in handles:
             handle.remove()
@@ -153,258 +186,72 @@ def select_layer_index(config) -> int:
     return layer[-1] if isinstance(layer, (list, tuple)) else layer
 
 
-# ----------------------------------------------------------------------------- prompt bookkeeping
-
-
-def scatter_to_all(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(n,) candidate scores -> (N,) with 0 at the non-candidate positions."""
-    full = torch.zeros(candidates.shape, dtype=score.dtype, device=score.device)
-    full[candidates] = score
-    return full
-
-
 # ----------------------------------------------------------------------------- models
 
 
-class MFPrunerMixin:
-    """Everything the LLaVA-family MFPruner models share: the cues, the per-image vote, the splice,
-    and the generate() / forward() entry points. A model class puts this mixin before its stock
-    class and implements `encode_images(pixel_values, image_sizes) -> EncodedImages`."""
+class MFPrunerMixin(MFPrunerPipelineMixin):
+    """What the LLaVA-family MFPruner models share: the cue hooks, the optional CLIP text tower,
+    and the step from `encode_images` (per family) to the pipeline's `EncodedPrompt`."""
+
+    pixel_input_names = ("pixel_values",)
+    visual_input_names = ("pixel_values", "image_sizes")
 
     def __init__(self, config):
         super().__init__(config)
-        self.last_pruning: MFPrunerResult | None = None
         if config.clip_text_config is not None:  # the paper's relevance cue: CLIP text tower + visual projection
             text_config = CLIPTextConfig(**config.clip_text_config)
             self.clip_text_model = CLIPTextModelWithProjection(text_config)
             self.clip_visual_projection = nn.Linear(
                 config.vision_config.hidden_size, text_config.projection_dim, bias=False
             )
+            # First in module order, so that device_map="auto" puts them with the vision tower
+            # (the first module of `model`), not after lm_head on the last device.
+            for name, module in list(self.named_children()):
+                if name not in ("clip_text_model", "clip_visual_projection"):
+                    delattr(self, name)  # re-added last: the stock modules now follow the CLIP ones
+                    setattr(self, name, module)
             self.post_init()
+        install_clip_cue_hooks(self.model.vision_tower, select_layer_index(config))
 
     def encode_images(self, pixel_values, image_sizes=None) -> EncodedImages:
         raise NotImplementedError
 
-    # -- cues -------------------------------------------------------------------------------
+    def clip_image_embeddings(self, select_features):
+        """Select-layer features (n, C) -> (n, E) in CLIP's joint space (the paper's cue C)."""
+        normed = self.model.vision_tower.post_layernorm(select_features)
+        weight = self.clip_visual_projection.weight
+        return self.clip_visual_projection(normed.to(weight.device, weight.dtype))
 
-    def clip_text_embeddings(self, clip_input_ids, clip_attention_mask):
-        """CLIP text tower on the instruction segments: (B, M, T) ids -> ((B, M, E) embeddings,
-        (B, M) bool, which segments are real)."""
-        batch, segments, length = clip_input_ids.shape
-        if clip_attention_mask is None:
-            clip_attention_mask = torch.ones_like(clip_input_ids)
-        text = self.clip_text_model(
-            input_ids=clip_input_ids.reshape(-1, length), attention_mask=clip_attention_mask.reshape(-1, length)
-        ).text_embeds.view(batch, segments, -1)
-        return text, clip_attention_mask.bool().any(dim=-1)
-
-    def clip_text_relevance_scores(self, select_features, text, segment_mask):
-        """Paper's cue C for one image: (n, C) select-layer features vs (M, E) text segments -> (n,)."""
-        image = self.clip_visual_projection(self.model.vision_tower.post_layernorm(select_features))  # (n, E)
-        return clip_text_relevance(image[None], text[None].to(image.dtype), segment_mask[None])[0]
-
-    def relevance_source(self, clip_input_ids) -> str:
-        has_tower = hasattr(self, "clip_text_model")
-        source = self.config.relevance_source
-        if source == "clip_text" and (not has_tower or clip_input_ids is None):
-            raise ValueError(
-                "relevance_source='clip_text' needs a model with a CLIP text tower (config.clip_text_config) "
-                "and `clip_input_ids` in the call (the processor of an MFPruner repo makes them)"
-            )
-        if source == "auto":
-            return "clip_text" if has_tower and clip_input_ids is not None else "llm"
-        return source
-
-    def image_cues(self, images: EncodedImages, i: int, row: int, inputs_embeds, text_mask, clip_text):
-        """Image i's cues over its candidate tokens: {name: (n,)}. Cue A is min-max normalised over
-        the image's candidates (all its tiles together); uniqueness and relevance see all of them."""
-        candidates = images.candidates[i]
-        visual = images.tokens[i][candidates][None]  # (1, n, D)
-        cues = {}
-        for name in self.config.mfpruner_cues:
-            if name == "attention":
-                cues[name] = min_max_normalize(images.attention[i][candidates][None])[0]
-            elif name == "uniqueness":
-                cues[name] = uniqueness(visual)[0]
-            elif clip_text is not None:
-                text, segment_mask = clip_text
-                cues[name] = self.clip_text_relevance_scores(
-                    images.select_features[i][candidates], text[row], segment_mask[row]
-                )
-            else:
-                cues[name] = llm_relevance(visual, inputs_embeds[row][None], text_mask[row][None])[0]
-        return cues
-
-    # -- pruning ----------------------------------------------------------------------------
-
-    def prune_inputs(
-        self,
-        input_ids,
-        pixel_values,
-        attention_mask=None,
-        labels=None,
-        image_sizes=None,
-        visual_token_budget=None,
-        visual_token_ratio=None,
-        clip_input_ids=None,
-        clip_attention_mask=None,
-        left_pad: bool | None = None,
-        min_votes: int | None = None,
-    ) -> dict:
-        """Encodes the images, votes per image, and returns the pruned language-model inputs:
-        input_ids, inputs_embeds, attention_mask (and labels), re-padded. The budget and
-        `min_votes` arguments override the config's for this call."""
-        validate_mfpruner_settings(self.config)  # the config may have been edited since loading
-        budget, ratio = call_budget(
-            self.config.visual_token_budget, self.config.visual_token_ratio, visual_token_budget, visual_token_ratio
-        )
-        min_votes = call_min_votes(self.config.min_votes, min_votes)
+    def encode_visual(self, input_ids, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
+        """Vision tower (with the cue capture) -> tokens scattered into the prompt embeddings."""
+        pixel_values, image_sizes = visual["pixel_values"], visual["image_sizes"]
         image_token_id = self.config.image_token_id
-        if input_ids is None or not (input_ids == image_token_id).any():
+        if not (input_ids == image_token_id).any():
             check_image_tokens(input_ids, image_token_id, len(pixel_values), [1])  # raises the clear error
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         images = self.encode_images(pixel_values, image_sizes)
         tokens_per_image = [len(t) for t in images.tokens]
-        image_to_row = check_image_tokens(input_ids, image_token_id, len(tokens_per_image), tokens_per_image)
+        rows = check_image_tokens(input_ids, image_token_id, len(tokens_per_image), tokens_per_image)
 
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        is_image = input_ids == image_token_id
-        visual = torch.cat(images.tokens).to(inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(is_image[..., None], visual)
-
-        with torch.no_grad():
-            source = self.relevance_source(clip_input_ids) if "relevance" in self.config.mfpruner_cues else None
-            clip_text = self.clip_text_embeddings(clip_input_ids, clip_attention_mask) if source == "clip_text" else None
-            text_mask = attention_mask.bool() & ~is_image
-            keep_indices, cue_scores = [], {name: [] for name in self.config.mfpruner_cues}
-            for i, row in enumerate(image_to_row):  # per image: token counts may differ
-                cues = self.image_cues(images, i, row, inputs_embeds, text_mask, clip_text)
-                candidates = images.candidates[i]
-                keep_indices.append(
-                    vote_candidates(cues, candidates, budget, ratio, min_votes, self.config.fill_by)
-                )
-                for name, score in cues.items():
-                    cue_scores[name].append(scatter_to_all(score, candidates).cpu())
-
-        keep = keep_mask_for_images(is_image, keep_indices, tokens_per_image)
-        if left_pad is None:  # keep the caller's padding side
-            left_pad = not bool((attention_mask[:, -1] == 0).any())
-        pad_id = self.config.text_config.pad_token_id
-        tensors = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        pads = {"input_ids": pad_id if pad_id is not None else 0, "inputs_embeds": 0.0, "attention_mask": 0}
-        if labels is not None:
-            tensors["labels"], pads["labels"] = labels, -100
-        pruned, _ = compact_rows(keep, tensors, pads, left=left_pad)
-
-        self.last_pruning = MFPrunerResult(
-            keep_indices=[idx.cpu() for idx in keep_indices],
-            cue_scores=cue_scores,
-            num_visual_tokens=tokens_per_image,
-            image_to_row=image_to_row,
-            lm_input_length=pruned["input_ids"].shape[1],
-            grids=images.grids,
-            base_grids=images.base_grids,
-            layouts=[layout.cpu() for layout in images.layouts],
-        )
-        return pruned
-
-    # -- entry points -----------------------------------------------------------------------
-
-    def save_pretrained(self, *args, **kwargs):
-        self.config.auto_map = auto_map_with_auto_model(getattr(self.config, "auto_map", None), self)
-        return super().save_pretrained(*args, **kwargs)
-
-    def forward(
-        self,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        labels=None,
-        image_sizes=None,
-        visual_token_budget: int | None = None,
-        visual_token_ratio: float | None = None,
-        prune_visual_tokens: bool | None = None,
-        clip_input_ids=None,
-        clip_attention_mask=None,
-        min_votes: int | None = None,
-        **kwargs,
-    ):
-        """Stock forward; with `pixel_values` the visual tokens are pruned first (logits and the
-        loss then cover the pruned sequence; `labels` are pruned with it)."""
-        prune = self.config.prune_visual_tokens if prune_visual_tokens is None else prune_visual_tokens
-        if pixel_values is None or not prune:
-            if image_sizes is not None:  # only passed on when given: LLaVA-1.5 ignores it
-                kwargs["image_sizes"] = image_sizes
-            return super().forward(
-                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels, **kwargs
+        visual_tokens = torch.cat(images.tokens).to(inputs_embeds.device, inputs_embeds.dtype)
+        is_image = (input_ids == image_token_id).to(inputs_embeds.device)
+        inputs_embeds = inputs_embeds.masked_scatter(is_image[..., None], visual_tokens)
+        items = [
+            VisualItem(
+                kind="image",
+                token_id=image_token_id,
+                row=row,
+                tokens=images.tokens[i],
+                attention=images.attention[i],
+                select_features=images.select_features[i],
+                candidates=images.candidates[i],
+                grid=images.grids[i],
+                base_grid=images.base_grids[i],
+                layout=images.layouts[i],
             )
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("pass `input_ids`, not `inputs_embeds`, with `pixel_values`: MFPruner locates image tokens by id")
-        pruned = self.prune_inputs(
-            input_ids,
-            pixel_values,
-            attention_mask=attention_mask,
-            labels=labels,
-            image_sizes=image_sizes,
-            visual_token_budget=visual_token_budget,
-            visual_token_ratio=visual_token_ratio,
-            clip_input_ids=clip_input_ids,
-            clip_attention_mask=clip_attention_mask,
-            min_votes=min_votes,
-        )
-        kwargs.pop("position_ids", None)  # renumbered over the pruned sequence, as in generate()
-        mask = pruned["attention_mask"]
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return super().forward(
-            inputs_embeds=pruned["inputs_embeds"],
-            attention_mask=mask,
-            position_ids=position_ids,
-            labels=pruned.get("labels"),
-            **kwargs,
-        )
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        visual_token_budget: int | None = None,
-        visual_token_ratio: float | None = None,
-        prune_visual_tokens: bool | None = None,
-        clip_input_ids=None,
-        clip_attention_mask=None,
-        min_votes: int | None = None,
-        **kwargs,
-    ):
-        """Stock generate on the pruned prompt. Returns the original (unpruned) prompt followed by
-        the new tokens, as the stock model does, so `out[:, input_ids.shape[1]:]` is the answer."""
-        prune = self.config.prune_visual_tokens if prune_visual_tokens is None else prune_visual_tokens
-        if pixel_values is None or not prune:  # the stock path; forward() must not prune either
-            return super().generate(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                prune_visual_tokens=False,
-                **kwargs,
-            )
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("pass `input_ids`, not `inputs_embeds`, with `pixel_values`: MFPruner locates image tokens by id")
-        pruned = self.prune_inputs(
-            input_ids,
-            pixel_values,
-            attention_mask=attention_mask,
-            image_sizes=kwargs.pop("image_sizes", None),
-            visual_token_budget=visual_token_budget,
-            visual_token_ratio=visual_token_ratio,
-            clip_input_ids=clip_input_ids,
-            clip_attention_mask=clip_attention_mask,
-            left_pad=True,
-            min_votes=min_votes,
-        )
-        output = super().generate(**pruned, **kwargs)
-        return restore_prompt(output, input_ids, pruned["input_ids"].shape[1])
+            for i, row in enumerate(rows)
+        ]
+        return EncodedPrompt(inputs_embeds=inputs_embeds, items=items, vision_outputs={"image_outputs": images.vision_output})
 
 
 class MFPrunerLlavaForConditionalGeneration(MFPrunerMixin, LlavaForConditionalGeneration):
@@ -413,12 +260,12 @@ class MFPrunerLlavaForConditionalGeneration(MFPrunerMixin, LlavaForConditionalGe
     config_class = MFPrunerLlavaConfig
 
     def encode_images(self, pixel_values, image_sizes=None) -> EncodedImages:
-        """Runs the vision tower once with the select layer hooked."""
+        """Runs the vision tower once, capturing the select layer."""
         keep_cls = self.config.vision_feature_select_strategy == "full"
         vision = self.model.vision_tower
-        with capture_clip_select_layer(vision, select_layer_index(self.config)) as captured:
-            features = self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes).pooler_output
-        features = list(features)  # I x (N, D)
+        with cue_capture() as captured:  # filled by the hooks installed in __init__
+            output = self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+        features = list(output.pooler_output)  # I x (N, D)
         attention = clip_cls_attention(captured, vision.encoder.layers[0].self_attn.scale, keep_cls)  # (I, N)
         hidden = captured["hidden"] if keep_cls else captured["hidden"][:, 1:]  # (I, N, C)
         tokens = features[0].shape[0]
@@ -432,6 +279,7 @@ class MFPrunerLlavaForConditionalGeneration(MFPrunerMixin, LlavaForConditionalGe
             grids=[grid] * len(features),
             base_grids=[grid] * len(features),
             layouts=[grid_layout(*grid, device=attention.device)] * len(features),
+            vision_output=output,
         )
 
 
@@ -458,22 +306,23 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerMixin, LlavaNextForCondi
     config_class = MFPrunerLlavaNextConfig
 
     def encode_images(self, pixel_values, image_sizes=None) -> EncodedImages:
-        """Runs the vision tower once over every tile with the select layer hooked; packs the
+        """Runs the vision tower once over every tile, capturing the select layer; packs the
         per-tile cue and provenance maps exactly like the features."""
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs `image_sizes` (I, 2) with `pixel_values`; the processor returns them")
         config = self.config
         keep_cls = config.vision_feature_select_strategy == "full"
         vision = self.model.vision_tower
-        with capture_clip_select_layer(vision, select_layer_index(config)) as captured:
-            features = self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes).pooler_output
+        with cue_capture() as captured:  # filled by the hooks installed in __init__
+            output = self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+        features = output.pooler_output
         attention = clip_cls_attention(captured, vision.encoder.layers[0].self_attn.scale, keep_cls)  # (tiles, P)
         hidden = captured["hidden"] if keep_cls else captured["hidden"][:, 1:]  # (tiles, P, C)
 
         tile_size = config.vision_config.image_size
         side = tile_size // config.vision_config.patch_size  # patch rows (= cols) per tile
         tiles_per_image = [image_size_to_num_patches(size, config.image_grid_pinpoints, tile_size) for size in image_sizes]
-        images = EncodedImages([], [], [], [], [], [], [])
+        images = EncodedImages([], [], [], [], [], [], [], vision_output=output)
         for i, (tile_attention, tile_hidden) in enumerate(
             zip(attention.split(tiles_per_image), hidden.split(tiles_per_image))
         ):
@@ -516,14 +365,8 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerMixin, LlavaNextForCondi
         return images
 
 
-# Hub checkpoints and stock save_pretrained use the old key layout; without this mapping the
-# weights of a custom class silently load as random (see TRANSFORMERS_NOTES.md).
-register_checkpoint_conversion_mapping(
-    MFPrunerLlavaForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("llava"), overwrite=True
-)
-register_checkpoint_conversion_mapping(
-    MFPrunerLlavaNextForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("llava_next"), overwrite=True
-)
+register_stock_key_layout(MFPrunerLlavaForConditionalGeneration, "llava")
+register_stock_key_layout(MFPrunerLlavaNextForConditionalGeneration, "llava_next")
 MFPrunerLlavaConfig.register_for_auto_class()
 MFPrunerLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 MFPrunerLlavaNextConfig.register_for_auto_class()

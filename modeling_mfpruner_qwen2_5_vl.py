@@ -1,77 +1,92 @@
 """MFPruner for Qwen2.5-VL (Qwen/Qwen2.5-VL-3B/7B/32B/72B-Instruct): images, multi-image prompts, video.
 
 The path, top to bottom:
-  pixels -> vision tower (window blocks + full-attention blocks), with a pre-hook on the last
-            full-attention block that accumulates the attention each patch RECEIVES, in query
-            chunks, per attention segment (an image, or one frame pair of a video)
+  pixels -> vision tower (window blocks + full-attention blocks); the last full-attention block's
+            attention is a `CueCapturingVisionAttention` (installed once in __init__, the stock
+            attention plus, while a capture buffer is active, the attention each patch RECEIVES,
+            in query chunks, per attention segment: an image, or one frame pair of a video)
          -> 2x2 patch merger -> visual tokens (raster order) scattered into the prompt embeddings
-         -> cues (attention, uniqueness, LLM-space relevance) -> vote (mfpruner_core) per image /
-            per video under its own budget -> keep mask
-         -> drop pruned visual positions (embeddings, mask, labels, M-RoPE positions), re-pad
-         -> language model.
+         -> cues, vote per image / video, splice, language model: mfpruner_pipeline.
 
 M-RoPE: the (t, h, w) position ids of the UNPRUNED prompt are computed first (stock
 `get_rope_index`) and gathered at the kept positions, so every kept token, image or text, keeps
 its original position; the first generated token gets the unpruned sequence's next position.
 Row 0 of the 4-row position ids (text positions, used only for the attention mask) is
-renumbered over the pruned sequence. `model.model.rope_deltas` is set to
-`max_position + 1 - pruned_length` per row, what the stock model would use to continue.
-
-`generate()` prunes once and runs the stock `generate()` on the kept embeddings, so the prefill
-and the KV cache are truly shorter; it returns the original prompt followed by the new tokens.
-`forward(pixel_values=...)` prunes the same way (logits have the pruned length; `labels` are
-pruned with the tokens). After a pruning call `model.last_pruning` is an `MFPrunerResult`.
+renumbered over the pruned sequence. generate() passes these position ids per call (the stock
+generate() extends them each step), so nothing is stored on the model; a pruned forward() stores
+`model.model.rope_deltas` as the stock forward() does, for manual decoding after it.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-from transformers.vision_utils import get_vision_window_index
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
 try:
-    from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig, validate_mfpruner_settings
-    from .mfpruner_core import (
-        MFPrunerResult,
-        attention_received,
-        auto_map_with_auto_model,
-        call_budget,
-        call_min_votes,
-        check_image_tokens,
-        compact_rows,
-        keep_mask_for_images,
-        llm_relevance,
-        min_max_normalize,
-        resolve_budget,
-        restore_prompt,
-        select_tokens,
-        uniqueness,
+    from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig
+    from .mfpruner_core import attention_received, check_image_tokens, grid_layout
+    from .mfpruner_pipeline import (
+        CUE_CAPTURE,
+        EncodedPrompt,
+        MFPrunerPipelineMixin,
+        VisualItem,
+        cue_capture,
+        register_stock_key_layout,
     )
 except ImportError:  # imported as a top-level module (tests, tools)
-    from configuration_mfpruner import MFPrunerQwen2_5_VLConfig, validate_mfpruner_settings
-    from mfpruner_core import (
-        MFPrunerResult,
-        attention_received,
-        auto_map_with_auto_model,
-        call_budget,
-        call_min_votes,
-        check_image_tokens,
-        compact_rows,
-        keep_mask_for_images,
-        llm_relevance,
-        min_max_normalize,
-        resolve_budget,
-        restore_prompt,
-        select_tokens,
-        uniqueness,
+    from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
+    from mfpruner_core import attention_received, check_image_tokens, grid_layout
+    from mfpruner_pipeline import (
+        CUE_CAPTURE,
+        EncodedPrompt,
+        MFPrunerPipelineMixin,
+        VisualItem,
+        cue_capture,
+        register_stock_key_layout,
     )
 
-PRUNING_KWARGS = ("visual_token_budget", "visual_token_ratio", "prune_visual_tokens", "min_votes")
-VISION_KWARGS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
+
+# ----------------------------------------------------------------------------- helpers of the stock code
+# Copied so that the shipped file imports only public transformers API (exported repos keep this
+# code; a rename inside transformers must not break them).
+
+
+# Copied from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.rotate_half (v5.24)
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# Copied from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.apply_rotary_pos_emb_vision (v5.24)
+def apply_rotary_pos_emb_vision(q, k, cos, sin):
+    """Vision rotary embedding: q, k (S, H, Dh); cos, sin (S, Dh)."""
+    orig_q_dtype, orig_k_dtype = q.dtype, k.dtype
+    q, k = q.float(), k.float()
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed.to(orig_q_dtype), k_embed.to(orig_k_dtype)
+
+
+# Copied from transformers.vision_utils.get_vision_window_index (v5.24), window index only
+def get_vision_window_index(grid_thw, spatial_merge_size: int, window_size: int, patch_size: int) -> torch.Tensor:
+    """(total merged tokens,) the order in which the tower's window attention visits the merged
+    tokens (raster order -> window order)."""
+    window_index, offset = [], 0
+    window = window_size // spatial_merge_size // patch_size
+    for grid_t, grid_h, grid_w in grid_thw.tolist():
+        rows, cols = int(grid_h) // spatial_merge_size, int(grid_w) // spatial_merge_size
+        index = torch.arange(int(grid_t) * rows * cols).reshape(int(grid_t), rows, cols)
+        pad_h, pad_w = window - rows % window, window - cols % window
+        windows_h, windows_w = (rows + pad_h) // window, (cols + pad_w) // window
+        padded = F.pad(index, (0, pad_w, 0, pad_h), "constant", -100)
+        padded = padded.reshape(int(grid_t), windows_h, window, windows_w, window).permute(0, 1, 3, 2, 4).reshape(-1)
+        window_index.append(padded[padded != -100] + offset)
+        offset += int(grid_t) * rows * cols
+    return torch.cat(window_index, dim=0)
 
 
 # ----------------------------------------------------------------------------- cue A: attention received
@@ -106,33 +121,26 @@ def received_attention_per_patch(attn, hidden_states, cu_seqlens, position_embed
     return received
 
 
-@contextmanager
-def capture_received_attention(visual, query_chunk: int):
-    """Pre-hook on the last full-attention block's attention for one vision forward pass.
+class CueCapturingVisionAttention(Qwen2_5_VLVisionAttention):
+    """The stock vision attention (same parameters, so checkpoints load unchanged). While a capture
+    buffer is active (mfpruner_pipeline.cue_capture) it first records the attention each patch
+    receives into buffer["received"]; otherwise it is exactly the stock forward."""
 
-    Yields a dict that fills with "received": (S,) attention received per patch, window order."""
-    attn = visual.blocks[last_full_attention_block(visual)].attn
-    captured = {}
-
-    def hook(module, args, kwargs):
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        with torch.no_grad():
-            captured["received"] = received_attention_per_patch(
-                module, hidden_states.detach(), kwargs["cu_seqlens"], kwargs["position_embeddings"], query_chunk
-            )
-
-    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield captured
-    finally:
-        handle.remove()
+    def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+        captured = CUE_CAPTURE.get()
+        if captured is not None and "query_chunk" in captured:
+            with torch.no_grad():  # THE place cue A is computed (a one-pass kernel would go here)
+                captured["received"] = received_attention_per_patch(
+                    self, hidden_states.detach(), cu_seqlens, position_embeddings, captured["query_chunk"]
+                )
+        return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
 
 
 def merged_raster_scores(received, grid_thw, visual) -> torch.Tensor:
     """(S,) per-patch scores in window order -> (S / merge^2,) per visual token in raster order:
     the mean over each merge group (contiguous in the tower's layout), then argsort(window_index)."""
     unit = visual.spatial_merge_size**2
-    window_index, _ = get_vision_window_index(
+    window_index = get_vision_window_index(
         grid_thw,
         spatial_merge_size=visual.spatial_merge_size,
         window_size=visual.window_size,
@@ -169,316 +177,125 @@ def token_grids(grid_thw, merge_size: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- model
 
 
-class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with MFPruner: per image (or video) its merged tokens, cue A from the last
+    full-attention vision block, LLM-space relevance; the pipeline does the rest."""
+
     config_class = MFPrunerQwen2_5_VLConfig
+    pixel_input_names = ("pixel_values", "pixel_values_videos")
+    visual_input_names = (
+        "pixel_values",
+        "pixel_values_videos",
+        "image_grid_thw",
+        "video_grid_thw",
+        "second_per_grid_ts",
+        "mm_token_type_ids",
+    )
 
     def __init__(self, config: MFPrunerQwen2_5_VLConfig):
         super().__init__(config)
-        self.last_pruning: MFPrunerResult | None = None
+        block = self.model.visual.blocks[last_full_attention_block(self.model.visual)]
+        stock = block.attn
+        capturing = CueCapturingVisionAttention(stock.config)
+        capturing.qkv, capturing.proj = stock.qkv, stock.proj  # the very same weights
+        block.attn = capturing
 
-    # -- cues -------------------------------------------------------------------------------
+    # -- visual encoding --------------------------------------------------------------------
 
-    def visual_features_with_attention(self, pixels, grid_thw, kind: str):
-        """Runs the vision tower once on all images (or all videos). Returns per item a list of
-        (N_i, D) visual tokens and a list of (N_i,) attention received, raster order (None
-        when the attention cue is not configured: then no hook runs)."""
+    def visual_features_with_attention(self, pixels, grid_thw, kind: str, capture_attention: bool = True):
+        """Runs the vision tower once on all images (or all videos). Returns (per item a list of
+        (N_i, D) visual tokens and a list of (N_i,) attention received, raster order (None when not
+        captured), the stock vision output)."""
         visual = self.model.visual
-        if "attention" in self.config.mfpruner_cues:
-            capture = capture_received_attention(visual, self.config.attention_query_chunk)
-        else:
-            capture = nullcontext({})
-        with capture as captured:
+        settings = {"query_chunk": self.config.attention_query_chunk} if capture_attention else {}
+        with cue_capture(**settings) as captured:
             if kind == "image":
                 output = self.model.get_image_features(pixel_values=pixels, image_grid_thw=grid_thw)
             else:
                 output = self.model.get_video_features(pixel_values_videos=pixels, video_grid_thw=grid_thw)
         sizes = [len(features) for features in output.pooler_output]
         if "received" not in captured:
-            return list(output.pooler_output), [None] * len(sizes)
-        attention = merged_raster_scores(captured["received"], grid_thw, visual).split(sizes)
-        return list(output.pooler_output), list(attention)
+            return list(output.pooler_output), [None] * len(sizes), output
+        attention = merged_raster_scores(captured["received"], grid_thw.to(captured["received"].device), visual)
+        return list(output.pooler_output), list(attention.split(sizes)), output
 
-    def cue_scores(self, visual_tokens, attention, inputs_embeds, text_mask, row: int) -> dict:
-        """The configured cues of one image / video: (N, D) tokens -> {name: (1, N)}."""
-        cues = {}
-        for name in self.config.mfpruner_cues:
-            if name == "attention":
-                cues[name] = min_max_normalize(attention[None])
-            elif name == "uniqueness":
-                cues[name] = uniqueness(visual_tokens[None])
-            else:
-                cues[name] = llm_relevance(visual_tokens[None], inputs_embeds[row][None], text_mask[row][None])
-        return cues
-
-    # -- pruning ----------------------------------------------------------------------------
-
-    def prune_inputs(
-        self,
-        input_ids,
-        pixel_values=None,
-        pixel_values_videos=None,
-        attention_mask=None,
-        labels=None,
-        image_grid_thw=None,
-        video_grid_thw=None,
-        second_per_grid_ts=None,
-        mm_token_type_ids=None,
-        visual_token_budget=None,
-        visual_token_ratio=None,
-        left_pad: bool | None = None,
-        min_votes: int | None = None,
-    ) -> dict:
-        """Encodes images and videos, votes per item, and returns the pruned language-model
-        inputs: input_ids, inputs_embeds, attention_mask, position_ids (4, B, L') (and labels).
-        The budget and `min_votes` arguments override the config's for this call."""
-        validate_mfpruner_settings(self.config)  # the config may have been edited since loading
-        budget, ratio = call_budget(
-            self.config.visual_token_budget, self.config.visual_token_ratio, visual_token_budget, visual_token_ratio
-        )
-        min_votes = call_min_votes(self.config.min_votes, min_votes)
-        encoded = self.encode_prompt(
-            input_ids,
-            pixel_values,
-            pixel_values_videos,
-            attention_mask,
-            image_grid_thw,
-            video_grid_thw,
-            second_per_grid_ts,
-            mm_token_type_ids,
-        )
-        return self.select_and_compact(encoded, budget, ratio, min_votes, labels=labels, left_pad=left_pad)
-
-    def encode_prompt(
-        self,
-        input_ids,
-        pixel_values=None,
-        pixel_values_videos=None,
-        attention_mask=None,
-        image_grid_thw=None,
-        video_grid_thw=None,
-        second_per_grid_ts=None,
-        mm_token_type_ids=None,
-    ) -> dict:
-        """Everything before the vote: the vision tower (with cue A) on all images and videos,
-        their tokens scattered into the prompt embeddings, the unpruned M-RoPE positions.
-
-        Returns input_ids, attention_mask (B, L); inputs_embeds (B, L, D); positions (3, B, L);
-        items: per image then per video (kind, (N, D) tokens, (N,) attention, batch row, grid)."""
-        if input_ids is None:
-            raise ValueError("MFPruner needs `input_ids` (not only `inputs_embeds`) to locate the image / video tokens")
+    def encode_visual(self, input_ids, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
+        """Images then videos through the tower (cue A captured when configured), scattered into
+        the prompt embeddings; the unpruned M-RoPE positions (3, B, L)."""
         merge = self.config.vision_config.spatial_merge_size
         image_id, video_id = self.config.image_token_id, self.config.video_token_id
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         is_image, is_video = input_ids == image_id, input_ids == video_id
-
         inputs_embeds = self.get_input_embeddings()(input_ids)
-        items = []
-        for kind, pixels, grid, is_kind, token_id in (
-            ("image", pixel_values, image_grid_thw, is_image, image_id),
-            ("video", pixel_values_videos, video_grid_thw, is_video, video_id),
+        items, vision_outputs = [], {}
+        for kind, pixels_name, token_id in (
+            ("image", "pixel_values", image_id),
+            ("video", "pixel_values_videos", video_id),
         ):
+            pixels, grid = visual[pixels_name], visual[f"{kind}_grid_thw"]
             if pixels is None:
                 continue
-            pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
             tokens = check_grid(pixels, grid, merge, pixels_name, f"{kind}_grid_thw")
             rows = check_image_tokens(input_ids, token_id, len(tokens), tokens, name=kind, pixels=pixels_name)
-            features, attention = self.visual_features_with_attention(pixels, grid, kind)
-            scattered = torch.cat(features).to(inputs_embeds.dtype)
+            features, attention, output = self.visual_features_with_attention(pixels, grid, kind, "attention" in cues)
+            is_kind = (input_ids == token_id).to(inputs_embeds.device)
+            scattered = torch.cat(features).to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(is_kind[..., None], scattered)
-            items += [(kind, f, a, r, g) for f, a, r, g in zip(features, attention, rows, token_grids(grid, merge))]
-        if not items:
-            raise ValueError("MFPruner needs `pixel_values` or `pixel_values_videos` to prune")
+            vision_outputs[f"{kind}_outputs"] = output
+            for f, a, row, item_grid in zip(features, attention, rows, token_grids(grid, merge)):
+                items.append(
+                    VisualItem(
+                        kind=kind,
+                        token_id=token_id,
+                        row=row,
+                        tokens=f,
+                        attention=a,
+                        select_features=None,
+                        candidates=torch.ones(len(f), dtype=torch.bool, device=f.device),
+                        grid=item_grid,
+                        base_grid=item_grid,
+                        layout=grid_layout(*item_grid, device=f.device),
+                    )
+                )
 
+        mm_token_type_ids = visual["mm_token_type_ids"]
         if mm_token_type_ids is None:
             mm_token_type_ids = is_image.int() + 2 * is_video.int()
         positions, _ = self.model.get_rope_index(
             input_ids,
             mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=image_grid_thw if pixel_values is not None else None,
-            video_grid_thw=video_grid_thw if pixel_values_videos is not None else None,
-            second_per_grid_ts=second_per_grid_ts,
+            image_grid_thw=visual["image_grid_thw"] if visual["pixel_values"] is not None else None,
+            video_grid_thw=visual["video_grid_thw"] if visual["pixel_values_videos"] is not None else None,
+            second_per_grid_ts=visual["second_per_grid_ts"],
             attention_mask=attention_mask,
         )  # (3, B, L): every token's (t, h, w) position in the UNPRUNED prompt
-        return dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            positions=positions,
-            items=items,
-        )
+        return EncodedPrompt(inputs_embeds=inputs_embeds, items=items, positions=positions, vision_outputs=vision_outputs)
 
-    def select_and_compact(
-        self, encoded: dict, budget, ratio, min_votes: int | None = None, labels=None, left_pad: bool | None = None
-    ) -> dict:
-        """The vote per image / video under its own budget, then the kept positions of every
-        per-token input, re-padded; sets `rope_deltas` and `last_pruning`."""
-        min_votes = call_min_votes(self.config.min_votes, min_votes)
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        inputs_embeds, items = encoded["inputs_embeds"], encoded["items"]
-        is_image, is_video = input_ids == self.config.image_token_id, input_ids == self.config.video_token_id
-        with torch.no_grad():
-            text_mask = attention_mask.bool() & ~is_image & ~is_video
-            keep_indices, cue_scores = [], {name: [] for name in self.config.mfpruner_cues}
-            for kind, features, attention, row, _ in items:
-                cues = self.cue_scores(features, attention, inputs_embeds, text_mask, row)
-                k = resolve_budget(len(features), budget, ratio)
-                keep_indices.append(select_tokens(cues, k, min(min_votes, len(cues)), self.config.fill_by)[0])
-                for name, score in cues.items():
-                    cue_scores[name].append(score[0].cpu())
+    def pruned_position_ids(self, positions, attention_mask):
+        """(3, B, L') gathered M-RoPE positions -> (4, B, L'): text positions renumbered over the
+        pruned sequence (as the stock generate() numbers them) on top."""
+        text_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        return torch.cat([text_positions[None].to(positions.device), positions], dim=0)
 
-        keep = ~(is_image | is_video)
-        for kind, is_kind in (("image", is_image), ("video", is_video)):
-            chosen = [(idx, len(item[1])) for idx, item in zip(keep_indices, items) if item[0] == kind]
-            if chosen:
-                keep = keep_mask_for_images(is_kind, [i for i, _ in chosen], [n for _, n in chosen], keep=keep)
-
-        if left_pad is None:  # keep the caller's padding side
-            left_pad = not bool((attention_mask[:, -1] == 0).any())
-        pad_id = self.config.text_config.pad_token_id
-        tensors = {
-            "input_ids": input_ids,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "mrope": encoded["positions"].permute(1, 2, 0),  # (B, L, 3)
-        }
-        pads = {"input_ids": pad_id if pad_id is not None else 0, "inputs_embeds": 0.0, "attention_mask": 0, "mrope": 0}
-        if labels is not None:
-            tensors["labels"], pads["labels"] = labels, -100
-        pruned, _ = compact_rows(keep, tensors, pads, left=left_pad)
-
-        mask = pruned["attention_mask"]
-        text_positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as stock generate numbers them
-        mrope = pruned.pop("mrope").permute(2, 0, 1)  # (3, B, L')
-        pruned["position_ids"] = torch.cat([text_positions[None], mrope], dim=0)  # (4, B, L')
-        # What the stock model would store to continue decoding: next position - real length.
+    def rope_deltas(self, position_ids, attention_mask):
+        """(B, 1) next M-RoPE position - real length of each row (what the stock model adds to a
+        running count to continue)."""
+        mrope = position_ids[-3:]
+        mask = attention_mask.to(mrope.device)
         real_max = mrope.masked_fill(mask[None] == 0, 0).amax(dim=(0, 2))  # (B,)
-        self.model.rope_deltas = (real_max + 1 - mask.sum(dim=-1))[:, None]
+        return (real_max + 1 - mask.sum(dim=-1))[:, None]
 
-        self.last_pruning = MFPrunerResult(
-            keep_indices=[idx.cpu() for idx in keep_indices],
-            cue_scores=cue_scores,
-            num_visual_tokens=[len(item[1]) for item in items],
-            image_to_row=[item[3] for item in items],
-            lm_input_length=pruned["input_ids"].shape[1],
-            grids=[item[4] for item in items],
-            kinds=[item[0] for item in items],
-        )
-        return pruned
+    def remember_prefill(self, position_ids, attention_mask) -> None:
+        """As the stock forward(): stores rope_deltas on the model (manual decoding reads it)."""
+        self.model.rope_deltas = self.rope_deltas(position_ids, attention_mask)
 
-    # -- entry points -----------------------------------------------------------------------
-
-    def save_pretrained(self, *args, **kwargs):
-        self.config.auto_map = auto_map_with_auto_model(getattr(self.config, "auto_map", None), self)
-        return super().save_pretrained(*args, **kwargs)
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        pixel_values=None,
-        pixel_values_videos=None,
-        image_grid_thw=None,
-        video_grid_thw=None,
-        mm_token_type_ids=None,
-        second_per_grid_ts=None,
-        visual_token_budget=None,
-        visual_token_ratio=None,
-        prune_visual_tokens=None,
-        min_votes=None,
-        **kwargs,
-    ):
-        """Stock forward; with pixel inputs the visual tokens are pruned first (logits and the loss
-        then cover the pruned sequence; `labels` are pruned with it). The pruning arguments are
-        listed so that generate() accepts them per call."""
-        prune = self.config.prune_visual_tokens if prune_visual_tokens is None else prune_visual_tokens
-        vision = dict(
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            second_per_grid_ts=second_per_grid_ts,
-        )
-        if (pixel_values is None and pixel_values_videos is None) or not prune:
-            return super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                pixel_values=pixel_values,
-                pixel_values_videos=pixel_values_videos,
-                **vision,
-                **kwargs,
-            )
-        if inputs_embeds is not None:
-            raise ValueError(
-                "pass `input_ids`, not `inputs_embeds`, with pixel inputs: MFPruner locates visual tokens by id"
-            )
-        # position_ids are replaced by the gathered M-RoPE positions of the kept tokens
-        pruned = self.prune_inputs(
-            input_ids,
-            pixel_values,
-            pixel_values_videos,
-            attention_mask=attention_mask,
-            labels=labels,
-            visual_token_budget=visual_token_budget,
-            visual_token_ratio=visual_token_ratio,
-            min_votes=min_votes,
-            **vision,
-        )
-        pruned.pop("input_ids")
-        return super().forward(**pruned, cache=cache, use_cache=use_cache, **kwargs)
-
-    @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, pixel_values_videos=None, attention_mask=None, **kwargs):
-        """Stock generate on the pruned prompt. Returns the original (unpruned) prompt followed by
-        the new tokens, as the stock model does, so `out[:, input_ids.shape[1]:]` is the answer."""
-        settings = {key: kwargs.pop(key, None) for key in PRUNING_KWARGS}
-        prune = settings["prune_visual_tokens"]
-        prune = self.config.prune_visual_tokens if prune is None else prune
-        if (pixel_values is None and pixel_values_videos is None) or not prune:  # the stock path
-            return super().generate(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                pixel_values_videos=pixel_values_videos,
-                attention_mask=attention_mask,
-                prune_visual_tokens=False,
-                **kwargs,
-            )
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError(
-                "pass `input_ids`, not `inputs_embeds`, with pixel inputs: MFPruner locates visual tokens by id"
-            )
-        vision = {key: kwargs.pop(key, None) for key in VISION_KWARGS}
-        pruned = self.prune_inputs(
-            input_ids,
-            pixel_values,
-            pixel_values_videos,
-            attention_mask=attention_mask,
-            visual_token_budget=settings["visual_token_budget"],
-            visual_token_ratio=settings["visual_token_ratio"],
-            min_votes=settings["min_votes"],
-            left_pad=True,
-            **vision,
-        )
-        output = super().generate(**pruned, **kwargs)
-        return restore_prompt(output, input_ids, pruned["input_ids"].shape[1])
+    def continuation_position_ids(self, attention_mask, rope_deltas):
+        """(4, B, L): the running text count, and count + rope_deltas in the three M-RoPE rows."""
+        text_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        mrope = text_positions[None].expand(3, -1, -1) + rope_deltas.to(text_positions.device)[None]
+        return torch.cat([text_positions[None], mrope], dim=0)
 
 
-# Hub checkpoints use the old key layout (`visual.*`, `model.layers.*`); without this mapping the
-# weights of a custom class silently load as random (see TRANSFORMERS_NOTES.md).
-register_checkpoint_conversion_mapping(
-    MFPrunerQwen2_5_VLForConditionalGeneration.__name__,
-    get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"),
-    overwrite=True,
-)
+register_stock_key_layout(MFPrunerQwen2_5_VLForConditionalGeneration, "Qwen2_5_VLForConditionalGeneration")
 MFPrunerQwen2_5_VLConfig.register_for_auto_class()
 MFPrunerQwen2_5_VLForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 

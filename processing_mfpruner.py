@@ -24,8 +24,7 @@ model ignores segments whose mask is all zero).
 
 from __future__ import annotations
 
-from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor
-from transformers.processing_utils import ProcessorMixin
+from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor, ProcessorMixin
 
 SENTINELS = ("\x00first-question\x00", "\x00first-answer\x00", "\x00last-question\x00")
 

@@ -168,7 +168,7 @@ def assert_remote_code_repo(repo: Path, config_class: str, model_class: str):
         "AutoModel": f"modeling_mfpruner_llava.{model_class}",
         "AutoModelForImageTextToText": f"modeling_mfpruner_llava.{model_class}",
     }
-    for name in ("configuration_mfpruner.py", "modeling_mfpruner_llava.py", "mfpruner_core.py"):
+    for name in ("configuration_mfpruner.py", "modeling_mfpruner_llava.py", "mfpruner_pipeline.py", "mfpruner_core.py"):
         assert (repo / name).read_text() == (ROOT / name).read_text()
     return config
 

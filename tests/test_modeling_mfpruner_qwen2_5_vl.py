@@ -181,10 +181,13 @@ def test_kept_tokens_keep_their_unpruned_positions(qwen_model, prompts, prompt):
         attention_mask=inputs["attention_mask"],
     )  # (3, 1, L)
     calls, handle = language_model_calls(qwen_model)
+    qwen_model.model.rope_deltas = sentinel = torch.tensor([[123]])
     try:
         qwen_model.generate(**inputs, max_new_tokens=3, do_sample=False)
     finally:
         handle.remove()
+    # generate() carries its positions per call: nothing shared on the model is written
+    assert qwen_model.model.rope_deltas is sentinel
     keep = kept_positions_mask(qwen_model, inputs["input_ids"])[0]
     prefill_positions = calls[0][1]  # (4, 1, L'): text positions, then t, h, w
     assert torch.equal(prefill_positions[1:, 0], unpruned[:, 0, keep])
@@ -193,7 +196,9 @@ def test_kept_tokens_keep_their_unpruned_positions(qwen_model, prompts, prompt):
     next_position = int(unpruned.max()) + 1
     assert calls[1][1][1:, 0, -1].tolist() == [next_position] * 3
     assert calls[2][1][1:, 0, -1].tolist() == [next_position + 1] * 3
-    # rope_deltas: what the stock model adds to a pruned-length count to reach the same position
+    # a pruned forward() stores rope_deltas as the stock forward() does: what the stock model adds
+    # to a pruned-length count to reach the same position (for manual decoding after it)
+    qwen_model(**inputs)
     pruned_length = int(keep.sum())
     assert qwen_model.model.rope_deltas.tolist() == [[next_position - pruned_length]]
     assert int(unpruned_deltas) + inputs["input_ids"].shape[1] == next_position
@@ -344,7 +349,7 @@ def test_chunked_attention_cue_matches_materialised_eager(qwen_model, prompts, p
     qwen_model.config.attention_query_chunk = query_chunk
     try:
         with torch.no_grad():
-            _, attention = qwen_model.visual_features_with_attention(
+            _, attention, _ = qwen_model.visual_features_with_attention(
                 inputs[f"pixel_values{'' if kind == 'image' else '_videos'}"], inputs[f"{kind}_grid_thw"], kind
             )
     finally:
