@@ -34,16 +34,6 @@ CORPUS = (
 )
 
 
-def image_processor_class(name: str):
-    """transformers' `<Model>ImageProcessor` (its torchvision backend), or without torchvision its
-    PIL twin `<Model>ImageProcessorPil`, which the stock name falls back to anyway, with a warning
-    at every start that nobody can act on (torchvision is optional here)."""
-    import transformers
-    from transformers.utils import is_torchvision_available
-
-    return getattr(transformers, name if is_torchvision_available() else f"{name}Pil")
-
-
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -127,6 +117,16 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, *, image_size: int =
 
         return MFPrunerLlavaConfig(**kwargs, **mfpruner)
     return LlavaConfig(**kwargs)
+
+
+def image_processor_class(name: str):
+    """transformers' `<Model>ImageProcessor` (its torchvision backend), or without torchvision its
+    PIL twin `<Model>ImageProcessorPil`, which the stock name falls back to anyway, with a warning
+    at every start that nobody can act on (torchvision is optional here)."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    return getattr(transformers, name if is_torchvision_available() else f"{name}Pil")
 
 
 def build_tiny_llava_processor(image_size: int = 84) -> LlavaProcessor:
