@@ -985,7 +985,8 @@ def test_the_next_run_removes_staging_folders_of_killed_exports(stock_base, tmp_
     # a staging folder of a live export to the same OUT (this process) and another OUT's are kept
     alive = tmp_path / f".out.partial-{os.getpid()}-abc"
     other = tmp_path / f".other.partial-{process.pid}-abc"
-    alive.mkdir(), other.mkdir()
+    alive.mkdir()
+    other.mkdir()
     export(str(stock_base), out)
     assert leftovers(tmp_path) == sorted([alive.name, other.name])
     assert (out / "model.safetensors").is_file()
