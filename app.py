@@ -16,6 +16,7 @@ and Qwen2.5-VL's resized grids show correctly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -54,6 +55,9 @@ DISPLAY_SIDE = 448  # panels and heatmaps are drawn at this longest side
 MAX_QUESTION_CHARS = 1000
 MAX_NEW_TOKENS = 48
 TIMING_REPEATS = 3  # timed prefills per setting (after one warm-up each); the median is shown
+# Every run writes its 11 panels (~3 MB of PNG) and the upload to Gradio's cache: every 5 minutes,
+# delete those older than 30 minutes (and all of them when the server stops)
+CACHE_CLEANUP = (300, 1800)
 DIM = 0.28  # pruned patches keep this fraction of their brightness ...
 DIM_COLOR = np.array([18.0, 20.0, 28.0])  # ... and take the rest from this dark blue-grey
 OUTLINE_COLOR = np.array([255.0, 200.0, 40.0])  # a 1 px amber line around the kept regions
@@ -161,19 +165,38 @@ def load_processor(spec: str, family: str):
 
 def load_model(spec: str | None = None, tiny: str = "llava") -> DemoModel:
     """spec: a hub id or a local MFPruner repo; None builds the tiny random-weights model of the
-    `tiny` family."""
+    `tiny` family in a temporary folder, removed once the model and processor are loaded (nothing
+    is read from it later), quietly: its progress bars say nothing the user can act on."""
+    if spec is not None:
+        return load_repo(spec, spec, random_weights=False)
+    with tempfile.TemporaryDirectory(prefix="mfpruner-demo-") as folder, progress_bars_off():
+        path = build_default_model(folder, tiny)
+        return load_repo(str(path), f"{TINY_FAMILIES[tiny][0]} (random weights)", random_weights=True)
+
+
+def load_repo(spec: str, name: str, random_weights: bool) -> DemoModel:
     from transformers import AutoModelForImageTextToText
 
-    random_weights = spec is None
-    if random_weights:
-        spec = str(build_default_model(tempfile.mkdtemp(prefix="mfpruner-demo-"), tiny))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
     family = model_family(model.config)
     processor = load_processor(spec, family)
-    name = f"{TINY_FAMILIES[tiny][0]} (random weights)" if random_weights else spec
     return DemoModel(model.to(device).eval(), processor, name, family, random_weights, device)
+
+
+@contextlib.contextmanager
+def progress_bars_off():
+    """transformers' progress bars (writing and loading the shards) off for a moment."""
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -227,6 +250,11 @@ def upload_path(upload) -> str | None:
     if upload is None or isinstance(upload, (str, os.PathLike)):
         return upload
     return upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
+
+
+def is_number(value) -> bool:
+    """A finite int or float (not a bool, a string, None, NaN or infinity: the API passes any JSON)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_question(question: str | None) -> str:
@@ -571,16 +599,16 @@ def analyze(
     image, notes = load_image(image_path)
     question = check_question(question)
     if budget_mode == "tokens":
-        if budget is None or int(budget) != budget or budget < 1:
+        if not is_number(budget) or budget != int(budget) or budget < 1:
             raise ValueError(f"The token budget must be a whole number >= 1, got {budget!r}.")
         prune_kwargs = {"visual_token_budget": int(budget)}
     elif budget_mode == "ratio":
-        if ratio is None or not 0.0 < float(ratio) <= 1.0:
+        if not is_number(ratio) or not 0.0 < ratio <= 1.0:
             raise ValueError(f"The keep ratio must be in (0, 1], got {ratio!r}.")
         prune_kwargs = {"visual_token_ratio": float(ratio)}
     else:
         raise ValueError(f"The budget mode must be 'tokens' or 'ratio', got {budget_mode!r}.")
-    if min_votes is None or int(min_votes) != min_votes or not 1 <= min_votes <= len(CUE_NAMES):
+    if not is_number(min_votes) or min_votes not in range(1, len(CUE_NAMES) + 1):
         raise ValueError(f"The vote threshold must be 1, 2 or 3, got {min_votes!r}.")
 
     prune_kwargs["min_votes"] = int(min_votes)  # per call: the model's config is never touched
@@ -672,6 +700,14 @@ def format_flops(flops: float) -> str:
     return f"{flops:.0f} FLOPs"
 
 
+TINY_PREFILL_NOTE = (
+    "\n*Why the measured prefill barely shortens here:* this tiny model's language model is so small that "
+    "the vision tower (which runs in full either way) and fixed per-call costs take most of the time. In a "
+    "real 7B model the language model dominates the prefill and its time falls with the pruned FLOPs: "
+    "ideal and measured speed-ups per model are in the *Benchmarks* section of the project's README."
+)
+
+
 def stats_markdown(stats: dict) -> str:
     s = stats
     fraction = s["kept"] / s["visual_tokens"]
@@ -699,6 +735,7 @@ def stats_markdown(stats: dict) -> str:
             f"FLOPs: FastV's `4nd² + 2n²d + 2ndm` per LLM layer (n = visual tokens, or the whole prompt). "
             f"Prefill: median of {s['timing_repeats']} forward passes on {s['device']}, vision tower included. "
             f"Vote threshold: {s['min_votes']}.",
+            *([TINY_PREFILL_NOTE] if s["random_weights"] else []),
         ]
     )
 
@@ -752,10 +789,11 @@ def result_image(label: str, elem_id: str) -> gr.Image:
     )
 
 
-def build_demo(demo: DemoModel) -> gr.Blocks:
+def build_demo(demo: DemoModel, delete_cache: tuple[int, int] = CACHE_CLEANUP) -> gr.Blocks:
+    """delete_cache: (every s, older than s) for Gradio's files of this page (see CACHE_CLEANUP)."""
     default_count = visual_token_count(demo, Image.new("RGB", (448, 448), (128, 128, 128)))
     config_budget = demo.model.config.visual_token_budget or max(1, default_count // 9)
-    with gr.Blocks(title="MFPruner: which visual tokens survive") as page:
+    with gr.Blocks(title="MFPruner: which visual tokens survive", delete_cache=delete_cache) as page:
         gr.Markdown(
             "# MFPruner: which visual tokens survive\n"
             "Training-free visual-token pruning: three cues — the vision tower's [CLS] attention, token "
@@ -780,7 +818,7 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
                     elem_id="budget-mode",
                 )
                 budget = gr.Slider(
-                    1, default_count, value=min(config_budget, default_count), step=1,
+                    1, default_count, value=min(config_budget, default_count), step=1, precision=0,
                     label=f"Visual tokens kept (of {default_count})", elem_id="budget",
                 )
                 ratio = gr.Slider(
@@ -789,7 +827,7 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
                     elem_id="ratio",
                 )
                 min_votes = gr.Slider(
-                    1, len(CUE_NAMES), value=demo.model.config.min_votes, step=1,
+                    1, len(CUE_NAMES), value=demo.model.config.min_votes, step=1, precision=0,
                     label="Vote threshold (cues that must agree)", elem_id="min-votes",
                 )
                 generate_answer = gr.Checkbox(
@@ -798,7 +836,7 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
                 )
                 run = gr.Button("Prune and prefill", variant="primary", elem_id="run")
             with gr.Column(scale=3):
-                stats = gr.Markdown("### Upload an image and press *Prune and prefill*", elem_id="stats")
+                stats = gr.Markdown("### Upload an image and press *Prune and prefill*", label="Summary", elem_id="stats")
                 answer = gr.Textbox(
                     label="Answer", lines=4, interactive=False, elem_id="answer",
                     placeholder="Tick 'Also generate the answer' to compare the answers with and without pruning.",
@@ -819,7 +857,7 @@ def build_demo(demo: DemoModel) -> gr.Blocks:
             )
             heatmaps = {name: result_image(title, f"heatmap-{name}") for name, title in HEATMAP_TITLES.items()}
         with gr.Accordion("Details (JSON)", open=False):
-            details = gr.JSON(elem_id="details")
+            details = gr.JSON(label="Details", elem_id="details")
 
         inputs = [image, question, budget_mode, budget, ratio, min_votes, generate_answer]
         outputs = [*panels.values(), *heatmaps.values(), stats, details, answer]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -469,3 +470,119 @@ def test_page_builds_for_other_families(request, family):
     assert (app.ANYRES_NOTE.strip() in texts) == (family == "llava_next")
     assert "RANDOM" not in texts and demo.name in texts  # a real repo path: no random-weights banner
     page.close()
+
+
+# ----------------------------------------------------------------------------- a tidy, self-describing demo
+
+
+@pytest.mark.parametrize("budget_mode, budget, ratio, min_votes, expected", [
+    ("tokens", float("inf"), 0.1, 2, "token budget must be a whole number"),
+    ("tokens", float("-inf"), 0.1, 2, "token budget must be a whole number"),
+    ("tokens", float("nan"), 0.1, 2, "token budget must be a whole number"),
+    ("tokens", "5", 0.1, 2, "token budget must be a whole number"),
+    ("tokens", True, 0.1, 2, "token budget must be a whole number"),
+    ("tokens", 5.5, 0.1, 2, "token budget must be a whole number"),
+    ("ratio", 5, float("nan"), 2, "keep ratio must be in"),
+    ("ratio", 5, float("inf"), 2, "keep ratio must be in"),
+    ("ratio", 5, "half", 2, "keep ratio must be in"),
+    ("tokens", 5, 0.1, float("inf"), "vote threshold must be"),
+    ("tokens", 5, 0.1, float("nan"), "vote threshold must be"),
+    ("tokens", 5, 0.1, 2.5, "vote threshold must be"),
+])
+def test_non_finite_or_non_numeric_settings_give_the_clear_message(demo_model, image_file, budget_mode, budget, ratio, min_votes, expected):
+    with pytest.raises(ValueError, match=expected):
+        analyze(demo_model, image_file, QUESTION, budget_mode, budget, ratio, min_votes)
+
+
+def post_prune_raw(url: str, image_file: Path, settings: str) -> str:
+    """POSTs /prune with a hand-written JSON body (`settings` may hold `Infinity` / `NaN`, which
+    gradio_client refuses to encode but a browser or curl can send); returns the event stream."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as http:
+        with open(image_file, "rb") as f:
+            path = http.post("gradio_api/upload", files={"files": f}).json()[0]
+        image = json.dumps({"path": path, "meta": {"_type": "gradio.FileData"}})
+        body = f'{{"data": [{image}, {json.dumps(QUESTION)}, {settings}, false]}}'
+        event = http.post("gradio_api/call/prune", content=body, headers={"content-type": "application/json"}).json()
+        return http.get(f"gradio_api/call/prune/{event['event_id']}").text
+
+
+def test_infinite_budget_over_http_gets_the_clear_message(served, image_file):
+    for budget in ("Infinity", "NaN", "-Infinity", "1e400"):
+        stream = post_prune_raw(served, image_file, f'"tokens", {budget}, 0.1, 2')
+        assert "event: error" in stream and "The token budget must be a whole number" in stream, stream[-2000:]
+        assert "OverflowError" not in stream and "cannot convert" not in stream
+    stream = post_prune_raw(served, image_file, '"ratio", 5, Infinity, 2')
+    assert "The keep ratio must be in (0, 1]" in stream, stream[-2000:]
+    stream = post_prune_raw(served, image_file, '"tokens", 5, 0.1, 2')  # the same request, well-formed
+    assert "event: complete" in stream and "Kept 5 / 36" in stream, stream[-2000:]
+
+
+def test_the_api_schema_reads_well(served):
+    from gradio_client import Client
+
+    endpoint = Client(served, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]["/prune"]
+    returns = [r["label"] for r in endpoint["returns"]]
+    assert returns == [*app.PANEL_TITLES.values(), *app.HEATMAP_TITLES.values(), "Summary", "Details", "Answer"]
+    types = {p["parameter_name"]: p["type"]["type"] for p in endpoint["parameters"]}
+    assert types["budget"] == "integer" and types["min_votes"] == "integer" and types["ratio"] == "number"
+
+
+def test_gradio_cache_is_emptied_of_old_results(demo_model, image_file):
+    """Each run leaves ~3 MB of panels in Gradio's cache: files older than the age go (here 1 s,
+    by default CACHE_CLEANUP), and all when the server stops."""
+    from gradio_client import Client, handle_file
+
+    default = app.build_demo(demo_model)
+    assert default.delete_cache == app.CACHE_CLEANUP
+    default.close()
+    page = app.build_demo(demo_model, delete_cache=(1, 1))
+    _, url, _ = app.launch(page, "127.0.0.1", None, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False, download_files=False)  # the files may be gone before a download
+        client.predict(handle_file(str(image_file)), QUESTION, "tokens", 5, 0.1, 2, False, api_name="/prune")
+        examples = {f for block in page.blocks.values() for f in getattr(block, "keep_in_cache", ())}  # fixed, kept
+        written = [Path(f) for files in page.temp_file_sets for f in files if f not in examples]  # panels, upload
+        assert sum(f.suffix == ".png" for f in written) >= len(app.PANEL_TITLES) + len(app.HEATMAP_TITLES)
+        import time
+
+        deadline = time.monotonic() + 30
+        while any(f.exists() for f in written) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(f.exists() for f in written)
+    finally:
+        page.close()
+
+
+STARTUP = """
+import glob, os, tempfile
+import app
+demo = app.load_model(None)
+print("LEFT:", glob.glob(os.path.join(tempfile.gettempdir(), "mfpruner-demo-*")))
+print("NAME:", demo.name)
+"""
+
+
+def test_default_model_start_is_quiet_and_leaves_no_folder(tmp_path):
+    """Building the tiny model prints no torchvision fallback warning and no progress bars, and its
+    temporary folder is gone once it is loaded."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run(
+        [sys.executable, "-c", STARTUP], cwd=Path(app.__file__).parent, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LEFT: []" in done.stdout and "NAME: tiny MFPruner LLaVA-1.5 (random weights)" in done.stdout
+    assert "falling back" not in done.stderr and "torchvision" not in done.stderr
+    assert "Loading weights" not in done.stderr and "Writing model shards" not in done.stderr and "it/s" not in done.stderr
+    assert done.stderr.strip() == "", done.stderr
+
+
+def test_tiny_model_stats_explain_the_small_speedup(demo_model, image_file):
+    stats = analyze(demo_model, image_file, QUESTION, "tokens", 5).stats
+    assert app.TINY_PREFILL_NOTE not in app.stats_markdown(stats)  # a real repo (here: loaded with --model)
+    shown = app.stats_markdown({**stats, "random_weights": True})
+    assert app.TINY_PREFILL_NOTE in shown and "vision tower" in shown and "Benchmarks" in shown

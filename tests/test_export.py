@@ -738,3 +738,272 @@ def test_qwen_refuses_clip_text_before_reading_anything(qwen_stock_repo, tmp_pat
     with pytest.raises(ValueError, match=r"--clip-text: Qwen2.5-VL \('qwen2_5_vl'\) has no CLIP text tower"):
         export(str(qwen_stock_repo), tmp_path / "out", clip_text=str(tmp_path / "no-such-clip"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- BASE and OUT apart
+
+
+def tree_snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def own_base(stock_base, tmp_path) -> Path:
+    """A copy of the stock base with files the export does not copy (other weight formats)."""
+    import shutil
+
+    base = tmp_path / "models" / "base"
+    shutil.copytree(stock_base, base)
+    (base / "model.onnx").write_bytes(b"onnx weights")
+    (base / "tf_model.h5").write_bytes(b"tf weights")
+    (tmp_path / "models" / "sibling").mkdir()
+    (tmp_path / "models" / "sibling" / "keep.txt").write_text("a sibling of BASE")
+    return base
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("same", "is BASE"),
+        ("parent", "contains BASE"),
+        ("inside", "lies inside BASE"),
+        ("symlink-to-base", "is BASE"),
+        ("inside-through-symlink", "lies inside BASE"),
+        ("base-through-symlink-inside", "contains BASE"),
+    ],
+)
+def test_out_and_base_must_be_apart(own_base, tmp_path, case, expected, overwrite, capsys):
+    models = own_base.parent
+    base, out = own_base, {"same": own_base, "parent": models, "inside": own_base / "mfpruner"}.get(case)
+    if case == "symlink-to-base":
+        out = tmp_path / "link"
+        out.symlink_to(own_base)
+    elif case == "inside-through-symlink":
+        (tmp_path / "link").symlink_to(own_base)
+        out = tmp_path / "link" / "mfpruner"
+    elif case == "base-through-symlink-inside":  # BASE given through a link that lies inside OUT
+        (models / "link").symlink_to(own_base)
+        base, out = models / "link", models
+    before_models, before_tmp = tree_snapshot(models), sorted(p.name for p in tmp_path.iterdir())
+    argv = [str(base), str(out)] + (["--overwrite"] if overwrite else [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert tree_snapshot(models) == before_models  # nothing of BASE (or its siblings) changed, nothing added
+    assert sorted(p.name for p in tmp_path.iterdir()) == before_tmp
+    assert not (own_base / "mfpruner").exists()
+
+
+def test_clip_text_folder_must_be_apart_from_out(hub_base, tiny_clip, tmp_path):
+    import shutil
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip, clip)
+    before = tree_snapshot(clip)
+    with pytest.raises(ValueError, match="contains --clip-text"):
+        export(str(hub_base), tmp_path, clip_text=str(clip), overwrite=True)
+    assert tree_snapshot(clip) == before
+
+
+# ----------------------------------------------------------------------------- broken checkpoints
+
+
+def broken_copy(stock_base: Path, folder: Path, damage) -> Path:
+    import shutil
+
+    base = folder / "broken-base"
+    shutil.copytree(stock_base, base)
+    damage(base)
+    return base
+
+
+def cut_to(fraction_or_bytes):
+    def damage(base):
+        shard = base / "model.safetensors"
+        data = shard.read_bytes()
+        size = fraction_or_bytes if isinstance(fraction_or_bytes, int) else int(len(data) * fraction_or_bytes)
+        shard.write_bytes(data[:size])
+
+    return damage
+
+
+def header_length(value):
+    def damage(base):
+        shard = base / "model.safetensors"
+        data = shard.read_bytes()
+        shard.write_bytes(value.to_bytes(8, "little") + data[8:])
+
+    return damage
+
+
+def edit_header(edit):
+    """Rewrites the header JSON (same data section) through `edit(header)`."""
+
+    def damage(base):
+        shard = base / "model.safetensors"
+        data = shard.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        edit(header)
+        text = json.dumps(header).encode()
+        shard.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+
+    return damage
+
+
+def first_tensor(header):
+    return header[sorted(k for k in header if k != "__metadata__")[0]]
+
+
+def last_tensor(header):
+    return max((v for k, v in header.items() if k != "__metadata__"), key=lambda v: v["data_offsets"][1])
+
+
+BROKEN_SHARDS = {
+    "empty": (cut_to(0), "shorter than the 8-byte header length"),
+    "cut-in-header": (cut_to(100), "exceeds the file"),
+    "truncated-data": (cut_to(0.9), "truncated"),
+    "huge-header-length": (header_length(10**12), "header length 1000000000000 exceeds"),
+    "header-not-json": (lambda base: (base / "model.safetensors").write_bytes((4).to_bytes(8, "little") + b"{{{{" + b"\0" * 16), "not valid JSON"),
+    "trailing-bytes": (lambda base: open(base / "model.safetensors", "ab").write(b"\0" * 64), "trailing bytes"),
+    "wrong-shape": (edit_header(lambda h: first_tensor(h).update(shape=[*first_tensor(h)["shape"], 2])), "needs"),
+    "overlap": (edit_header(lambda h: last_tensor(h).update(data_offsets=[0, last_tensor(h)["data_offsets"][1] - last_tensor(h)["data_offsets"][0]])), "gap or an overlap"),
+    "no-offsets": (edit_header(lambda h: first_tensor(h).pop("data_offsets")), "no valid data_offsets"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_SHARDS))
+def test_broken_shard_is_named_before_anything_is_written(stock_base, tmp_path, case, capsys):
+    damage, reason = BROKEN_SHARDS[case]
+    base = broken_copy(stock_base, tmp_path, damage)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(base), str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith(f"error: {base / 'model.safetensors'}: not a complete safetensors file") and reason in err
+    assert "Traceback" not in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_sound_shard_passes_the_check(stock_base):
+    from safetensors import safe_open
+
+    sizes = export_module.safetensors_sizes(stock_base / "model.safetensors")
+    with safe_open(stock_base / "model.safetensors", "pt") as f:
+        expected = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert sizes.keys() == expected.keys()
+    assert all(sizes[k] == tensors[k].numel() * tensors[k].element_size() for k in sizes)
+
+
+@pytest.mark.parametrize(
+    "file, content, reason",
+    [
+        ("config.json", "{not json", "not valid JSON"),
+        ("config.json", "[1, 2]", "expected a JSON object"),
+        ("model.safetensors.index.json", "{", "not valid JSON"),
+        ("model.safetensors.index.json", '{"metadata": {}}', 'no "weight_map"'),
+    ],
+)
+def test_broken_json_files_are_named(stock_base, tmp_path, file, content, reason, capsys):
+    base = broken_copy(stock_base, tmp_path, lambda base: (base / file).write_text(content))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(base), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {base / file}: ") and reason in err, err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_broken_bin_shard_is_named(stock_base, tmp_path):
+    def damage(base):
+        (base / "model.safetensors").unlink()
+        (base / "pytorch_model.bin").write_bytes(b"PK\x03\x04 cut short")
+
+    base = broken_copy(stock_base, tmp_path, damage)
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: cannot be read as a PyTorch weights file"):
+        export(str(base), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- signals, stale staging, progress
+
+# Runs the export CLI with the weight copy held at its first shard (the staging folder exists):
+# prints READY, then waits until the test signals it.
+HELD_EXPORT = textwrap.dedent(
+    """
+    import sys, time
+    from tools import export as export_module
+
+    copy = export_module.copy_file
+
+    def held_copy(*args, **kwargs):
+        copy(*args, **kwargs)
+        print("READY", flush=True)
+        time.sleep(120)
+
+    export_module.copy_file = held_copy
+    export_module.main(sys.argv[1:])
+    """
+)
+
+
+def start_held_export(stock_base: Path, out: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-c", HELD_EXPORT, str(stock_base), str(out)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert process.stdout.readline().strip() == "READY", process.stderr.read()[-3000:]
+    return process
+
+
+@pytest.mark.parametrize("signal_name, exit_code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_sigterm_cleans_up_like_sigint(stock_base, tmp_path, signal_name, exit_code):
+    import signal
+
+    out = tmp_path / "out"
+    process = start_held_export(stock_base, out)
+    assert len(leftovers(tmp_path)) == 1  # the staging folder, with the first shard
+    process.send_signal(getattr(signal, signal_name))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == exit_code, err[-3000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert leftovers(tmp_path) == [] and not out.exists()
+
+
+def test_the_next_run_removes_staging_folders_of_killed_exports(stock_base, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    process = start_held_export(stock_base, out)
+    process.send_signal(signal.SIGKILL)  # no clean-up possible
+    process.communicate(timeout=60)
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith(f".out.partial-{process.pid}-")
+    # a staging folder of a live export to the same OUT (this process) and another OUT's are kept
+    alive = tmp_path / f".out.partial-{os.getpid()}-abc"
+    other = tmp_path / f".other.partial-{process.pid}-abc"
+    alive.mkdir()
+    other.mkdir()
+    export(str(stock_base), out)
+    assert leftovers(tmp_path) == sorted([alive.name, other.name])
+    assert (out / "model.safetensors").is_file()
+
+
+def test_progress_shows_bytes_per_shard(hub_base, tmp_path, capsys, monkeypatch):
+    shards = sorted(p.name for p in hub_base.glob("model-*.safetensors"))
+    main([str(hub_base), str(tmp_path / "out"), "--progress"])
+    err = capsys.readouterr().err
+    for i, name in enumerate(shards):
+        size = (hub_base / name).stat().st_size / 2**20
+        assert f"shard {i + 1}/{len(shards)} {name}: {size:,.1f} / {size:,.1f} MB" in err
+    # by default only on a terminal: none when stderr is a file (capsys), some when it is a tty
+    main([str(hub_base), str(tmp_path / "out2")])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    main([str(hub_base), str(tmp_path / "out3")])
+    assert f"shard 1/{len(shards)} " in capsys.readouterr().err
+    main([str(hub_base), str(tmp_path / "out4"), "--no-progress"])
+    assert capsys.readouterr().err == ""

@@ -25,11 +25,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +143,14 @@ def resolve_checkpoint(name: str, allow_download: bool, what: str) -> tuple[Path
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON object from a file; a ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def weight_shards(folder: Path) -> tuple[list[Path], dict]:
@@ -148,6 +159,8 @@ def weight_shards(folder: Path) -> tuple[list[Path], dict]:
         index = folder / f"{stem}.index.json"
         if index.is_file():
             data = read_json(index)
+            if not isinstance(data.get("weight_map"), dict) or not all(isinstance(n, str) for n in data["weight_map"].values()):
+                raise ValueError(f"{index}: no \"weight_map\" of tensor name -> shard file name")
             names = sorted(set(data["weight_map"].values()))
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
@@ -158,20 +171,72 @@ def weight_shards(folder: Path) -> tuple[list[Path], dict]:
     raise ValueError(f"{folder} holds no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
 
 
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the safetensors library refuses larger headers too
+# bits per element of each safetensors dtype (a tensor's bytes: elements x bits / 8)
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64, "F64": 64,
+}
+
+
 def safetensors_sizes(shard: Path) -> dict[str, int]:
-    """{key: bytes} from a safetensors file's header, without reading any tensor."""
+    """{key: bytes} from a safetensors file's header, without reading any tensor. Checks the file
+    first: an 8-byte header length (capped), a JSON header, each tensor's byte range inside the
+    file and as long as its dtype and shape say, the ranges tiling the data exactly. A ValueError
+    names the file and what is wrong (a truncated copy, a cut download, not safetensors)."""
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"{shard}: not a complete safetensors file: {reason}")
+
+    size = shard.stat().st_size
     with open(shard, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        if size < 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        header_length = int.from_bytes(f.read(8), "little")
+        if header_length > min(MAX_SAFETENSORS_HEADER, size - 8):
+            raise bad(f"header length {header_length} exceeds the file ({size} bytes) or the {MAX_SAFETENSORS_HEADER}-byte cap")
+        try:
+            header = json.loads(f.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise bad(f"its header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
     header.pop("__metadata__", None)
-    return {key: entry["data_offsets"][1] - entry["data_offsets"][0] for key, entry in header.items()}
+    data_size, ranges = size - 8 - header_length, []
+    for key, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise bad(f"tensor {key!r} has no valid data_offsets / shape in the header")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise bad(f"tensor {key!r} spans bytes {begin}..{end} but the data section has {data_size} bytes (truncated?)")
+        bits = SAFETENSORS_DTYPE_BITS.get(entry.get("dtype"))
+        if bits is not None and math.prod(shape) * bits != (end - begin) * 8:
+            raise bad(f"tensor {key!r} ({entry['dtype']} {shape}) needs {math.prod(shape) * bits / 8:g} bytes, its range has {end - begin}")
+        ranges.append((begin, end, key))
+    position = 0
+    for begin, end, key in sorted(ranges):
+        if begin != position:
+            raise bad(f"tensor {key!r} starts at byte {begin} of the data, expected {position} (a gap or an overlap)")
+        position = end
+    if position != data_size:
+        raise bad(f"the tensors cover {position} bytes but the data section has {data_size} (trailing bytes)")
+    return {key: end - begin for begin, end, key in ranges}
 
 
 def load_bin(shard: Path) -> dict[str, torch.Tensor]:
-    """A .bin shard, memory-mapped where the file format allows it."""
+    """A .bin shard, memory-mapped where the file format allows it; a ValueError names a broken file."""
     try:
-        return torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-        return torch.load(shard, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+            return torch.load(shard, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for broken files
+        raise ValueError(f"{shard}: cannot be read as a PyTorch weights file ({type(error).__name__}: {error})") from None
 
 
 def read_tensor(shards: list[Path], pattern: str) -> torch.Tensor | None:
@@ -214,6 +279,9 @@ def clip_text_parts(clip: Path, base_shards: list[Path], base_vision_config, arc
                 f"tower has {getattr(base_vision_config, field)}; give the CLIP checkpoint the vision tower came from"
             )
     shards, _ = weight_shards(clip)
+    for shard in shards:
+        if shard.suffix == ".safetensors":
+            safetensors_sizes(shard)  # a broken file: an error naming it, not the reader's bare one
     base_patch = read_tensor(base_shards, arch.vision_patch_key)
     clip_patch = read_tensor(shards, re.escape(CLIP_PATCH_KEY) + "$")
     if base_patch is None or clip_patch is None or not torch.equal(clip_patch.to(base_patch.dtype), base_patch):
@@ -262,23 +330,28 @@ def shard_name(i: int, count: int) -> str:
     return "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
 
 
-def write_weights(shards: list[Path], metadata: dict, extra: dict[str, torch.Tensor], out: Path) -> list[str]:
-    """Writes BASE's shards (+ one shard of extra tensors) as safetensors, one shard at a time."""
+def write_weights(
+    shards: list[Path], sizes: dict[Path, dict[str, int]], metadata: dict, extra: dict[str, torch.Tensor], out: Path,
+    progress: bool = False,
+) -> list[str]:
+    """Writes BASE's shards (+ one shard of extra tensors) as safetensors, one shard at a time.
+    sizes: {safetensors shard: its tensors' byte sizes}, from `safetensors_sizes` (checked files)."""
     count = len(shards) + (1 if extra else 0)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         target = out / shard_name(i, count)
         if shard.suffix == ".safetensors":
-            shutil.copyfile(shard, target)  # streamed by the OS; the tensors never enter Python
-            sizes = safetensors_sizes(target)
-            keys = list(sizes)
-            total += sum(sizes.values())
+            copy_file(shard, target, f"shard {i + 1}/{count}" if progress else None)  # the tensors never enter Python
+            keys = list(sizes[shard])
+            total += sum(sizes[shard].values())
         else:
             state = without_shared_memory(load_bin(shard))
             save_file(state, target, metadata={"format": "pt"})
             keys = list(state)
             total += sum(v.numel() * v.element_size() for v in state.values())
             del state
+            if progress:
+                print(f"shard {i + 1}/{count} {target.name}: converted from {shard.name}", file=sys.stderr, flush=True)
         weight_map.update({key: target.name for key in keys})
     if extra:
         target = out / shard_name(count - 1, count)
@@ -289,6 +362,25 @@ def write_weights(shards: list[Path], metadata: dict, extra: dict[str, torch.Ten
         index = {"metadata": {**metadata, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return sorted(set(weight_map.values()))
+
+
+COPY_CHUNK = 64 * 2**20
+
+
+def copy_file(source: Path, target: Path, progress_label: str | None = None) -> None:
+    """Copies a file in 64 MB chunks; with a label, the bytes copied so far on stderr (one
+    updating line per file: a multi-GB shard takes a while)."""
+    total, copied = source.stat().st_size, 0
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        while chunk := reader.read(COPY_CHUNK):
+            writer.write(chunk)
+            copied += len(chunk)
+            if progress_label:
+                print(f"\r{progress_label} {target.name}: {copied / 2**20:,.1f} / {total / 2**20:,.1f} MB", end="", file=sys.stderr, flush=True)
+    if progress_label:
+        print(file=sys.stderr, flush=True)
+    if copied != total:
+        raise ValueError(f"{source}: changed size while being copied ({total} -> {copied} bytes)")
 
 
 def without_shared_memory(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -468,16 +560,22 @@ def export(
     private: bool = False,
     base_model: str | None = None,
     license: str | None = None,
+    progress: bool | None = None,
 ) -> Path:
-    """Writes the MFPruner repo for `base` to `out` (see the module docstring). Returns `out`."""
+    """Writes the MFPruner repo for `base` to `out` (see the module docstring). Returns `out`.
+    progress: print the bytes copied per shard on stderr (None: when stderr is a terminal)."""
     out = Path(out).expanduser()
+    progress = sys.stderr.isatty() if progress is None else progress
     if budget is not None and ratio is not None:
         raise ValueError(f"give only one of --budget and --ratio (got {budget} and {ratio})")
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT {str(out)!r} is a file; give a folder")
+    if Path(base).expanduser().is_dir():  # a local BASE: its relation to OUT first, --overwrite or not
+        check_apart(out, {"BASE": Path(base).expanduser()})
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"OUT {str(out)!r} exists and is not empty; pass --overwrite to replace it")
     base_dir, hub_id = resolve_checkpoint(base, allow_download, "BASE")
+    check_apart(out, {"BASE": base_dir})  # a downloaded snapshot too
     if not (base_dir / "config.json").is_file():
         raise ValueError(f"BASE {base!r} has no config.json: not a transformers checkpoint")
     model_type = read_json(base_dir / "config.json").get("model_type")
@@ -492,6 +590,7 @@ def export(
         raise ValueError("--push-to-hub needs the base model's hub id for the card: pass --base-model-id")
     base_id = base_id or base_dir.name
     shards, metadata = weight_shards(base_dir)
+    sizes = {shard: safetensors_sizes(shard) for shard in shards if shard.suffix == ".safetensors"}  # checks each file
     settings = {"visual_token_budget": budget} if budget is not None else {}
     settings = {"visual_token_ratio": ratio, "visual_token_budget": None} if ratio is not None else settings
     # fail on bad settings before anything is written
@@ -500,32 +599,102 @@ def export(
     clip_tensors, clip_tokenizer, clip_text_config = {}, None, None
     if clip_text is not None:
         clip_dir, _ = resolve_checkpoint(clip_text, allow_download, "--clip-text")
+        check_apart(out, {"--clip-text": clip_dir})
         clip_text_config, clip_tensors, clip_tokenizer = clip_text_parts(clip_dir, shards, config.vision_config, arch)
         config = mfpruner_config(base_dir, arch, settings, clip_text_config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        copy_base_files(base_dir, staging)
-        write_weights(shards, metadata, clip_tensors, staging)
-        del clip_tensors
-        config.to_json_file(staging / "config.json")
-        for file in code_files(arch, with_processor=clip_tokenizer is not None):
-            shutil.copyfile(file, staging / file.name)
-        if clip_tokenizer is not None:
-            write_clip_processor(base_dir, arch, clip_tokenizer, clip_text_config["max_position_embeddings"], staging)
-        license = license or base_license(base_dir) or "unknown"
-        repo_id = push_to_hub or f"your-name/{out.name}"
-        model_card(arch, config, base_id, license, repo_id, clip_tokenizer is not None).save(staging / "README.md")
-        for path in [staging, *staging.rglob("*")]:  # mkdtemp and save_file create owner-only modes
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    remove_stale_staging(out)
+    with sigterm_as_interrupt():
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        try:
+            copy_base_files(base_dir, staging)
+            write_weights(shards, sizes, metadata, clip_tensors, staging, progress)
+            del clip_tensors
+            config.to_json_file(staging / "config.json")
+            for file in code_files(arch, with_processor=clip_tokenizer is not None):
+                shutil.copyfile(file, staging / file.name)
+            if clip_tokenizer is not None:
+                write_clip_processor(base_dir, arch, clip_tokenizer, clip_text_config["max_position_embeddings"], staging)
+            license = license or base_license(base_dir) or "unknown"
+            repo_id = push_to_hub or f"your-name/{out.name}"
+            model_card(arch, config, base_id, license, repo_id, clip_tokenizer is not None).save(staging / "README.md")
+            for path in [staging, *staging.rglob("*")]:  # mkdtemp and save_file create owner-only modes
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            replace_folder(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     if push_to_hub:
         push_folder(out, push_to_hub, private)
     return out
+
+
+def check_apart(out: Path, inputs: dict[str, Path]) -> None:
+    """OUT is replaced as a whole (--overwrite) and its staging folder is written next to it, so it
+    must not be an input folder, lie inside one, or contain one; compared through symlinks."""
+    target = out.resolve()
+    for what, folder in inputs.items():
+        source = folder.resolve()
+        if target == source:
+            raise ValueError(f"OUT {str(out)!r} is {what} ({str(folder)!r}); give another folder: {what} is never modified")
+        if source in target.parents:
+            raise ValueError(f"OUT {str(out)!r} lies inside {what} ({str(folder)!r}); give a folder outside it: {what} is never modified")
+        if target in source.parents:
+            raise ValueError(f"OUT {str(out)!r} contains {what} ({str(folder)!r}); replacing OUT would delete it: give another folder")
+
+
+def staging_owner(folder: Path, out: Path) -> int | None:
+    """The process id in a staging (`.OUT.partial-PID-*`) or replaced (`.OUT.old-PID-*`) folder's name."""
+    for kind in ("partial", "old"):
+        prefix = f".{out.name}.{kind}-"
+        if folder.name.startswith(prefix) and (pid := folder.name[len(prefix):].split("-", 1)[0]).isdigit():
+            return int(pid)
+    return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Removes the staging folders of exports to OUT whose process is gone (killed with SIGKILL,
+    a power cut): each holds a partial copy of the weights."""
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+        return
+    for folder in out.parent.iterdir():
+        pid = staging_owner(folder, out)
+        if pid is not None and pid != os.getpid() and folder.is_dir() and not process_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs."""
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While the staging folder exists, SIGTERM (`kill`, a job scheduler, a container stop) raises
+    `Terminated`, so the folder is removed as on Ctrl-C. Only where Python allows signal handlers
+    (the main thread) and nobody else installed one."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def replace_folder(staging: Path, out: Path) -> None:
@@ -533,7 +702,7 @@ def replace_folder(staging: Path, out: Path) -> None:
     if not out.exists():
         os.replace(staging, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.replace(out, old / out.name)
     os.replace(staging, out)
     shutil.rmtree(old, ignore_errors=True)
@@ -553,6 +722,10 @@ def main(argv=None):
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     parser.add_argument("--base-model-id", help="hub id of BASE for the card's base_model (when BASE is a folder)")
     parser.add_argument("--license", help="the card's license (default: BASE's card, else 'unknown')")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="print the bytes copied per shard (default: when stderr is a terminal)",
+    )
     args = parser.parse_args(argv)
     try:
         out = export(
@@ -567,9 +740,12 @@ def main(argv=None):
             private=args.private,
             base_model=args.base_model_id,
             license=args.license,
+            progress=args.progress,
         )
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: the staging folder is already removed
+        parser.exit(143 if isinstance(error, Terminated) else 130, "interrupted\n")
     print(out)
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPVisionConfig,
     LlamaConfig,
@@ -33,6 +32,8 @@ CORPUS = (
     "The quick brown fox jumps over the lazy dog. What color is the car? It is blue, green, white.\n"
     "0123456789 .,:;!?'\"()[]{}<>-_/\\@#$%^&*+=~` abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
 )
+
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -118,9 +119,19 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, *, image_size: int =
     return LlavaConfig(**kwargs)
 
 
+def image_processor_class(name: str):
+    """transformers' `<Model>ImageProcessor` (its torchvision backend), or without torchvision its
+    PIL twin `<Model>ImageProcessorPil`, which the stock name falls back to anyway, with a warning
+    at every start that nobody can act on (torchvision is optional here)."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    return getattr(transformers, name if is_torchvision_available() else f"{name}Pil")
+
+
 def build_tiny_llava_processor(image_size: int = 84) -> LlavaProcessor:
     tokenizer = build_tokenizer()
-    image_processor = CLIPImageProcessor(
+    image_processor = image_processor_class("CLIPImageProcessor")(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(
@@ -303,8 +314,6 @@ def build_tiny_qwen2_5_vl_processor(min_pixels: int = 56 * 56, max_pixels: int =
     No `Qwen2_5_VLProcessor`: in transformers 5.x it cannot be built without a video processor,
     and the video processor needs torchvision (not a requirement here). `qwen_inputs` expands
     the placeholders as the processor does; with torchvision a real repo's processor works too."""
-    from transformers import Qwen2VLImageProcessor
-
     tokenizer = build_tokenizer(
         special_tokens=QWEN_SPECIAL_TOKENS,
         named_tokens=dict(
@@ -316,7 +325,7 @@ def build_tiny_qwen2_5_vl_processor(min_pixels: int = 56 * 56, max_pixels: int =
         ),
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    image_processor = Qwen2VLImageProcessor(
+    image_processor = image_processor_class("Qwen2VLImageProcessor")(
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=QWEN_PATCH, merge_size=2
     )
     return tokenizer, image_processor
@@ -460,9 +469,9 @@ def tiny_llava_next_config(vocab_size: int, image_token_id: int, *, tile_size: i
 
 
 def build_tiny_llava_next_processor(tile_size: int = NEXT_TILE_SIZE, grid_pinpoints=NEXT_GRID_PINPOINTS):
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import LlavaNextProcessor
 
-    image_processor = LlavaNextImageProcessor(
+    image_processor = image_processor_class("LlavaNextImageProcessor")(
         size={"shortest_edge": tile_size},
         crop_size={"height": tile_size, "width": tile_size},
         image_grid_pinpoints=[list(p) for p in grid_pinpoints],
