@@ -96,15 +96,120 @@ def attention_received(
 
     q, k: (H, N, Dh) of one attention segment -> (N,): column sums of softmax(Q K^T * scale), the
     mean over heads. Queries are processed `query_chunk` at a time, so the largest temporary is
-    (H, query_chunk, N), never (H, N, N).
+    (H, query_chunk, N), never (H, N, N). When the attention output is needed too, use
+    `attention_with_received`: it computes both in one pass.
     """
-    received = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
-    k = k.float()
-    for start in range(0, q.shape[1], query_chunk):
-        q_chunk = q[:, start : start + query_chunk].float()  # (H, C, Dh)
-        probs = (torch.einsum("hcd,hnd->hcn", q_chunk, k) * scale).softmax(dim=-1)  # (H, C, N)
-        received += probs.sum(dim=1).mean(dim=0)
-    return received
+    return chunked_attention_with_received(q[None], k[None], None, scale, query_chunk)[1][0]
+
+
+def attention_with_received(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, query_chunk: int = 256, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output AND the attention each key receives, for unmasked (full) attention.
+
+    q, k, v: (B, H, S, Dh), one attention segment per row (e.g. Qwen2.5-VL's vision attention per
+    `cu_seqlens` segment, after rotary) -> out: (B, H, S, Dh) in v's dtype, what
+    scaled_dot_product_attention(q, k, v, scale=scale) returns; received: (B, S) float32, the
+    column sums of softmax(Q K^T * scale) over the queries, mean over heads (cue A).
+    Memory stays O(S * Dh) plus one (B * H, query_chunk, S) block: never H x S x S.
+
+    method: "chunked" - one pass over query chunks: each block of probabilities gives its rows of
+        the output and its part of the column sums, so QK^T is computed once (best on CPU).
+      "fused" - the fused attention kernel returns the output and each query's log-sum-exp; the
+        column sums come from one more fused kernel call, the same attention read backwards
+        (`received_from_logsumexp`): no S x S block is ever written (best on GPU).
+      "auto" - "fused" on CUDA, "chunked" elsewhere.
+    """
+    if method == "auto":
+        method = "fused" if q.device.type == "cuda" else "chunked"
+    if method == "chunked":
+        return chunked_attention_with_received(q, k, v, scale, query_chunk)
+    if method == "fused":
+        out, logsumexp = attention_with_logsumexp(q, k, v, scale)
+        return out, received_from_logsumexp(q, k, logsumexp, scale)
+    raise ValueError(f"`method` must be 'auto', 'chunked' or 'fused', got {method!r}")
+
+
+def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int):
+    """The "chunked" method of `attention_with_received` (v=None: the column sums only, out=None).
+
+    Per chunk of C queries: e = exp(logits - row max) (B*H, C, S) in float32, the output rows
+    (e @ v) / rowsum and the column sums (1 / rowsum)^T @ e: one QK^T, no normalised copy.
+    On CPU everything runs in float32 (no fast 16-bit matmuls there; one copy of q, k, v, not one per
+    chunk); elsewhere the matmuls run in the input dtype (float32 accumulation), exp in float32.
+    """
+    if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
+        raise ValueError(f"`query_chunk` must be a positive int (queries per step), got {query_chunk!r}")
+    batch, heads, length, head_dim = q.shape
+    work = torch.float32 if q.device.type == "cpu" else q.dtype
+    queries = (q.reshape(batch * heads, length, head_dim).to(work) * scale)  # (BH, S, Dh), scaled once
+    keys_t = k.reshape(batch * heads, length, head_dim).to(work).transpose(1, 2)  # (BH, Dh, S)
+    values = None if v is None else v.reshape(batch * heads, length, v.shape[-1]).to(work)
+    out = None if v is None else torch.empty_like(values)
+    received = torch.zeros(batch * heads, 1, length, dtype=torch.float32, device=q.device)
+    for start in range(0, length, query_chunk):
+        e = torch.bmm(queries[:, start : start + query_chunk], keys_t).float()  # (BH, C, S) logits
+        e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
+        inverse_rowsum = e.sum(dim=-1, keepdim=True).reciprocal_()  # (BH, C, 1)
+        received.baddbmm_(inverse_rowsum.transpose(1, 2), e)  # += column sums of the softmax
+        if values is not None:
+            rows = torch.bmm(e.to(work), values)  # (BH, C, Dv)
+            out[:, start : start + query_chunk] = rows.mul_(inverse_rowsum.to(work))
+    received = received.view(batch, heads, length).mean(dim=1)
+    if out is None:
+        return None, received
+    return out.view(batch, heads, length, -1).to(v.dtype), received
+
+
+def pad_head_dim(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """(..., Dh) -> (..., Dh') zero-padded to a multiple of `multiple` (fused kernels need it)."""
+    extra = -x.shape[-1] % multiple
+    return F.pad(x, (0, extra)) if extra else x
+
+
+def attention_with_logsumexp(q, k, v, scale: float):
+    """Fused attention that also returns each query's log-sum-exp of its scaled logits.
+
+    q, k, v: (B, H, S, Dh) -> (out (B, H, S, Dh) in q's dtype, logsumexp (B, H, S) float32). The
+    kernels scaled_dot_product_attention dispatches to (torch's flash attention on CPU and for
+    16-bit CUDA, memory-efficient attention for float32 CUDA), called directly for their
+    log-sum-exp. Head dims are zero-padded to a multiple of 8 (the logits do not change).
+    """
+    length, head_dim = q.shape[2], v.shape[-1]
+    qp, kp, vp = pad_head_dim(q), pad_head_dim(k), pad_head_dim(v)
+    if qp.shape[-1] != vp.shape[-1]:
+        raise ValueError(f"q and v must have the same head dim, got {q.shape[-1]} and {head_dim}")
+    if q.device.type == "cpu":
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, 0.0, False, scale=scale)[:2]
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, False, False, scale=scale)[:2]
+    elif q.device.type == "cuda":
+        out, logsumexp = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qp, kp, vp, None, True, 0.0, False, scale=scale
+        )[:2]
+    else:
+        raise ValueError(f"fused attention with log-sum-exp runs on CPU or CUDA, got device {q.device}")
+    return out[..., :head_dim], logsumexp[..., :length].float()  # efficient attention pads the lse to 32
+
+
+def received_from_logsumexp(q, k, logsumexp, scale: float) -> torch.Tensor:
+    """Column sums of softmax(Q K^T * scale), mean over heads, from the queries' log-sum-exp.
+
+    q, k: (B, H, S, Dh); logsumexp: (B, H, S) float32 -> (B, S) float32. Column j sums
+    exp(l_ij - lse_i) over queries i: that is one attention pass with the roles swapped (key j
+    asks, query i answers) and -lse_i added to each logit, whose own log-sum-exp is
+    log(column sum j). The bias rides in two extra head dims (hi + lo parts, so it stays exact to
+    ~2^-16 in 16-bit inputs), centred per head so that it stays small.
+    """
+    shift = logsumexp.mean(dim=-1, keepdim=True)  # (B, H, 1)
+    bias = ((shift - logsumexp) / scale)[..., None]  # (B, H, S, 1): scale * bias = shift - lse_i
+    hi = bias.to(q.dtype)
+    lo = (bias - hi.float()).to(q.dtype)
+    ones = torch.ones_like(hi)
+    asking = torch.cat([k, ones, ones], dim=-1)  # (B, H, S, Dh + 2): the keys ask
+    answering = torch.cat([q, hi, lo], dim=-1)  # the queries answer, carrying -lse_i
+    _, column_lse = attention_with_logsumexp(asking, answering, torch.zeros_like(asking), scale)
+    return (column_lse - shift).exp().mean(dim=1)  # log column sum = column_lse - shift
 
 
 def uniqueness(features: torch.Tensor) -> torch.Tensor:
