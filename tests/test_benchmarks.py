@@ -15,7 +15,7 @@ from tools import bench_utils, benchmark_cues, benchmark_prefill
 @pytest.fixture(scope="module")
 def prefill_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    results = benchmark_prefill.main(["--smoke", "--output-dir", str(out), "--plot", str(out / "speedup.png")])
+    results = benchmark_prefill.main(["--smoke", "--force", "--output-dir", str(out), "--plot", str(out / "speedup.png")])
     return results, out
 
 
@@ -106,7 +106,7 @@ def test_prefill_plot_includes_saved_results(prefill_run, tmp_path, monkeypatch)
         real_plot(results, path)
 
     monkeypatch.setattr(benchmark_prefill, "plot_speedups", recording_plot)
-    benchmark_prefill.main(["--smoke", "--family", "llava-next", "--plot", str(tmp_path / "p.png"), "--plot-also", *saved])
+    benchmark_prefill.main(["--smoke", "--force", "--family", "llava-next", "--plot", str(tmp_path / "p.png"), "--plot-also", *saved])
     assert calls == [["LLaVA-1.5", "Qwen2.5-VL", "LLaVA-NeXT"]]
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -119,7 +119,7 @@ def test_prefill_bad_arguments():
 @pytest.fixture(scope="module")
 def cue_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cues") / "cues.md"
-    return benchmark_cues.main(["--smoke", "--output", str(out)]), out
+    return benchmark_cues.main(["--smoke", "--force", "--section", "cues", "--output", str(out)]), out
 
 
 def test_cue_smoke_rows(cue_run):
@@ -137,17 +137,17 @@ def test_cue_smoke_rows(cue_run):
 
 def test_cue_query_chunk_smaller_than_n(tmp_path):
     # 4 queries per step: 4 and 16 chunks at N = 16 and 64, still the materialised map's column sums
-    rows = benchmark_cues.main(["--smoke", "--query-chunk", "4", "--output", str(tmp_path / "c.md")])
+    rows = benchmark_cues.main(["--smoke", "--force", "--section", "cues", "--query-chunk", "4", "--output", str(tmp_path / "c.md")])
     received = [r for r in rows if r["cue"] == "attention received"]
     assert len(received) == len(benchmark_cues.SMOKE_CASES)
     assert all(r["naive_run"] and r["max_abs_diff"] < 1e-4 for r in received), received
     assert "query chunks of 4." in (tmp_path / "c.md").read_text()
     with pytest.raises(ValueError, match="--query-chunk"):
-        benchmark_cues.main(["--smoke", "--query-chunk", "0"])
+        benchmark_cues.main(["--smoke", "--force", "--section", "cues", "--query-chunk", "0"])
 
 
 def test_cue_naive_skipped_above_memory_cap(tmp_path):
-    rows = benchmark_cues.main(["--smoke", "--max-naive-gb", "1e-9", "--output", str(tmp_path / "c.md")])
+    rows = benchmark_cues.main(["--smoke", "--force", "--section", "cues", "--max-naive-gb", "1e-9", "--output", str(tmp_path / "c.md")])
     assert rows and not any(r["naive_run"] for r in rows)
     assert (tmp_path / "c.md").read_text().count("| not run |") == len(rows)
 
