@@ -133,28 +133,31 @@ def attention_with_received(
 def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int):
     """The "chunked" method of `attention_with_received` (v=None: the column sums only, out=None).
 
-    Per chunk of C queries: e = exp(logits - row max) (B*H, C, S) in float32, the output rows
+    Per chunk of C queries: e = exp(logits - row max) (B*H, C, S), the output rows
     (e @ v) / rowsum and the column sums (1 / rowsum)^T @ e: one QK^T, no normalised copy.
-    On CPU everything runs in float32 (no fast 16-bit matmuls there; one copy of q, k, v, not one per
-    chunk); elsewhere the matmuls run in the input dtype (float32 accumulation), exp in float32.
+    The logits (which decide the cue) are float32: q and k are converted once, not per chunk. The
+    e @ v matmul runs in v's dtype (float32 accumulation), in float32 on CPU (no fast 16-bit
+    matmuls there).
     """
     if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
         raise ValueError(f"`query_chunk` must be a positive int (queries per step), got {query_chunk!r}")
     batch, heads, length, head_dim = q.shape
-    work = torch.float32 if q.device.type == "cpu" else q.dtype
-    queries = (q.reshape(batch * heads, length, head_dim).to(work) * scale)  # (BH, S, Dh), scaled once
-    keys_t = k.reshape(batch * heads, length, head_dim).to(work).transpose(1, 2)  # (BH, Dh, S)
-    values = None if v is None else v.reshape(batch * heads, length, v.shape[-1]).to(work)
-    out = None if v is None else torch.empty_like(values)
+    queries = q.reshape(batch * heads, length, head_dim).float() * scale  # (BH, S, Dh), scaled once
+    keys_t = k.reshape(batch * heads, length, head_dim).float().transpose(1, 2)  # (BH, Dh, S)
+    values, out = None, None
+    if v is not None:
+        work = torch.float32 if v.device.type == "cpu" else v.dtype
+        values = v.reshape(batch * heads, length, v.shape[-1]).to(work)
+        out = torch.empty_like(values)
     received = torch.zeros(batch * heads, 1, length, dtype=torch.float32, device=q.device)
     for start in range(0, length, query_chunk):
-        e = torch.bmm(queries[:, start : start + query_chunk], keys_t).float()  # (BH, C, S) logits
+        e = torch.bmm(queries[:, start : start + query_chunk], keys_t)  # (BH, C, S) float32 logits
         e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
         inverse_rowsum = e.sum(dim=-1, keepdim=True).reciprocal_()  # (BH, C, 1)
         received.baddbmm_(inverse_rowsum.transpose(1, 2), e)  # += column sums of the softmax
         if values is not None:
-            rows = torch.bmm(e.to(work), values)  # (BH, C, Dv)
-            out[:, start : start + query_chunk] = rows.mul_(inverse_rowsum.to(work))
+            rows = torch.bmm(e.to(values.dtype), values)  # (BH, C, Dv)
+            out[:, start : start + query_chunk] = rows.mul_(inverse_rowsum.to(values.dtype))
     received = received.view(batch, heads, length).mean(dim=1)
     if out is None:
         return None, received
