@@ -6,6 +6,10 @@
         model and LM head on the GPU). One pruning forward and a short greedy generate() each;
         the split run must keep the same visual tokens and give the same logits and tokens as the
         others. Writes DIR/device_map.json; exits 1 when a check fails.
+    python -m tools.gpu_check kernels --device cuda [--append FILE]
+        `attention_with_received` on the device, every method x dtype (float32 / bfloat16 /
+        float16) against the float64 materialised softmax at small sizes: the output and the
+        column sums (max errors), and whether the kept top 22.2% agree. Appends a table to FILE.
     python -m tools.gpu_check summary --work DIR --out DIR
         Merges the per-family prefill results into prefill.md / prefill.json, adds the comparison
         with the FLOPs-ideal and the paper's 3.42x (LLaVA-1.5-7B, 32 tokens), draws the plot.
@@ -130,6 +134,49 @@ def device_map_main(args) -> int:
     return 0 if all(r["passed"] for r in results) else 1
 
 
+# ----------------------------------------------------------------------------- kernels
+
+
+def kernels_main(args) -> int:
+    from mfpruner_core import attention_with_received, top_k_mask
+
+    lines = [f"### attention_with_received on {args.device} vs the float64 materialised map\n",
+             "| method | dtype | (H, S, Dh) | out max abs err | received max rel err | same top 22.2% | error |",
+             "|---|---|---|---|---|---|---|"]
+    failed = False
+    generator = torch.Generator().manual_seed(0)
+    for heads, length, head_dim in ((16, 1000, 80), (4, 333, 64)):
+        q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(3))
+        k[:, :, ::7] *= 2.5  # a few salient keys, as in a vision tower
+        budget = max(1, round(0.222 * length))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # the reference uses the dtype-rounded inputs, so only the kernel's own error is measured
+            qd, kd, vd = (x.to(dtype) for x in (q, k, v))
+            probs = torch.softmax(qd.double() @ kd.double().transpose(-1, -2) * head_dim**-0.5, dim=-1)
+            exact_out, exact_received = probs @ vd.double(), probs.sum(dim=2).mean(dim=1)
+            for method in ("chunked", "fused", "auto"):
+                shape = f"({heads}, {length}, {head_dim})"
+                try:
+                    out, received = attention_with_received(*(x.to(args.device) for x in (qd, kd, vd)),
+                                                            head_dim**-0.5, 256, method)
+                    out, received = out.double().cpu(), received.double().cpu()
+                    out_err = float((out - exact_out).abs().max())
+                    rec_err = float(((received - exact_received).abs() / exact_received).max())
+                    same = bool(torch.equal(top_k_mask(received.float(), budget), top_k_mask(exact_received.float(), budget)))
+                    lines.append(f"| {method} | {str(dtype)[6:]} | {shape} | {out_err:.1e} | {rec_err:.1e} | {same} | |")
+                    failed |= rec_err > 1e-2 or out_err > (1e-4 if dtype == torch.float32 else 5e-2)
+                except Exception as error:  # noqa: BLE001 - report every failing combination
+                    lines.append(f"| {method} | {str(dtype)[6:]} | {shape} | - | - | - | {type(error).__name__}: "
+                                 f"{str(error).splitlines()[0][:120].replace('|', '/')} |")
+                    failed = True
+    table = "\n".join(lines) + "\n"
+    print(table, flush=True)
+    if args.append:
+        with open(args.append, "a") as handle:
+            handle.write("\n" + table)
+    return 1 if failed else 0
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -172,6 +219,9 @@ def main(argv=None) -> int:
     device_map.add_argument("--size", default="cpu", choices=("smoke", "cpu"))
     device_map.add_argument("--device", default="cuda", help="the GPU ('cpu' only to dry-run the script)")
     device_map.add_argument("--family", action="append", help="repeatable; default: llava-1.5, llava-next, qwen2.5-vl")
+    kernels = commands.add_parser("kernels", help="attention_with_received vs the exact map on the device")
+    kernels.add_argument("--device", default="cuda")
+    kernels.add_argument("--append", help="append the markdown table to this file")
     summary = commands.add_parser("summary", help="merge the prefill results, compare with the paper")
     summary.add_argument("--work", required=True)
     summary.add_argument("--out", required=True)
@@ -179,6 +229,8 @@ def main(argv=None) -> int:
     if args.command == "device-map":
         args.family = args.family or ["llava-1.5", "llava-next", "qwen2.5-vl"]
         return device_map_main(args)
+    if args.command == "kernels":
+        return kernels_main(args)
     return summary_main(args)
 
 

@@ -9,6 +9,8 @@
 #   wheels      installs the carried wheels in .whl/ (tools/gpu_wheels.sh) when the machine's
 #               transformers is older than 5.23 (the H200 image has 5.17; nothing can be downloaded there)
 #   env         GPU, driver, python / torch / transformers versions
+#   kernels     attention_with_received (chunked / fused / auto x float32 / bfloat16 / float16) on the
+#               GPU against the float64 materialised map: the fused path calls torch's attention kernels directly
 #   prefill-*   tools.benchmark_prefill --size real --device cuda --dtype bfloat16 for LLaVA-1.5,
 #               LLaVA-NeXT and Qwen2.5-VL (random-initialised 7B geometry, SDPA)
 #   cues        tools.benchmark_cues: cue A of Qwen2.5-VL at the 7B vision width (1024x1024 and
@@ -100,6 +102,7 @@ EOF
 step wheels 90 bash -c "$(declare -f install_wheels); PY=$PY install_wheels"
 [ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 step env 30 bash -c "$(declare -f show_env); PY=$PY show_env"
+step kernels 60 $PY -m tools.gpu_check kernels --device $DEVICE --append "$SUMMARY.kernels"
 for family in llava-1.5 llava-next qwen2.5-vl; do
   step "prefill-$family" 100 $PY -m tools.benchmark_prefill --family "$family" --size $SIZE --device $DEVICE \
     --dtype $DTYPE $ROUNDS --decode-steps 8 --output-dir "$WORK" $LOAD_ARGS
@@ -110,6 +113,7 @@ step cues 100 $PY -m tools.benchmark_cues --device $DEVICE --dtype $CUE_DTYPE $C
 step device-map 90 $PY -m tools.gpu_check device-map --out "$OUT" --size $DM_SIZE --device $DEVICE
 step summary 40 $PY -m tools.gpu_check summary --work "$WORK" --out "$OUT"
 
+[ -f "$SUMMARY.kernels" ] && cat "$SUMMARY.kernels" >> "$SUMMARY" && rm -f "$SUMMARY.kernels"
 echo >> "$SUMMARY"
 echo "Total: $(( $(date +%s) - START ))s. Files: $(cd "$OUT" && ls | tr '\n' ' ')" >> "$SUMMARY"
 cat "$SUMMARY"
