@@ -218,14 +218,18 @@ def received_from_logsumexp(q, k, logsumexp, scale: float) -> torch.Tensor:
 def uniqueness(features: torch.Tensor) -> torch.Tensor:
     """(B, N, D) -> (B, N): u_i = 1 - m_i, m_i = mean cosine similarity to all N tokens, self-pair as 0.
 
-    Closed form with unit rows x_i and s = sum_j x_j: m_i = (x_i . s - x_i . x_i) / N.
-    No N x N matrix; x_i . x_i is 1, or 0 for an all-zero token.
+    Closed form with unit rows x_i = f_i / |f_i| and s = sum_j x_j: m_i = (x_i . s - x_i . x_i) / N.
+    No N x N matrix, and no normalised (B, N, D) copy either: s = (1 / |f|)^T F and
+    x_i . s = (f_i . s) / |f_i| are two matrix-vector products over the features. x_i . x_i is 1,
+    or 0 for an all-zero token (norms are clamped at 1e-12, as F.normalize does).
     """
-    x = F.normalize(features.float(), dim=-1)
-    total = x.sum(dim=1, keepdim=True)  # (B, 1, D)
-    self_sim = (x * x).sum(dim=-1)  # (B, N)
-    mean_sim = ((x * total).sum(dim=-1) - self_sim) / features.shape[1]
-    return 1.0 - mean_sim
+    f = features.float()
+    norms = f.norm(dim=-1)  # (B, N)
+    inverse = 1.0 / norms.clamp(min=1e-12)
+    total = torch.bmm(inverse[:, None, :], f)  # (B, 1, D): sum of the unit rows
+    dot_total = torch.bmm(f, total.transpose(1, 2))[..., 0] * inverse  # (B, N): x_i . s
+    self_sim = (norms * inverse) ** 2
+    return 1.0 - (dot_total - self_sim) / features.shape[1]
 
 
 def clip_text_relevance(
@@ -254,10 +258,14 @@ def llm_relevance(
     visual_tokens: (B, N, D) projected visual tokens; text_embeds: (B, T, D) LLM input
     embeddings of the prompt; text_mask: (B, T) bool, the prompt's real non-image tokens.
     r_i = cos(visual token i, mean of the masked text embeddings), positive sign, not normalised.
+    Cosine as torch.cosine_similarity computes it (v . t / (max(|v|, eps) max(|t|, eps))), from one
+    matrix-vector product and the norms: no normalised (B, N, D) copy.
     """
     weights = text_mask.float() / text_mask.float().sum(dim=-1, keepdim=True).clamp(min=1.0)  # (B, T)
-    instruction = torch.einsum("btd,bt->bd", text_embeds.float(), weights)  # (B, D)
-    return F.cosine_similarity(visual_tokens.float(), instruction[:, None, :], dim=-1, eps=EPS)
+    instruction = torch.bmm(weights[:, None, :], text_embeds.float())  # (B, 1, D)
+    v = visual_tokens.float()
+    dots = torch.bmm(v, instruction.transpose(1, 2))[..., 0]  # (B, N)
+    return dots / (v.norm(dim=-1).clamp(min=EPS) * instruction.norm(dim=-1).clamp(min=EPS))
 
 
 # ----------------------------------------------------------------------------- vote
@@ -296,7 +304,7 @@ def vote(
     check_budget(budget, "budget")
     check_min_votes(min_votes)
     fill = torch.stack(scores).sum(dim=0) if fill_score is None else fill_score.float()
-    if any(not torch.isfinite(s).all() for s in [*scores, fill]):
+    if not bool(torch.isfinite(torch.stack([*scores, fill])).all()):  # one check (one device sync)
         raise ValueError("cue scores must be finite (found NaN or inf)")
 
     k = min(budget, shape[1])
