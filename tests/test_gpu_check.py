@@ -33,3 +33,16 @@ def test_summary_compares_with_the_ideal_and_the_paper(tmp_path):
     text = gpu_check.paper_comparison([dict(family="LLaVA-1.5", size="real", rows=rows)])
     assert "| LLaVA-1.5 (real) | 32 | 3.00x | 4.00x | 75% | 3.42x |" in text
     assert gpu_check.main(["summary", "--work", str(tmp_path), "--out", str(tmp_path / "out")]) == 1  # nothing to merge
+
+
+def test_docs_writes_the_committed_gpu_tables_between_markers(tmp_path):
+    results = tmp_path / "gpu-NVIDIA-H200"
+    results.mkdir()
+    (results / "prefill.md").write_text("| prefill | table |\n")
+    (results / "cues.md").write_text("| cue | table |\n")
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nhand-written\n")
+    assert gpu_check.main(["docs", "--results", str(results), "--docs", str(docs)]) == 0
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written\n")
+    assert "<!-- BEGIN gpu gpu-NVIDIA-H200 prefill.md -->" in text and "| cue | table |" in text

@@ -14,6 +14,10 @@
         Merges the per-family prefill results into prefill.md / prefill.json, adds the comparison
         with the FLOPs-ideal and the paper's 3.42x (LLaVA-1.5-7B, 32 tokens), draws the plot.
 
+    python -m tools.gpu_check docs --results benchmarks/gpu-NAME --docs docs/benchmarks.md
+        Writes the committed GPU results (summary.md, prefill.md, cues.md) into the docs page
+        between the markers <!-- BEGIN gpu NAME FILE --> / <!-- END ... -->.
+
 Only public entry points of the models are used (from_pretrained, forward, generate,
 last_pruning), so the check keeps working when the model files change their internals.
 """
@@ -211,6 +215,19 @@ def summary_main(args) -> int:
     return 0
 
 
+def docs_main(args) -> int:
+    from tools.bench_utils import write_between_markers
+
+    results = Path(args.results)
+    written = 0
+    for name in ("summary.md", "prefill.md", "cues.md"):
+        if (results / name).exists():
+            write_between_markers(args.docs, f"gpu {results.name} {name}", (results / name).read_text())
+            written += 1
+    print(f"[docs] {written} GPU tables from {results} written into {args.docs}", flush=True)
+    return 0 if written else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +239,9 @@ def main(argv=None) -> int:
     kernels = commands.add_parser("kernels", help="attention_with_received vs the exact map on the device")
     kernels.add_argument("--device", default="cuda")
     kernels.add_argument("--append", help="append the markdown table to this file")
+    docs = commands.add_parser("docs", help="write committed GPU results into the docs page")
+    docs.add_argument("--results", required=True, help="the folder the GPU check's files were committed to")
+    docs.add_argument("--docs", default="docs/benchmarks.md")
     summary = commands.add_parser("summary", help="merge the prefill results, compare with the paper")
     summary.add_argument("--work", required=True)
     summary.add_argument("--out", required=True)
@@ -229,6 +249,8 @@ def main(argv=None) -> int:
     if args.command == "device-map":
         args.family = args.family or ["llava-1.5", "llava-next", "qwen2.5-vl"]
         return device_map_main(args)
+    if args.command == "docs":
+        return docs_main(args)
     if args.command == "kernels":
         return kernels_main(args)
     return summary_main(args)
