@@ -363,12 +363,17 @@ def compact_rows(keep: torch.Tensor, tensors: dict[str, torch.Tensor], pad: dict
     slot = torch.arange(new_len, device=keep.device)[None, :]  # (1, L')
     offset = (new_len - lengths)[:, None] if left else torch.zeros_like(lengths)[:, None]
     real = (slot >= offset) & (slot < offset + lengths[:, None])  # (B, L')
+    # Integer (row, position) pairs, found once: every tensor is then a gather / scatter with no
+    # further mask-to-index conversion (each of those is a device sync on a GPU).
+    source_rows, source_cols = keep.nonzero(as_tuple=True)
+    target_rows, target_cols = real.nonzero(as_tuple=True)
     out = {}
     for name, tensor in tensors.items():
         compact = torch.full(
             (keep.shape[0], new_len, *tensor.shape[2:]), pad[name], dtype=tensor.dtype, device=tensor.device
         )
-        compact[real] = tensor[keep]
+        device = tensor.device
+        compact[target_rows.to(device), target_cols.to(device)] = tensor[source_rows.to(device), source_cols.to(device)]
         out[name] = compact
     return out, real
 
