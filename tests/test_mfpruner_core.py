@@ -234,6 +234,27 @@ def test_attention_with_received_memory_grows_linearly_never_heads_x_s_x_s(metho
         assert peaks[2048] < 2 * heads * chunk * 2048 * 4 + 6 * heads * 2048 * head_dim * 4
 
 
+@pytest.mark.parametrize("method", ["chunked", "fused"])
+def test_attention_with_received_on_strided_segments_as_the_vision_attention_holds_them(method):
+    # Qwen2.5-VL's vision attention: qkv (S, 3, H, Dh) -> q, k, v (1, H, S, Dh) views, one call per
+    # cu_seqlens segment (a slice of the S axis); out transposed back to (S_seg, H, Dh) and concatenated.
+    torch.manual_seed(0)
+    length, heads, head_dim, bounds = 90, 4, 16, [0, 50, 90]
+    q, k, v = torch.randn(length, 3, heads, head_dim).permute(1, 0, 2, 3).unbind(0)
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    assert not q.is_contiguous()
+    outs, received = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        segment = [x[:, :, start:end] for x in (q, k, v)]
+        out, rec = core.attention_with_received(*segment, head_dim**-0.5, 16, method)
+        exact_out, exact_received = materialised_attention(*segment, head_dim**-0.5)
+        outs.append(out[0].transpose(0, 1))
+        received.append(rec[0])
+        torch.testing.assert_close(out.double(), exact_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rec.double(), exact_received, atol=1e-5, rtol=1e-5)
+    assert torch.cat(outs).reshape(length, -1).shape == (length, heads * head_dim) and torch.cat(received).shape == (length,)
+
+
 def test_attention_with_received_rejects_bad_arguments():
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match="method"):
