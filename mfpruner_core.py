@@ -96,28 +96,145 @@ def attention_received(
 
     q, k: (H, N, Dh) of one attention segment -> (N,): column sums of softmax(Q K^T * scale), the
     mean over heads. Queries are processed `query_chunk` at a time, so the largest temporary is
-    (H, query_chunk, N), never (H, N, N).
+    (H, query_chunk, N), never (H, N, N). When the attention output is needed too, use
+    `attention_with_received`: it computes both in one pass.
     """
-    received = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
-    k = k.float()
-    for start in range(0, q.shape[1], query_chunk):
-        q_chunk = q[:, start : start + query_chunk].float()  # (H, C, Dh)
-        probs = (torch.einsum("hcd,hnd->hcn", q_chunk, k) * scale).softmax(dim=-1)  # (H, C, N)
-        received += probs.sum(dim=1).mean(dim=0)
-    return received
+    return chunked_attention_with_received(q[None], k[None], None, scale, query_chunk)[1][0]
+
+
+def attention_with_received(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, query_chunk: int = 256, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output AND the attention each key receives, for unmasked (full) attention.
+
+    q, k, v: (B, H, S, Dh), one attention segment per row (e.g. Qwen2.5-VL's vision attention per
+    `cu_seqlens` segment, after rotary) -> out: (B, H, S, Dh) in v's dtype, what
+    scaled_dot_product_attention(q, k, v, scale=scale) returns; received: (B, S) float32, the
+    column sums of softmax(Q K^T * scale) over the queries, mean over heads (cue A).
+    Memory stays O(S * Dh) plus one (B * H, query_chunk, S) block: never H x S x S.
+
+    method: "chunked" - one pass over query chunks: each block of probabilities gives its rows of
+        the output and its part of the column sums, so QK^T is computed once (best on CPU).
+      "fused" - the fused attention kernel returns the output and each query's log-sum-exp; the
+        column sums come from one more fused kernel call, the same attention read backwards
+        (`received_from_logsumexp`): no S x S block is ever written (best on GPU).
+      "auto" - "fused" on CUDA, "chunked" elsewhere.
+    """
+    if method == "auto":
+        method = "fused" if q.device.type == "cuda" else "chunked"
+    if method == "chunked":
+        return chunked_attention_with_received(q, k, v, scale, query_chunk)
+    if method == "fused":
+        out, logsumexp = attention_with_logsumexp(q, k, v, scale)
+        return out, received_from_logsumexp(q, k, logsumexp, scale)
+    raise ValueError(f"`method` must be 'auto', 'chunked' or 'fused', got {method!r}")
+
+
+CPU_BLOCK_FLOATS = 2**21  # 8 MiB of float32: the largest (B * H, chunk, S) block on CPU
+
+
+def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int):
+    """The "chunked" method of `attention_with_received` (v=None: the column sums only, out=None).
+
+    Per chunk of C queries: e = exp(logits - row max) (B*H, C, S), the output rows
+    (e @ v) / rowsum and the column sums (1 / rowsum)^T @ e: one QK^T, no normalised copy.
+    The logits (which decide the cue) are float32: q and k are converted once, not per chunk. The
+    e @ v matmul runs in v's dtype (float32 accumulation), in float32 on CPU (no fast 16-bit
+    matmuls there). On CPU the chunk is also capped so that one block stays within CPU_BLOCK_FLOATS.
+    """
+    if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
+        raise ValueError(f"`query_chunk` must be a positive int (queries per step), got {query_chunk!r}")
+    batch, heads, length, head_dim = q.shape
+    if q.device.type == "cpu":  # cache-sized blocks ran faster on CPU (fewer passes through main memory)
+        query_chunk = min(query_chunk, max(16, CPU_BLOCK_FLOATS // (batch * heads * length)))
+    queries = q.reshape(batch * heads, length, head_dim).float() * scale  # (BH, S, Dh), scaled once
+    keys_t = k.reshape(batch * heads, length, head_dim).float().transpose(1, 2)  # (BH, Dh, S)
+    values, out = None, None
+    if v is not None:
+        work = torch.float32 if v.device.type == "cpu" else v.dtype
+        values = v.reshape(batch * heads, length, v.shape[-1]).to(work)
+        out = torch.empty_like(values)
+    received = torch.zeros(batch * heads, 1, length, dtype=torch.float32, device=q.device)
+    for start in range(0, length, query_chunk):
+        e = torch.bmm(queries[:, start : start + query_chunk], keys_t)  # (BH, C, S) float32 logits
+        e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
+        inverse_rowsum = e.sum(dim=-1, keepdim=True).reciprocal_()  # (BH, C, 1)
+        received.baddbmm_(inverse_rowsum.transpose(1, 2), e)  # += column sums of the softmax
+        if values is not None:
+            rows = torch.bmm(e.to(values.dtype), values)  # (BH, C, Dv)
+            out[:, start : start + query_chunk] = rows.mul_(inverse_rowsum.to(values.dtype))
+    received = received.view(batch, heads, length).mean(dim=1)
+    if out is None:
+        return None, received
+    return out.view(batch, heads, length, -1).to(v.dtype), received
+
+
+def pad_head_dim(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """(..., Dh) -> (..., Dh') zero-padded to a multiple of `multiple` (fused kernels need it)."""
+    extra = -x.shape[-1] % multiple
+    return F.pad(x, (0, extra)) if extra else x
+
+
+def attention_with_logsumexp(q, k, v, scale: float):
+    """Fused attention that also returns each query's log-sum-exp of its scaled logits.
+
+    q, k, v: (B, H, S, Dh) -> (out (B, H, S, Dh) in q's dtype, logsumexp (B, H, S) float32). The
+    kernels scaled_dot_product_attention dispatches to (torch's flash attention on CPU and for
+    16-bit CUDA, memory-efficient attention for float32 CUDA), called directly for their
+    log-sum-exp. Head dims are zero-padded to a multiple of 8 (the logits do not change).
+    """
+    length, head_dim = q.shape[2], v.shape[-1]
+    qp, kp, vp = pad_head_dim(q), pad_head_dim(k), pad_head_dim(v)
+    if qp.shape[-1] != vp.shape[-1]:
+        raise ValueError(f"q and v must have the same head dim, got {q.shape[-1]} and {head_dim}")
+    if q.device.type == "cpu":
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, 0.0, False, scale=scale)[:2]
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, False, False, scale=scale)[:2]
+    elif q.device.type == "cuda":
+        out, logsumexp = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qp, kp, vp, None, True, 0.0, False, scale=scale
+        )[:2]
+    else:
+        raise ValueError(f"fused attention with log-sum-exp runs on CPU or CUDA, got device {q.device}")
+    return out[..., :head_dim], logsumexp[..., :length].float()  # efficient attention pads the lse to 32
+
+
+def received_from_logsumexp(q, k, logsumexp, scale: float) -> torch.Tensor:
+    """Column sums of softmax(Q K^T * scale), mean over heads, from the queries' log-sum-exp.
+
+    q, k: (B, H, S, Dh); logsumexp: (B, H, S) float32 -> (B, S) float32. Column j sums
+    exp(l_ij - lse_i) over queries i: that is one attention pass with the roles swapped (key j
+    asks, query i answers) and -lse_i added to each logit, whose own log-sum-exp is
+    log(column sum j). The bias rides in two extra head dims (hi + lo parts, so it stays exact to
+    ~2^-16 in 16-bit inputs), centred per head so that it stays small.
+    """
+    shift = logsumexp.mean(dim=-1, keepdim=True)  # (B, H, 1)
+    bias = ((shift - logsumexp) / scale)[..., None]  # (B, H, S, 1): scale * bias = shift - lse_i
+    hi = bias.to(q.dtype)
+    lo = (bias - hi.float()).to(q.dtype)
+    ones = torch.ones_like(hi)
+    asking = torch.cat([k, ones, ones], dim=-1)  # (B, H, S, Dh + 2): the keys ask
+    answering = torch.cat([q, hi, lo], dim=-1)  # the queries answer, carrying -lse_i
+    _, column_lse = attention_with_logsumexp(asking, answering, torch.zeros_like(asking), scale)
+    return (column_lse - shift).exp().mean(dim=1)  # log column sum = column_lse - shift
 
 
 def uniqueness(features: torch.Tensor) -> torch.Tensor:
     """(B, N, D) -> (B, N): u_i = 1 - m_i, m_i = mean cosine similarity to all N tokens, self-pair as 0.
 
-    Closed form with unit rows x_i and s = sum_j x_j: m_i = (x_i . s - x_i . x_i) / N.
-    No N x N matrix; x_i . x_i is 1, or 0 for an all-zero token.
+    Closed form with unit rows x_i = f_i / |f_i| and s = sum_j x_j: m_i = (x_i . s - x_i . x_i) / N.
+    No N x N matrix, and no normalised (B, N, D) copy either: s = (1 / |f|)^T F and
+    x_i . s = (f_i . s) / |f_i| are two matrix-vector products over the features. x_i . x_i is 1,
+    or 0 for an all-zero token (norms are clamped at 1e-12, as F.normalize does).
     """
-    x = F.normalize(features.float(), dim=-1)
-    total = x.sum(dim=1, keepdim=True)  # (B, 1, D)
-    self_sim = (x * x).sum(dim=-1)  # (B, N)
-    mean_sim = ((x * total).sum(dim=-1) - self_sim) / features.shape[1]
-    return 1.0 - mean_sim
+    f = features.float()
+    norms = f.norm(dim=-1)  # (B, N)
+    inverse = 1.0 / norms.clamp(min=1e-12)
+    total = torch.bmm(inverse[:, None, :], f)  # (B, 1, D): sum of the unit rows
+    dot_total = torch.bmm(f, total.transpose(1, 2))[..., 0] * inverse  # (B, N): x_i . s
+    self_sim = (norms * inverse) ** 2
+    return 1.0 - (dot_total - self_sim) / features.shape[1]
 
 
 def clip_text_relevance(
@@ -146,10 +263,14 @@ def llm_relevance(
     visual_tokens: (B, N, D) projected visual tokens; text_embeds: (B, T, D) LLM input
     embeddings of the prompt; text_mask: (B, T) bool, the prompt's real non-image tokens.
     r_i = cos(visual token i, mean of the masked text embeddings), positive sign, not normalised.
+    Cosine as torch.cosine_similarity computes it (v . t / (max(|v|, eps) max(|t|, eps))), from one
+    matrix-vector product and the norms: no normalised (B, N, D) copy.
     """
     weights = text_mask.float() / text_mask.float().sum(dim=-1, keepdim=True).clamp(min=1.0)  # (B, T)
-    instruction = torch.einsum("btd,bt->bd", text_embeds.float(), weights)  # (B, D)
-    return F.cosine_similarity(visual_tokens.float(), instruction[:, None, :], dim=-1, eps=EPS)
+    instruction = torch.bmm(weights[:, None, :], text_embeds.float())  # (B, 1, D)
+    v = visual_tokens.float()
+    dots = torch.bmm(v, instruction.transpose(1, 2))[..., 0]  # (B, N)
+    return dots / (v.norm(dim=-1).clamp(min=EPS) * instruction.norm(dim=-1).clamp(min=EPS))
 
 
 # ----------------------------------------------------------------------------- vote
@@ -188,7 +309,7 @@ def vote(
     check_budget(budget, "budget")
     check_min_votes(min_votes)
     fill = torch.stack(scores).sum(dim=0) if fill_score is None else fill_score.float()
-    if any(not torch.isfinite(s).all() for s in [*scores, fill]):
+    if not bool(torch.isfinite(torch.stack([*scores, fill])).all()):  # one check (one device sync)
         raise ValueError("cue scores must be finite (found NaN or inf)")
 
     k = min(budget, shape[1])
@@ -247,12 +368,17 @@ def compact_rows(keep: torch.Tensor, tensors: dict[str, torch.Tensor], pad: dict
     slot = torch.arange(new_len, device=keep.device)[None, :]  # (1, L')
     offset = (new_len - lengths)[:, None] if left else torch.zeros_like(lengths)[:, None]
     real = (slot >= offset) & (slot < offset + lengths[:, None])  # (B, L')
+    # Integer (row, position) pairs, found once: every tensor is then a gather / scatter with no
+    # further mask-to-index conversion (each of those is a device sync on a GPU).
+    source_rows, source_cols = keep.nonzero(as_tuple=True)
+    target_rows, target_cols = real.nonzero(as_tuple=True)
     out = {}
     for name, tensor in tensors.items():
         compact = torch.full(
             (keep.shape[0], new_len, *tensor.shape[2:]), pad[name], dtype=tensor.dtype, device=tensor.device
         )
-        compact[real.to(tensor.device)] = tensor[keep.to(tensor.device)]
+        device = tensor.device
+        compact[target_rows.to(device), target_cols.to(device)] = tensor[source_rows.to(device), source_cols.to(device)]
         out[name] = compact
     return out, real
 

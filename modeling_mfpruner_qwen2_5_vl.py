@@ -26,7 +26,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionA
 
 try:
     from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig
-    from .mfpruner_core import attention_received, check_image_tokens, grid_layout
+    from .mfpruner_core import attention_with_received, check_image_tokens, grid_layout
     from .mfpruner_pipeline import (
         CUE_CAPTURE,
         EncodedPrompt,
@@ -37,7 +37,7 @@ try:
     )
 except ImportError:  # imported as a top-level module (tests, tools)
     from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
-    from mfpruner_core import attention_received, check_image_tokens, grid_layout
+    from mfpruner_core import attention_with_received, check_image_tokens, grid_layout
     from mfpruner_pipeline import (
         CUE_CAPTURE,
         EncodedPrompt,
@@ -100,40 +100,45 @@ def last_full_attention_block(visual) -> int:
     return max(full)
 
 
-def received_attention_per_patch(attn, hidden_states, cu_seqlens, position_embeddings, query_chunk: int):
-    """Attention each patch receives in one vision attention module, per attention segment.
+def attention_and_received_per_patch(attn, hidden_states, cu_seqlens, position_embeddings, query_chunk: int):
+    """One vision attention module's forward AND the attention each patch receives, in one pass.
 
     hidden_states: (S, C) the block's normed input, in the tower's window order; cu_seqlens:
     (G + 1,) segment bounds (one image, or one frame pair of a video); position_embeddings:
-    (cos, sin), each (S, Dh). Returns (S,) float32: per segment, the column sums of
-    softmax(Q K^T * scale) over that segment's queries, mean over heads. Chunked over queries
-    (mfpruner_core.attention_received): never heads x S x S.
+    (cos, sin), each (S, Dh). Returns (the module's output (S, C), received (S,) float32): per
+    segment, the column sums of softmax(Q K^T * scale) over that segment's queries, mean over
+    heads. mfpruner_core.attention_with_received computes the attention once for both, in query
+    chunks (CPU) or with fused kernels (CUDA): never heads x S x S.
     """
     length = hidden_states.shape[0]
-    q, k, _ = attn.qkv(hidden_states).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k, v = attn.qkv(hidden_states).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)  # (S, H, Dh) each
-    received = torch.empty(length, dtype=torch.float32, device=hidden_states.device)
+    q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, S, Dh)
+    outputs, received = [], []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        received[start:end] = attention_received(
-            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), attn.scaling, query_chunk
+        out, segment_received = attention_with_received(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn.scaling, query_chunk
         )
-    return received
+        outputs.append(out[0].transpose(0, 1))  # (S_seg, H, Dh)
+        received.append(segment_received[0])
+    return attn.proj(torch.cat(outputs).reshape(length, -1)), torch.cat(received)
 
 
 class CueCapturingVisionAttention(Qwen2_5_VLVisionAttention):
     """The stock vision attention (same parameters, so checkpoints load unchanged). While a capture
-    buffer is active (mfpruner_pipeline.cue_capture) it first records the attention each patch
-    receives into buffer["received"]; otherwise it is exactly the stock forward."""
+    buffer is active (mfpruner_pipeline.cue_capture) it computes its output and the attention each
+    patch receives (buffer["received"]) in one pass; otherwise it is exactly the stock forward."""
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
         captured = CUE_CAPTURE.get()
-        if captured is not None and "query_chunk" in captured:
-            with torch.no_grad():  # THE place cue A is computed (a one-pass kernel would go here)
-                captured["received"] = received_attention_per_patch(
-                    self, hidden_states.detach(), cu_seqlens, position_embeddings, captured["query_chunk"]
-                )
-        return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+        if captured is None or "query_chunk" not in captured:
+            return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+        with torch.no_grad():  # THE place cue A is computed
+            output, captured["received"] = attention_and_received_per_patch(
+                self, hidden_states, cu_seqlens, position_embeddings, captured["query_chunk"]
+            )
+        return output
 
 
 def merged_raster_scores(received, grid_thw, visual) -> torch.Tensor:

@@ -15,7 +15,7 @@ from tools import bench_utils, benchmark_cues, benchmark_prefill
 @pytest.fixture(scope="module")
 def prefill_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    results = benchmark_prefill.main(["--smoke", "--output-dir", str(out), "--plot", str(out / "speedup.png")])
+    results = benchmark_prefill.main(["--smoke", "--force", "--output-dir", str(out), "--plot", str(out / "speedup.png")])
     return results, out
 
 
@@ -88,7 +88,7 @@ def test_prefill_smoke_files(prefill_run, key, unpruned_row):
     table = (out / f"{stem}.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("|")]
     budgets = len(by_key(results)[key]["rows"]) - 1
-    assert len(lines) == 2 + 1 + budgets and all(line.count("|") == 13 for line in lines)
+    assert len(lines) == 2 + 1 + budgets and all(line.count("|") == 14 for line in lines)
     assert "Machine:" in table and unpruned_row in table
     assert json.loads((out / f"{stem}.json").read_text())["rows"] == by_key(results)[key]["rows"]
 
@@ -106,7 +106,7 @@ def test_prefill_plot_includes_saved_results(prefill_run, tmp_path, monkeypatch)
         real_plot(results, path)
 
     monkeypatch.setattr(benchmark_prefill, "plot_speedups", recording_plot)
-    benchmark_prefill.main(["--smoke", "--family", "llava-next", "--plot", str(tmp_path / "p.png"), "--plot-also", *saved])
+    benchmark_prefill.main(["--smoke", "--force", "--family", "llava-next", "--plot", str(tmp_path / "p.png"), "--plot-also", *saved])
     assert calls == [["LLaVA-1.5", "Qwen2.5-VL", "LLaVA-NeXT"]]
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -119,7 +119,7 @@ def test_prefill_bad_arguments():
 @pytest.fixture(scope="module")
 def cue_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cues") / "cues.md"
-    return benchmark_cues.main(["--smoke", "--output", str(out)]), out
+    return benchmark_cues.main(["--smoke", "--force", "--section", "cues", "--output", str(out)]), out
 
 
 def test_cue_smoke_rows(cue_run):
@@ -137,17 +137,17 @@ def test_cue_smoke_rows(cue_run):
 
 def test_cue_query_chunk_smaller_than_n(tmp_path):
     # 4 queries per step: 4 and 16 chunks at N = 16 and 64, still the materialised map's column sums
-    rows = benchmark_cues.main(["--smoke", "--query-chunk", "4", "--output", str(tmp_path / "c.md")])
+    rows = benchmark_cues.main(["--smoke", "--force", "--section", "cues", "--query-chunk", "4", "--output", str(tmp_path / "c.md")])
     received = [r for r in rows if r["cue"] == "attention received"]
     assert len(received) == len(benchmark_cues.SMOKE_CASES)
     assert all(r["naive_run"] and r["max_abs_diff"] < 1e-4 for r in received), received
     assert "query chunks of 4." in (tmp_path / "c.md").read_text()
     with pytest.raises(ValueError, match="--query-chunk"):
-        benchmark_cues.main(["--smoke", "--query-chunk", "0"])
+        benchmark_cues.main(["--smoke", "--force", "--section", "cues", "--query-chunk", "0"])
 
 
 def test_cue_naive_skipped_above_memory_cap(tmp_path):
-    rows = benchmark_cues.main(["--smoke", "--max-naive-gb", "1e-9", "--output", str(tmp_path / "c.md")])
+    rows = benchmark_cues.main(["--smoke", "--force", "--section", "cues", "--max-naive-gb", "1e-9", "--output", str(tmp_path / "c.md")])
     assert rows and not any(r["naive_run"] for r in rows)
     assert (tmp_path / "c.md").read_text().count("| not run |") == len(rows)
 
@@ -176,3 +176,149 @@ def test_peak_memory_counts_a_temporary():
 def test_full_depth_attention_maps_size():
     llava = benchmark_cues.FULL_CASES[0]  # one 336 px tile: 577 tokens, 16 heads, 24 layers of float32 maps
     assert benchmark_cues.attention_maps_bytes(llava) == 24 * 1 * 16 * 577 * 577 * 4
+
+
+# ----------------------------------------------------------------------------- honest numbers: load, spread, docs
+
+
+def test_write_between_markers_replaces_only_its_section(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    before = "# Benchmarks\n\nHand-written intro.\n\n"
+    middle = "\nProse between the tables stays.\n\n"
+    after = "\n\n## Notes\n\nHand-written notes.\n"
+    page.write_text(
+        before + "<!-- BEGIN prefill a cpu -->\nold a\n<!-- END prefill a cpu -->" + middle
+        + "<!-- BEGIN prefill b cpu -->\nold b\n<!-- END prefill b cpu -->" + after
+    )
+    bench_utils.write_between_markers(page, "prefill a cpu", "| new | table |\n")
+    text = page.read_text()
+    assert text.startswith(before) and text.endswith("<!-- BEGIN prefill b cpu -->\nold b\n<!-- END prefill b cpu -->" + after)
+    assert "old a" not in text and "| new | table |" in text and middle in text
+    assert text.count("<!-- BEGIN prefill a cpu -->") == 1 and text.count("<!-- END prefill a cpu -->") == 1
+    # rewriting the same section is idempotent; a new key is appended, the rest untouched
+    bench_utils.write_between_markers(page, "prefill a cpu", "| new | table |\n")
+    assert page.read_text() == text
+    bench_utils.write_between_markers(page, "cues cuda", "gpu table")
+    assert page.read_text().startswith(text) and page.read_text().rstrip().endswith("gpu table\n<!-- END cues cuda -->")
+
+
+def test_write_between_markers_refuses_broken_markers(tmp_path):
+    page = tmp_path / "b.md"
+    page.write_text("<!-- BEGIN x -->\nno end\n")
+    with pytest.raises(ValueError, match="broken"):
+        bench_utils.write_between_markers(page, "x", "t")
+    assert page.read_text() == "<!-- BEGIN x -->\nno end\n"
+    with pytest.raises(ValueError, match="key"):
+        bench_utils.write_between_markers(page, "a -- b", "t")
+
+
+def test_spread_is_min_median_max():
+    assert bench_utils.spread([3.0, 1.0, 2.0, 10.0]) == {"min": 1.0, "median": 2.5, "max": 10.0}
+    assert bench_utils.ms_spread([0.001, 0.003, 0.002]) == "2.0 (1.0-3.0)"
+
+
+def test_busy_reason_names_the_figure_and_the_threshold():
+    quiet = bench_utils.MachineLoad(load_before=0.2, load_after=2.1, other_cores=0.05, cores=2)
+    assert bench_utils.busy_reason(quiet, max_load=1.5) is None  # our own threads raise the load after: fine
+    loaded = bench_utils.MachineLoad(load_before=3.2, load_after=4.0, other_cores=1.4, cores=2)
+    reason = bench_utils.busy_reason(loaded, max_load=1.5, max_other_cores=0.25)
+    assert "3.20 > threshold 1.50" in reason and "1.40 CPU cores" in reason and "threshold 0.25" in reason
+    with pytest.raises(bench_utils.MachineBusy, match="--force"):
+        bench_utils.check_quiet(loaded, force=False, max_load=1.5)
+    forced = bench_utils.check_quiet(loaded, force=True, max_load=1.5)
+    assert forced.forced and "FORCED" in bench_utils.describe_load(forced)
+    assert not bench_utils.check_quiet(quiet, force=True, max_load=1.5).forced  # nothing to force
+
+
+def test_load_monitor_counts_other_processes_not_our_own_work():
+    import os
+
+    with bench_utils.LoadMonitor() as load:
+        sum(i * i for i in range(200_000))  # our own CPU time is subtracted
+    assert load.wall_s > 0 and load.load_after is not None and load.cores == (os.cpu_count() or 1)
+    if load.other_cores is not None:
+        assert load.other_cores >= 0.0
+
+
+@pytest.fixture
+def busy_machine(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+
+
+def test_prefill_refuses_to_write_when_busy(busy_machine, tmp_path):
+    docs = tmp_path / "docs.md"
+    with pytest.raises(bench_utils.MachineBusy, match="load average before the run 9.00 > threshold"):
+        benchmark_prefill.main(["--smoke", "--family", "llava-1.5", "--output-dir", str(tmp_path / "out"),
+                                "--docs", str(docs)])
+    assert not (tmp_path / "out").exists() and not docs.exists()
+
+
+def test_prefill_forced_run_is_marked_in_table_json_and_docs(busy_machine, tmp_path):
+    docs = tmp_path / "docs.md"
+    docs.write_text("intro\n")
+    benchmark_prefill.main(["--smoke", "--force", "--family", "llava-1.5", "--output-dir", str(tmp_path), "--docs", str(docs)])
+    record = json.loads((tmp_path / "prefill_llava-1.5_smoke_cpu.json").read_text())
+    assert record["load"]["forced"] and record["load"]["load_before"] == 9.0
+    assert "FORCED" in (tmp_path / "prefill_llava-1.5_smoke_cpu.md").read_text()
+    text = docs.read_text()
+    assert text.startswith("intro\n") and "<!-- BEGIN prefill llava-1.5 smoke cpu -->" in text and "FORCED" in text
+    for row in record["rows"]:  # min / median / max per setting
+        spread = row["prefill_spread_s"]
+        assert spread["min"] <= spread["median"] <= spread["max"] and spread["median"] == row["prefill_s"]
+
+
+def test_cues_refuse_to_write_when_busy(busy_machine, tmp_path):
+    with pytest.raises(bench_utils.MachineBusy):
+        benchmark_cues.main(["--smoke", "--section", "cues", "--output", str(tmp_path / "c.md")])
+    assert not (tmp_path / "c.md").exists()
+
+
+class RecordingModel:
+    """Stands in for a model whose pruning calls record `last_pruning.timings` (the shared pipeline)."""
+
+    def __init__(self, timings):
+        self.timings, self.last_pruning = timings, None
+
+    def __call__(self, prune_visual_tokens=True, **kwargs):
+        if prune_visual_tokens:
+            self.last_pruning = type("Result", (), {"timings": dict(self.timings)})()
+        return "logits"
+
+
+def test_stage_timings_come_from_the_pruning_call_itself():
+    model = RecordingModel({"vision": 0.5, "cues": 0.01, "vote": 0.002, "splice": 0.003})
+    recorded = []
+    assert benchmark_prefill.prefill_recording_stages(model, {}, {}, recorded) == "logits"
+    # an unpruned call leaves last_pruning alone: nothing new is recorded
+    benchmark_prefill.prefill_recording_stages(model, {}, {"prune_visual_tokens": False}, recorded)
+    model.timings = {"vision": 0.7, "cues": 0.03, "vote": 0.004, "splice": 0.005}
+    benchmark_prefill.prefill_recording_stages(model, {}, {}, recorded)
+    assert len(recorded) == 2
+    medians = benchmark_prefill.stage_medians(recorded)
+    assert medians == pytest.approx({"vision": 0.6, "cues": 0.02, "vote": 0.003, "splice": 0.004})
+    assert benchmark_prefill.stage_medians([]) == {}
+
+
+def test_prefill_overhead_source_is_named(prefill_run):
+    results, _ = prefill_run
+    for result in results:
+        sources = {r["cue_overhead_source"] for r in result["rows"][1:]}
+        # in-call timers where the model records them, else the paired-call difference (today's main)
+        assert sources <= {"in-call timers", "difference of paired calls"} and len(sources) == 1
+        has_timings = bool(result["rows"][1]["stage_s"])
+        assert sources == {"in-call timers" if has_timings else "difference of paired calls"}
+
+
+def test_attention_7b_section_smoke(tmp_path):
+    rows = benchmark_cues.main(["--smoke", "--force", "--section", "attention-7b", "--output", str(tmp_path / "a.md"),
+                                "--json", str(tmp_path / "a.json")])
+    methods = {"stock attention", "two-pass", "one-pass (auto)", "one-pass chunked", "one-pass fused", "block forward"}
+    assert {r["method"] for r in rows} == methods and not any("error" in r for r in rows)
+    for r in rows:
+        if r["method"].startswith("one-pass"):
+            assert r["max_abs_diff_out"] < 1e-4 and r["max_rel_diff_received"] < 1e-4 and r["same_top_22_2pct"]
+    table = (tmp_path / "a.md").read_text()
+    assert "cue cost / block forward" in table and table.count("| smoke 8x8 (64) |") == len(methods)
+    assert json.loads((tmp_path / "a.json").read_text())["load"]["forced"] in (True, False)

@@ -208,7 +208,9 @@ def test_forward_returns_the_kept_image_tokens_and_the_result(family):
     kept = out.image_outputs.pooler_output
     assert len(kept) == len(full) == len(result.keep_indices)
     for tokens, all_tokens, indices in zip(kept, full, result.keep_indices):
-        torch.testing.assert_close(tokens, all_tokens[indices], rtol=0, atol=0)
+        # Qwen2.5-VL's hooked block computes its attention in one pass with cue A (the same maths
+        # as the stock SDPA, not bit-identical); LLaVA's tokens are bit-identical
+        torch.testing.assert_close(tokens, all_tokens[indices], rtol=0, atol=1e-6)
 
 
 def test_caller_position_ids_are_gathered_at_the_kept_positions(family):

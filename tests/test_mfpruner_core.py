@@ -164,6 +164,105 @@ def test_attention_received_equals_materialised_column_sums(chunk):
     torch.testing.assert_close(core.attention_received(q, k, 8**-0.5, chunk), full.sum(1).mean(0))
 
 
+def materialised_attention(q, k, v, scale):
+    """The whole (B, H, S, S) softmax in float64: (output, column sums mean over heads)."""
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)
+    return probs @ v.double(), probs.sum(dim=2).mean(dim=1)
+
+
+TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+
+
+@pytest.mark.parametrize("method", ["chunked", "fused", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, chunk", [((1, 4, 50, 16), 7), ((2, 3, 33, 12), 64), ((1, 2, 1, 8), 1)])
+def test_attention_with_received_matches_sdpa_and_the_materialised_map(method, dtype, shape, chunk):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape).to(dtype) for _ in range(3))
+    scale = shape[-1] ** -0.5
+    out, received = core.attention_with_received(q, k, v, scale, query_chunk=chunk, method=method)
+    assert out.shape == q.shape and out.dtype == dtype and received.shape == (shape[0], shape[2])
+    assert received.dtype == torch.float32
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    exact_out, exact_received = materialised_attention(q, k, v, scale)
+    torch.testing.assert_close(out.float(), sdpa.float(), **TOLERANCES[dtype])
+    torch.testing.assert_close(out.double(), exact_out, **TOLERANCES[dtype], check_dtype=False)
+    # the column sums are accumulated in float32 from the given (possibly 16-bit) q and k: near exact
+    torch.testing.assert_close(received.double(), exact_received, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(received.sum(dim=-1), torch.full((shape[0],), float(shape[2])), rtol=1e-4)  # rows sum to 1
+
+
+def test_attention_received_is_attention_with_received_without_values():
+    q, k = torch.randn(3, 40, 8), torch.randn(3, 40, 8)
+    _, received = core.attention_with_received(q[None], k[None], torch.randn(1, 3, 40, 8), 0.3, 16, "chunked")
+    torch.testing.assert_close(core.attention_received(q, k, 0.3, 16), received[0])
+
+
+@pytest.mark.parametrize("method", ["chunked", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_cue_keeps_the_tokens_of_the_exact_map(method, dtype):
+    # Structured keys (a few salient tokens draw attention) as in a vision tower, 144 tokens.
+    generator = torch.Generator().manual_seed(1)
+    heads, length, head_dim = 4, 144, 16
+    k = torch.randn(1, heads, length, head_dim, generator=generator)
+    k[:, :, ::9] *= 3.0
+    q, v = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(2))
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    _, received = core.attention_with_received(q, k, v, head_dim**-0.5, query_chunk=32, method=method)
+    _, exact = materialised_attention(q, k, v, head_dim**-0.5)
+    others = {"uniqueness": torch.rand(1, length, generator=generator), "relevance": torch.rand(1, length, generator=generator)}
+    for budget in (8, 32, 64):
+        ours = core.select_tokens({"attention": core.min_max_normalize(received), **others}, budget)
+        reference = core.select_tokens({"attention": core.min_max_normalize(exact.float()), **others}, budget)
+        assert torch.equal(ours, reference)
+        assert torch.equal(core.top_k_mask(received, budget), core.top_k_mask(exact.float(), budget))
+
+
+@pytest.mark.parametrize("method", ["chunked", "fused"])
+def test_attention_with_received_memory_grows_linearly_never_heads_x_s_x_s(method):
+    from tools.bench_utils import peak_memory
+
+    heads, head_dim, chunk = 4, 16, 64
+    peaks = {}
+    for length in (1024, 2048):
+        q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+        peaks[length], _ = peak_memory(lambda: core.attention_with_received(q, k, v, 0.25, chunk, method))
+    full_map = heads * 2048 * 2048 * 4  # one float32 (H, S, S) map at S = 2048: 64 MiB
+    assert 0 < peaks[2048] < full_map / 8
+    assert peaks[2048] < 2.5 * peaks[1024]  # linear in S (an S x S temporary would make it 4x)
+    if method == "chunked":  # one (H, chunk, S) float32 block (2 MiB) at a time, plus copies of q, k, v, out
+        assert peaks[2048] < 2 * heads * chunk * 2048 * 4 + 6 * heads * 2048 * head_dim * 4
+
+
+@pytest.mark.parametrize("method", ["chunked", "fused"])
+def test_attention_with_received_on_strided_segments_as_the_vision_attention_holds_them(method):
+    # Qwen2.5-VL's vision attention: qkv (S, 3, H, Dh) -> q, k, v (1, H, S, Dh) views, one call per
+    # cu_seqlens segment (a slice of the S axis); out transposed back to (S_seg, H, Dh) and concatenated.
+    torch.manual_seed(0)
+    length, heads, head_dim, bounds = 90, 4, 16, [0, 50, 90]
+    q, k, v = torch.randn(length, 3, heads, head_dim).permute(1, 0, 2, 3).unbind(0)
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    assert not q.is_contiguous()
+    outs, received = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        segment = [x[:, :, start:end] for x in (q, k, v)]
+        out, rec = core.attention_with_received(*segment, head_dim**-0.5, 16, method)
+        exact_out, exact_received = materialised_attention(*segment, head_dim**-0.5)
+        outs.append(out[0].transpose(0, 1))
+        received.append(rec[0])
+        torch.testing.assert_close(out.double(), exact_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rec.double(), exact_received, atol=1e-5, rtol=1e-5)
+    assert torch.cat(outs).reshape(length, -1).shape == (length, heads * head_dim) and torch.cat(received).shape == (length,)
+
+
+def test_attention_with_received_rejects_bad_arguments():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="method"):
+        core.attention_with_received(q, q, q, 0.5, method="flash")
+    with pytest.raises(ValueError, match="query_chunk"):
+        core.attention_with_received(q, q, q, 0.5, query_chunk=0, method="chunked")
+
+
 def test_min_max_normalize_formula_and_constant_guard():
     x = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]])
     out = core.min_max_normalize(x)

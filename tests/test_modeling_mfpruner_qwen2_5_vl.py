@@ -18,7 +18,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
 from mfpruner_core import resolve_budget, select_tokens
-from modeling_mfpruner_qwen2_5_vl import MFPrunerQwen2_5_VLForConditionalGeneration, received_attention_per_patch
+from modeling_mfpruner_qwen2_5_vl import MFPrunerQwen2_5_VLForConditionalGeneration, attention_and_received_per_patch
 from tests.conftest import random_image
 from tools.bench_utils import peak_memory
 from tools.tiny_models import qwen_inputs
@@ -370,8 +370,8 @@ def test_attention_cue_peak_memory_is_bounded_by_the_chunk():
     full_map_bytes = heads * tokens * tokens * 4
 
     with torch.no_grad():
-        chunked = received_attention_per_patch(attn, hidden, cu_seqlens, position_embeddings, chunk)
-        cue = lambda: received_attention_per_patch(attn, hidden, cu_seqlens, position_embeddings, chunk)  # noqa: E731
+        output, chunked = attention_and_received_per_patch(attn, hidden, cu_seqlens, position_embeddings, chunk)
+        cue = lambda: attention_and_received_per_patch(attn, hidden, cu_seqlens, position_embeddings, chunk)  # noqa: E731
         peak, _ = peak_memory(cue)  # tensor bytes allocated during the call, above what was live
         q, k, v = attn.qkv(hidden).reshape(tokens, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
@@ -379,6 +379,8 @@ def test_attention_cue_peak_memory_is_bounded_by_the_chunk():
             attn, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, attn.scaling
         )
     torch.testing.assert_close(chunked, weights[0].sum(dim=1).mean(dim=0), atol=1e-4, rtol=0)
+    # one pass: the same call also gives the module's own output
+    torch.testing.assert_close(output, attn(hidden, cu_seqlens, position_embeddings=position_embeddings), atol=1e-5, rtol=1e-5)
     # the largest temporaries are a few (H, chunk, N) blocks: a small fraction of one (H, N, N) map
     assert 0 < peak < full_map_bytes / 4, (peak, full_map_bytes)
 

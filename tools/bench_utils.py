@@ -1,4 +1,11 @@
-"""What the benchmark scripts share: interleaved median timing, peak memory, the machine, tables.
+"""What the benchmark scripts share: interleaved timing (min / median / max), peak memory, the
+machine and how busy it was, tables, and generated sections of docs pages.
+
+Busy machine: a run records the load average before and after and the CPU time that OTHER
+processes used while it ran (from /proc/stat minus this process's own CPU time: an exact figure,
+not a decaying average). When either says the machine was busy, the scripts refuse to write their
+result files (`MachineBusy`, naming the figure and the threshold); `--force` writes them anyway,
+marked as forced in the header and the JSON.
 
 Peak memory is the highest amount of tensor memory allocated DURING a call above what was live
 when it started (weights and inputs excluded): on CUDA from the allocator's peak counter; on CPU
@@ -9,11 +16,14 @@ in time order. Both count torch tensors only (not the Python heap, not allocator
 from __future__ import annotations
 
 import os
+import re
 import platform
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -46,6 +56,170 @@ def time_interleaved(
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """{"min", "median", "max"} of the samples."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def ms_spread(values: list[float]) -> str:
+    """'median (min-max)' in milliseconds, for tables."""
+    s = spread(values)
+    return f"{1e3 * s['median']:.1f} ({1e3 * s['min']:.1f}-{1e3 * s['max']:.1f})"
+
+
+# ----------------------------------------------------------------------------- how busy the machine is
+
+
+class MachineBusy(RuntimeError):
+    """The machine was busy during a benchmark: its results are not written (use --force)."""
+
+
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (/proc/stat, all CPUs); None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    times = os.times()
+    return times.user + times.system
+
+
+@dataclass
+class MachineLoad:
+    """How busy the machine was around one benchmark run.
+
+    load_before / load_after: the 1-minute load average right before and after the run (after
+    includes the benchmark's own threads). other_cores: the mean number of CPU cores that OTHER
+    processes kept busy during the run (None where /proc/stat is missing); steal counts as busy.
+    """
+
+    load_before: float
+    load_after: float | None = None
+    other_cores: float | None = None
+    wall_s: float | None = None
+    cores: int = os.cpu_count() or 1
+    forced: bool = False
+    busy: str | None = None  # why the run counts as busy, None when quiet
+
+
+class LoadMonitor:
+    """Measures how busy the machine is while the benchmark runs:
+
+        with LoadMonitor() as load: ...run...
+        # load: MachineLoad, filled in on exit
+    """
+
+    def __enter__(self) -> MachineLoad:
+        self.load = MachineLoad(load_before=os.getloadavg()[0])
+        self._start = (time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds())
+        return self.load
+
+    def __exit__(self, *exc) -> None:
+        wall, busy, own = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
+        self.load.wall_s = wall - self._start[0]
+        self.load.load_after = os.getloadavg()[0]
+        if busy is not None and self._start[1] is not None and self.load.wall_s > 0:
+            others = (busy - self._start[1]) - (own - self._start[2])
+            self.load.other_cores = max(0.0, others / self.load.wall_s)
+
+
+DEFAULT_MAX_OTHER_CORES = 0.25
+
+
+def default_max_load(cores: int | None = None) -> float:
+    """Busy threshold of the 1-minute load average BEFORE a run: 0.75 x cores (1.5 on 2 cores)."""
+    return 0.75 * (cores or os.cpu_count() or 1)
+
+
+def busy_reason(load: MachineLoad, max_load: float, max_other_cores: float = DEFAULT_MAX_OTHER_CORES) -> str | None:
+    """Why this run counts as busy (None: quiet). Busy when the load average before the run was
+    above `max_load`, or other processes used more than `max_other_cores` cores during it."""
+    reasons = []
+    if load.load_before > max_load:
+        reasons.append(f"load average before the run {load.load_before:.2f} > threshold {max_load:.2f}")
+    if load.other_cores is not None and load.other_cores > max_other_cores:
+        reasons.append(
+            f"other processes used {load.other_cores:.2f} CPU cores during the run > threshold {max_other_cores:.2f}"
+        )
+    return "; ".join(reasons) or None
+
+
+def check_quiet(load: MachineLoad, force: bool, max_load: float | None = None,
+                max_other_cores: float = DEFAULT_MAX_OTHER_CORES) -> MachineLoad:
+    """Sets load.busy / load.forced; raises MachineBusy (results must not be written) when the
+    run was busy and not forced."""
+    load.busy = busy_reason(load, default_max_load(load.cores) if max_load is None else max_load, max_other_cores)
+    load.forced = bool(force and load.busy)
+    if load.busy and not force:
+        raise MachineBusy(
+            f"the machine was busy: {load.busy}. No result files written; re-run when it is quiet "
+            "(the lead runs benchmarks alone), or pass --force to write them marked as forced."
+        )
+    return load
+
+
+def describe_load(load: MachineLoad) -> str:
+    """One sentence for report headers."""
+    other = "n/a" if load.other_cores is None else f"{load.other_cores:.2f}"
+    text = (
+        f"Load average (1 min) {load.load_before:.2f} before, {load.load_after:.2f} after "
+        f"({load.cores} cores); other processes' CPU during the run: {other} cores."
+    )
+    if load.forced:
+        text += f" FORCED: written although the machine was busy ({load.busy}); do not publish."
+    return text
+
+
+def load_record(load: MachineLoad) -> dict:
+    return asdict(load)
+
+
+def add_load_arguments(parser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="write result files even when the machine was busy (marked as forced)")
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="busy above this 1-minute load average before the run (default: 0.75 x cores)")
+    parser.add_argument("--max-other-cores", type=float, default=DEFAULT_MAX_OTHER_CORES,
+                        help="busy when other processes used more CPU cores than this during the run")
+
+
+# ----------------------------------------------------------------------------- generated docs sections
+
+
+def marker_lines(key: str) -> tuple[str, str]:
+    if not key or "--" in key or "\n" in key:
+        raise ValueError(f"a docs section key must be a non-empty single line without '--', got {key!r}")
+    return f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+
+
+def write_between_markers(path: str | Path, key: str, content: str) -> None:
+    """Puts `content` between `<!-- BEGIN key -->` and `<!-- END key -->` in the page at `path`,
+    leaving everything outside the markers byte for byte as it was. A page without that section
+    gets it appended (a missing page is created). Broken markers (one without the other, or
+    repeated) are an error, never guessed at."""
+    begin, end = marker_lines(key)
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    starts = [m.start() for m in re.finditer(re.escape(begin), text)]
+    ends = [m.start() for m in re.finditer(re.escape(end), text)]
+    block = f"{begin}\n<!-- generated by the benchmark scripts: do not edit by hand -->\n{content.strip()}\n{end}"
+    if not starts and not ends:
+        separator = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        text = f"{text}{separator}{block}\n"
+    elif len(starts) == 1 and len(ends) == 1 and starts[0] < ends[0]:
+        text = text[: starts[0]] + block + text[ends[0] + len(end):]
+    else:
+        raise ValueError(f"{path}: markers for {key!r} are broken ({len(starts)} BEGIN, {len(ends)} END); fix by hand")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def peak_memory(call: Callable[[], object], device: str = "cpu") -> tuple[int, object]:

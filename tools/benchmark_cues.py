@@ -16,6 +16,17 @@ that runs is checked to agree (max |difference|).
 
     python -m tools.benchmark_cues --output benchmarks/cues_cpu.md [--query-chunk 256]
 
+Section "attention-7b" (Qwen2.5-VL's cue A at the 7B vision width: 1280 wide, 16 heads of 80), for
+a 1024x1024 (5,476 patches) and a 2048x2048 image (21,316 patches) in the full-attention block:
+  stock         the block's attention as the stock model runs it (scaled_dot_product_attention);
+  two-pass      that plus today's separate cue pass (`attention_received` on the same q, k);
+  one-pass      `attention_with_received` (the output and the cue together; method "auto", and
+                each method by name), checked against SDPA's output and the two-pass cue;
+  block forward one whole stock Qwen2.5-VL vision block (attention, MLP, norms) on the same input:
+                the target is cue cost (one-pass minus stock) <= one block forward.
+
+    python -m tools.benchmark_cues --section attention-7b --device cuda --dtype bfloat16
+
 Qwen2.5-VL's own images fall in the same two regimes as the rows here: a 1024x1024 image has
 5,476 patches in the full-attention block (a (16, N, N) map of 1.9 GB still fits, like N = 2,928),
 a 2048x2048 one 21,316 (27 GB, like N = 16,384: only the chunked cue runs). `--query-chunk` sets
@@ -26,6 +37,7 @@ temporary is heads x chunk x N floats, so a smaller chunk trades a little time f
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from mfpruner_core import attention_received, min_max_normalize, uniqueness
+from mfpruner_core import attention_received, attention_with_received, min_max_normalize, top_k_mask, uniqueness
 from modeling_mfpruner_llava import capture_clip_select_layer, clip_cls_attention
 from tools import bench_utils
 
@@ -130,6 +142,131 @@ def full_depth_note(cases) -> str:
         f"layers, `output_attentions=True` also returns every layer's map, all alive at once (exact tensor "
         f"sizes): {sizes}; the hooks keep one [CLS] query row and one layer's keys whatever the depth.\n"
     )
+
+
+# ----------------------------------------------------------------------------- attention-7b: cue A at the 7B width
+
+QWEN_7B_ATTENTION = dict(hidden_size=1280, num_heads=16, intermediate_size=3420)
+ATTENTION_7B_PATCHES = {"1024x1024": 5476, "2048x2048": 21316}  # 74 x 74 and 146 x 146 patches of 14 px
+ATTENTION_SMOKE_PATCHES = {"smoke 8x8": 64, "smoke 12x12": 144}
+
+
+def qwen_vision_block(width: int, heads: int, intermediate: int, dtype: torch.dtype, device: str):
+    """One stock Qwen2.5-VL vision block (SDPA), random weights."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
+
+    config = Qwen2_5_VLConfig(vision_config=dict(hidden_size=width, num_heads=heads, intermediate_size=intermediate,
+                                                 hidden_act="silu")).vision_config
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        block = Qwen2_5_VLVisionBlock(config)
+    return block.to(dtype).eval()
+
+
+def block_inputs(block, length: int, generator, device: str, dtype: torch.dtype):
+    """Hidden states, cu_seqlens (one segment), rotary (cos, sin) and the attention's q, k, v
+    (1, H, S, Dh) after rotary, as the hooked block computes them."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    attn = block.attn
+    hidden = torch.randn(length, attn.dim, generator=generator).to(device, dtype)
+    angles = torch.rand(length, attn.head_dim // 2, generator=generator) * length**0.5
+    emb = torch.cat([angles, angles], dim=-1).to(device)
+    rotary = (emb.cos(), emb.sin())
+    cu_seqlens = torch.tensor([0, length], dtype=torch.int32, device=device)
+    q, k, v = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
+    q, k, v = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))
+    return hidden, cu_seqlens, rotary, (q, k, v)
+
+
+def run_attention_7b(patches: dict[str, int], repeats: int, warmup: int, device: str, dtype: torch.dtype,
+                     query_chunk: int, width: int, heads: int, intermediate: int, big_rounds=(1, 0), seed: int = 0):
+    """Per image size: times (min / median / max) and peaks of the stock attention, the two-pass
+    cue, attention_with_received (auto and each method) and one block forward; agreement checks."""
+    generator = torch.Generator().manual_seed(seed)
+    block = qwen_vision_block(width, heads, intermediate, dtype, device)
+    scale = block.attn.scaling
+    rows = []
+    with torch.inference_mode():
+        for label, length in patches.items():
+            hidden, cu_seqlens, rotary, (q, k, v) = block_inputs(block, length, generator, device, dtype)
+            calls = {
+                "stock attention": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale),
+                "two-pass": lambda: (F.scaled_dot_product_attention(q, k, v, scale=scale),
+                                     attention_received(q[0], k[0], scale, query_chunk)),
+                "one-pass (auto)": lambda: attention_with_received(q, k, v, scale, query_chunk),
+                "one-pass chunked": lambda: attention_with_received(q, k, v, scale, query_chunk, "chunked"),
+                "one-pass fused": lambda: attention_with_received(q, k, v, scale, query_chunk, "fused"),
+                "block forward": lambda: block(hidden, cu_seqlens=cu_seqlens, position_embeddings=rotary),
+            }
+            errors, results = {}, {}
+            for name, call in list(calls.items()):  # a method that fails here is reported, not fatal
+                try:
+                    results[name] = call()
+                except Exception as error:  # noqa: BLE001 - report any kernel / dispatch failure
+                    errors[name] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+                    del calls[name]
+            rounds = big_rounds if length > 10_000 and big_rounds else (repeats, warmup)
+            samples = bench_utils.time_interleaved(calls, rounds[0], rounds[1], device)
+            peaks = {name: bench_utils.peak_memory(call, device)[0] for name, call in calls.items()}
+            reference_out = results["stock attention"].float()
+            reference_received = results["two-pass"][1] if "two-pass" in results else None
+            budget = max(1, round(0.222 * length))
+            for name in calls:
+                row = dict(label=label, patches=length, method=name, spread_s=bench_utils.spread(samples[name]),
+                           peak_bytes=peaks[name], rounds=rounds)
+                if name.startswith("one-pass") and reference_received is not None:
+                    out, received = results[name]
+                    row["max_abs_diff_out"] = float((out.float() - reference_out).abs().max())
+                    row["max_rel_diff_received"] = float(((received[0] - reference_received).abs()
+                                                          / reference_received.abs().clamp(min=1e-12)).max())
+                    row["same_top_22_2pct"] = bool(torch.equal(top_k_mask(received, budget),
+                                                               top_k_mask(reference_received[None], budget)))
+                rows.append(row)
+            for name, error in errors.items():
+                rows.append(dict(label=label, patches=length, method=name, error=error))
+            del hidden, q, k, v, results
+    return rows
+
+
+def attention_7b_report(rows: list[dict], machine: str, device: str, dtype: torch.dtype, query_chunk: int,
+                        width: int, heads: int) -> str:
+    header = (
+        f"### Qwen2.5-VL cue A at the vision width {width} ({heads} heads of {width // heads}), {device} "
+        f"{str(dtype).removeprefix('torch.')}\n\n"
+        f"Machine: {machine}. Times: median (min-max) of interleaved rounds (rounds per row). cue cost = the "
+        "method's time minus the stock attention's (medians); target: <= one block forward. two-pass = the "
+        "stock attention + `attention_received` (query chunks of "
+        f"{query_chunk:,}), what the model does without the one-pass function. Diffs: output vs SDPA (max abs), "
+        "received vs the two-pass cue (max relative), and whether the top 22.2% tokens agree.\n"
+    )
+    headers = ["image (patches)", "method", "ms", "cue cost ms", "cue cost / block forward", "peak MB",
+               "out diff", "received diff", "same top 22.2%"]
+    table = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        group = [r for r in rows if r["label"] == label]
+        timed = {r["method"]: r["spread_s"]["median"] for r in group if "spread_s" in r}
+        stock, block = timed.get("stock attention"), timed.get("block forward")
+        for r in group:
+            name = f"{label} ({r['patches']:,})"
+            if "error" in r:
+                table.append([name, r["method"], "failed: " + r["error"].replace("|", "/"), "-", "-", "-", "-", "-", "-"])
+                continue
+            t = r["spread_s"]
+            cue = None if stock is None or r["method"] in ("stock attention", "block forward") else t["median"] - stock
+            table.append([
+                name, r["method"], f"{1e3 * t['median']:.1f} ({1e3 * t['min']:.1f}-{1e3 * t['max']:.1f})",
+                "-" if cue is None else f"{1e3 * cue:.1f}",
+                "-" if cue is None or not block else f"{cue / block:.2f}",
+                bench_utils.megabytes(r["peak_bytes"]),
+                f"{r['max_abs_diff_out']:.1e}" if "max_abs_diff_out" in r else "-",
+                f"{r['max_rel_diff_received']:.1e}" if "max_rel_diff_received" in r else "-",
+                str(r["same_top_22_2pct"]) if "same_top_22_2pct" in r else "-",
+            ])
+    return header + "\n" + bench_utils.markdown_table(headers, table) + "\n"
 
 
 # ----------------------------------------------------------------------------- running
@@ -236,16 +373,28 @@ def markdown_report(rows: list[dict], cases, machine: str, repeats: int, warmup:
     return header + "\n" + bench_utils.markdown_table(headers, table) + "\n" + full_depth_note(cases)
 
 
+SECTIONS = ("cues", "attention-7b")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description="MFPruner cues vs straightforward implementations")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: seconds (CI)")
+    parser.add_argument("--section", action="append", choices=SECTIONS, help="repeatable; default: all")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-naive-gb", type=float, default=4.0, help="skip straightforward runs predicted above this")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="attention-7b only")
     parser.add_argument("--query-chunk", type=int, default=1024,
                         help="queries per step of the chunked attention received (the Qwen model's default: 256)")
-    parser.add_argument("--output", help="write the markdown table here")
+    parser.add_argument("--big-rounds", type=int, nargs=2, default=(1, 0), metavar=("REPEATS", "WARMUP"),
+                        help="attention-7b rounds for the 2048x2048 image (21,316 patches)")
+    parser.add_argument("--output", help="write the markdown tables here")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--docs", help="also write each table into this markdown page between the markers "
+                        "<!-- BEGIN cues DEVICE --> / <!-- BEGIN attention-7b DEVICE DTYPE --> (e.g. docs/benchmarks.md)")
+    bench_utils.add_load_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup = 1, 0
@@ -253,17 +402,50 @@ def main(argv=None) -> list[dict]:
         raise ValueError("`--repeats` and `--query-chunk` must be >= 1, `--warmup` >= 0 and `--max-naive-gb` > 0")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("`--device cuda` was asked for but torch sees no CUDA device")
-    rows, cases = [], SMOKE_CASES if args.smoke else FULL_CASES
-    for case in cases:
-        rows += run_case(case, args.repeats, args.warmup, int(args.max_naive_gb * 2**30), args.device, args.query_chunk)
-    rows.sort(key=lambda r: (r["cue"], r["n"]))
-    report = markdown_report(rows, cases, bench_utils.machine_description(args.device), args.repeats, args.warmup,
-                             args.max_naive_gb, args.query_chunk)
-    print(report)
+    sections, device = args.section or list(SECTIONS), torch.device(args.device).type
+    machine = bench_utils.machine_description(args.device)
+    reports, all_rows = {}, []
+    with bench_utils.LoadMonitor() as load:
+        if "cues" in sections:
+            rows, cases = [], SMOKE_CASES if args.smoke else FULL_CASES
+            for case in cases:
+                rows += run_case(case, args.repeats, args.warmup, int(args.max_naive_gb * 2**30), args.device,
+                                 args.query_chunk)
+            rows.sort(key=lambda r: (r["cue"], r["n"]))
+            reports[f"cues {device}"] = markdown_report(rows, cases, machine, args.repeats, args.warmup,
+                                                        args.max_naive_gb, args.query_chunk)
+            all_rows += rows
+        if "attention-7b" in sections:
+            dtype = DTYPES[args.dtype]
+            sizes = (ATTENTION_SMOKE_PATCHES, 32, 4, 64) if args.smoke else (
+                ATTENTION_7B_PATCHES, QWEN_7B_ATTENTION["hidden_size"], QWEN_7B_ATTENTION["num_heads"],
+                QWEN_7B_ATTENTION["intermediate_size"])
+            patches, width, heads, intermediate = sizes
+            rows = run_attention_7b(patches, args.repeats, args.warmup, args.device, dtype, args.query_chunk, width,
+                                    heads, intermediate, None if args.smoke else tuple(args.big_rounds))
+            reports[f"attention-7b {device} {args.dtype}"] = attention_7b_report(
+                rows, machine, args.device, dtype, args.query_chunk, width, heads)
+            all_rows += rows
+    busy = None
+    try:
+        bench_utils.check_quiet(load, args.force, args.max_load, args.max_other_cores)
+    except bench_utils.MachineBusy as error:
+        busy = error
+    reports = {key: f"{report}\n{bench_utils.describe_load(load)}\n" for key, report in reports.items()}
+    print("\n".join(reports.values()))
+    if busy is not None:  # printed for a look, never written
+        raise busy
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(report)
-    return rows
+        Path(args.output).write_text("\n".join(reports.values()))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        record = dict(machine=machine, load=bench_utils.load_record(load), rows=all_rows)
+        Path(args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if args.docs:
+        for key, report in reports.items():
+            bench_utils.write_between_markers(args.docs, key, report)
+    return all_rows
 
 
 if __name__ == "__main__":

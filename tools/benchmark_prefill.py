@@ -406,6 +406,29 @@ FAMILIES = {
 
 # ----------------------------------------------------------------------------- measuring
 
+# Stages of one pruning call after the vision tower (keys of `MFPrunerResult.timings`): the cue
+# overhead. "vision" (the tower with cue capture) is reported beside them, not counted in.
+CUE_STAGES = ("cues", "vote", "splice")
+
+
+def prefill_recording_stages(model, inputs: dict, settings: dict, recorded: list | None):
+    """One timed prefill. When the call pruned and the model records per-stage wall seconds
+    (`model.last_pruning.timings`), appends them to `recorded` (a call that did not prune leaves
+    `last_pruning` alone, so only a new result counts)."""
+    before = getattr(model, "last_pruning", None)
+    output = model(**inputs, **settings, use_cache=True, logits_to_keep=1)
+    after = getattr(model, "last_pruning", None)
+    if recorded is not None and after is not None and after is not before and getattr(after, "timings", None):
+        recorded.append(dict(after.timings))
+    return output
+
+
+def stage_medians(recorded: list[dict]) -> dict[str, float]:
+    """{stage: median seconds} over the rounds (empty when the model records no timings)."""
+    if not recorded:
+        return {}
+    return {key: bench_utils.median([r[key] for r in recorded if key in r]) for key in recorded[0]}
+
 
 def lm_input_length(model, inputs, settings: dict) -> int:
     if settings.get("prune_visual_tokens") is False:
@@ -442,9 +465,10 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
     settings = [("unpruned", {"prune_visual_tokens": False})] + family.budgets(num_visual)
 
     with torch.inference_mode():
-        calls, kept, lengths = {}, {}, {}
+        calls, kept, lengths, stages = {}, {}, {}, {label: [] for label, _ in settings}
         for label, budget in settings:
-            calls[f"prefill/{label}"] = lambda b=budget: model(**inputs, **b, use_cache=True, logits_to_keep=1)
+            recorded = None if label == "unpruned" else stages[label]
+            calls[f"prefill/{label}"] = lambda b=budget, r=recorded: prefill_recording_stages(model, inputs, b, r)
             keep_all = {"visual_token_budget": num_visual} if label == "unpruned" else budget
             pruned = family.prune(model, inputs, keep_all)
             kept[label] = num_visual if label == "unpruned" else int(model.last_pruning.keep_indices[0].numel())
@@ -454,7 +478,11 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
                 calls[f"prune/{label}"] = lambda b=budget: family.prune(model, inputs, b)
             model(**inputs, **budget, use_cache=True, logits_to_keep=1)
             lengths[label] = lm_input_length(model, inputs, budget)
-        samples = bench_utils.time_interleaved(calls, repeats, warmup, device)
+        for recorded in stages.values():
+            recorded.clear()  # keep the timed rounds' stage timings only
+        samples = bench_utils.time_interleaved(calls, repeats + warmup, 0, device)
+        samples = {name: values[warmup:] for name, values in samples.items()}
+        stages = {label: recorded[warmup:] for label, recorded in stages.items()}
         peak = {
             label: bench_utils.peak_memory(
                 lambda b=budget: model(**inputs, **b, use_cache=True, logits_to_keep=1), device
@@ -474,22 +502,30 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
     for label, _ in settings:
         pruned_flops = full_flops if label == "unpruned" else family.prefill_flops(model.config, size, text_tokens, kept[label])
         prefill, lm = times[f"prefill/{label}"], times[f"lm/{label}"]
-        overhead = None
-        if label != "unpruned":  # median of the per-round differences of adjacent calls
+        overhead, overhead_source, stage_s = None, None, stage_medians(stages[label])
+        if label != "unpruned" and stage_s:  # timers inside the pruned call itself
+            overhead, overhead_source = sum(stage_s.get(key, 0.0) for key in CUE_STAGES), "in-call timers"
+        elif label != "unpruned":  # fallback: median of the per-round differences of adjacent calls
             overhead = bench_utils.median([p - e for p, e in zip(samples[f"prune/{label}"], samples[f"encode/{label}"])])
+            overhead_source = "difference of paired calls"
         rows.append(dict(
             setting=label,
             kept=kept[label],
             visual_tokens=num_visual,
             lm_length=lengths[label],
             prefill_s=prefill,
+            prefill_spread_s=bench_utils.spread(samples[f"prefill/{label}"]),
             speedup=times["prefill/unpruned"] / prefill,
             ideal_speedup=full_flops.total / pruned_flops.total,
             lm_prefill_s=lm,
+            lm_prefill_spread_s=bench_utils.spread(samples[f"lm/{label}"]),
             lm_speedup=times["lm/unpruned"] / lm,
             lm_ideal_speedup=full_flops.llm / pruned_flops.llm,
             cue_overhead_s=overhead,
             cue_overhead_pct=None if overhead is None else 100.0 * overhead / prefill,
+            cue_overhead_source=overhead_source,
+            stage_s=stage_s,
+            capture_overhead_s=(stage_s["vision"] - times[f"encode/{label}"]) if "vision" in stage_s else None,
             peak_bytes=peak[label],
             decode_tokens_per_s=decode[label],
             prefill_tflops=pruned_flops.total / 1e12,
@@ -508,24 +544,44 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
 
 
 def markdown_report(result: dict) -> str:
+    load = result.get("load")
     header = (
         f"### {result['family']} prefill ({result['size']} size): {result['model']}; "
         f"{result['visual_tokens']} visual + {result['text_tokens']} text tokens, batch 1, "
         f"{result['device']} {result['dtype']}\n\n"
-        f"Machine: {result['machine']}. Medians of {result['repeats']} interleaved rounds after "
-        f"{result['warmup']} warm-up; decode: {result['decode_steps']} greedy steps. Random weights.\n"
+        f"Machine: {result['machine']}. {result['repeats']} interleaved rounds after {result['warmup']} warm-up: "
+        "times are median (min-max); speed-ups and % of ideal from the medians; decode: "
+        f"{result['decode_steps']} greedy steps. Random weights."
+        + (f" {bench_utils.describe_load(bench_utils.MachineLoad(**load))}" if load else "")
+        + "\n"
     )
+    sources = {r["cue_overhead_source"] for r in result["rows"] if r["cue_overhead_source"]}
+    if sources:
+        header += (
+            "\ncues+vote+splice: " + " / ".join(sorted(sources)) + " (in-call timers: the pruning call's own "
+            "`last_pruning.timings`; difference of paired calls: the pruning path minus the stock encoding, "
+            "per round). capture: the in-call vision stage (tower with cue capture, projector, scatter) minus "
+            "the stock encoding, a difference of medians"
+            + (" (CUDA: the in-call timers do not synchronise, so stages are approximate)" if result["device"].startswith("cuda") else "")
+            + ".\n"
+        )
     headers = [
         "setting", "kept / visual", "LLM length", "prefill ms", "speed-up", "FLOPs-ideal", "% of ideal",
-        "LLM-only ms", "LLM speed-up (ideal)", "cue+vote ms (% of prefill)", "peak MB", "decode tok/s",
+        "LLM-only ms", "LLM speed-up (ideal)", "cues+vote+splice ms (% of prefill)", "capture ms (%)", "peak MB",
+        "decode tok/s",
     ]
     rows = []
     for r in result["rows"]:
         overhead = "-" if r["cue_overhead_s"] is None else f"{1e3 * r['cue_overhead_s']:.1f} ({r['cue_overhead_pct']:.1f}%)"
+        capture = "-" if r.get("capture_overhead_s") is None else (
+            f"{1e3 * r['capture_overhead_s']:.1f} ({100 * r['capture_overhead_s'] / r['prefill_s']:.1f}%)"
+        )
+        spread = r["prefill_spread_s"]
         rows.append([
-            r["setting"], f"{r['kept']} / {r['visual_tokens']}", r["lm_length"], f"{1e3 * r['prefill_s']:.1f}",
+            r["setting"], f"{r['kept']} / {r['visual_tokens']}", r["lm_length"],
+            f"{1e3 * spread['median']:.1f} ({1e3 * spread['min']:.1f}-{1e3 * spread['max']:.1f})",
             f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{100 * r['speedup'] / r['ideal_speedup']:.0f}%",
-            f"{1e3 * r['lm_prefill_s']:.1f}", f"{r['lm_speedup']:.2f}x ({r['lm_ideal_speedup']:.2f}x)", overhead,
+            f"{1e3 * r['lm_prefill_s']:.1f}", f"{r['lm_speedup']:.2f}x ({r['lm_ideal_speedup']:.2f}x)", overhead, capture,
             bench_utils.megabytes(r["peak_bytes"]), f"{r['decode_tokens_per_s']:.1f}",
         ])
     return header + "\n" + bench_utils.markdown_table(headers, rows) + "\n"
@@ -575,6 +631,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--plot", help="write the speed-up plot (png) here")
     parser.add_argument("--plot-also", nargs="+", default=[], metavar="JSON",
                         help="saved results (.json from --output-dir) of earlier runs to plot before this run's")
+    parser.add_argument("--docs", help="also write each table into this markdown page, between the markers "
+                        "<!-- BEGIN prefill FAMILY SIZE DEVICE --> / <!-- END ... --> (e.g. docs/benchmarks.md)")
+    bench_utils.add_load_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.repeats, args.warmup, args.decode_steps = "smoke", 1, 0, 2
@@ -589,13 +648,25 @@ def main(argv=None) -> list[dict]:
 
     results = []
     for key in args.family or sorted(FAMILIES):
-        result = run_family(
-            FAMILIES[key], args.size, args.repeats, args.warmup, args.decode_steps, args.device, DTYPES[args.dtype]
-        )
+        with bench_utils.LoadMonitor() as load:
+            result = run_family(
+                FAMILIES[key], args.size, args.repeats, args.warmup, args.decode_steps, args.device, DTYPES[args.dtype]
+            )
         result["key"] = key
         results.append(result)
+        busy = None
+        try:
+            bench_utils.check_quiet(load, args.force, args.max_load, args.max_other_cores)
+        except bench_utils.MachineBusy as error:
+            busy = error
+        result["load"] = bench_utils.load_record(load)
         report = markdown_report(result)
         print(report)
+        if busy is not None:  # the table is printed for a look, never written
+            raise busy
+        device = torch.device(args.device).type
+        if args.docs:
+            bench_utils.write_between_markers(args.docs, f"prefill {key} {args.size} {device}", report)
         if args.output_dir:
             out = Path(args.output_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -355,6 +355,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="FLOPs of the real models' prefill at the paper's budgets")
     parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS, help="prompt tokens besides the image")
     parser.add_argument("--output", help="also write the table to this markdown file")
+    parser.add_argument("--docs", help="also write the table into this markdown page between "
+                        "<!-- BEGIN flops --> / <!-- END flops --> (e.g. docs/benchmarks.md)")
     args = parser.parse_args(argv)
     if args.text_tokens < 0:
         raise ValueError(f"`--text-tokens` must be >= 0, got {args.text_tokens}")
@@ -363,6 +365,10 @@ def main(argv=None):
     if args.output:
         with open(args.output, "w") as handle:
             handle.write("# Prefill FLOPs of the real models (`python -m tools.flops`)\n\n" + table + "\n")
+    if args.docs:
+        from tools.bench_utils import write_between_markers
+
+        write_between_markers(args.docs, "flops", table)
 
 
 if __name__ == "__main__":
