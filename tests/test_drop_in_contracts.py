@@ -487,7 +487,7 @@ def test_auto_device_map_keeps_the_clip_tower_with_the_vision_tower(clip_model):
 def test_split_device_map_gives_the_unsplit_tokens_and_logits(family, request, tmp_path):
     """Vision side on the CPU, the language model offloaded to disk (accelerate hooks move weights
     and activations between them): the same kept tokens, logits and greedy tokens as the unsplit
-    model. (tools/check_split_device_map.py is the same check with the language model on a GPU.)"""
+    model. (`python -m tools.gpu_check device-map` is the same check with the language model on a GPU.)"""
     repo = request.getfixturevalue("qwen_repo" if family.name == "qwen2_5_vl" else f"{family.name}_repo")
     if family.name == "qwen2_5_vl":
         device_map = {"model.visual": "cpu", "model.language_model": "disk", "lm_head": "cpu"}
