@@ -87,7 +87,9 @@ def tiny_clip_text_config(vocab_size: int, projection_dim: int = 16) -> dict:
     ).to_dict()
 
 
-def tiny_llava_config(vocab_size: int, image_token_id: int, *, image_size: int = 84, **mfpruner) -> "LlavaConfig":
+def tiny_llava_config(
+    vocab_size: int, image_token_id: int, *, image_size: int = 84, text_heads: int = 4, **mfpruner
+) -> "LlavaConfig":
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -102,7 +104,7 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, *, image_size: int =
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=text_heads,
         num_key_value_heads=2,
         max_position_embeddings=512,
         pad_token_id=3,
@@ -165,12 +167,14 @@ def build_tiny_llava(
     clip_text: bool = False,
     seed: int = 0,
     image_size: int = 84,
+    text_heads: int = 4,
     **mfpruner,
 ) -> Path:
     """Writes a tiny LLaVA-1.5 folder. stock=True: a plain `LlavaForConditionalGeneration`
     checkpoint (model_type llava); else an MFPruner remote-code repo (auto_map, code files).
     hub_layout=True rewrites the weight names the way llava-hf's hub checkpoints store them.
-    clip_text=True adds a tiny CLIP text tower for the paper's relevance cue."""
+    clip_text=True adds a tiny CLIP text tower for the paper's relevance cue. text_heads=2 gives
+    the language model 32-wide heads (vLLM's CPU attention runs float32 only from 32 up)."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
@@ -179,7 +183,7 @@ def build_tiny_llava(
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
     if stock:
-        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size)
+        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, text_heads=text_heads)
         model = LlavaForConditionalGeneration(config)
     else:
         from modeling_mfpruner_llava import MFPrunerLlavaForConditionalGeneration
@@ -187,7 +191,7 @@ def build_tiny_llava(
         if clip_text:
             mfpruner["clip_text_config"] = tiny_clip_text_config(vocab_size)
         mfpruner.setdefault("visual_token_budget", 8)
-        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, **mfpruner)
+        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, text_heads=text_heads, **mfpruner)
         model = MFPrunerLlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = 3
     model.eval().save_pretrained(path)

@@ -1,0 +1,178 @@
+"""The vLLM plugin (mfpruner_vllm) against the transformers classes, on the same tiny checkpoint.
+
+vLLM lives in its own virtual environment (.venv-vllm, built by tools/setup_vllm_env.sh): this
+module computes the transformers reference here and runs tests/vllm_worker.py there once per
+model (one vLLM load), then compares: kept indices (`last_pruning`), prompt lengths, greedy ids
+and per-step log-probabilities. Skips when the vLLM environment is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, random_image
+
+VENV_PYTHON = Path(os.environ.get("MFPRUNER_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+STEPS = 4
+PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
+
+pytestmark = pytest.mark.skipif(not VENV_PYTHON.exists(), reason=f"no vLLM environment at {VENV_PYTHON} (tools/setup_vllm_env.sh)")
+
+
+def run_worker(tmp_path: Path, repo: Path, cases: list[dict]) -> dict:
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"repo": str(repo), "cases": cases}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [str(VENV_PYTHON), str(ROOT / "tests" / "vllm_worker.py"), str(spec), str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {entry["name"]: entry for entry in json.loads(out.read_text())}
+
+
+def save_images(folder: Path, sizes: list[tuple[int, int]], seed: int) -> list[str]:
+    paths = []
+    for i, size in enumerate(sizes):
+        path = folder / f"image-{seed}-{i}.png"  # PNG: the same pixels on both sides
+        random_image(seed + i, size).save(path)
+        paths.append(str(path))
+    return paths
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+
+LLAVA_CASES = [
+    # name, prompt, image sizes, mm_processor_kwargs
+    ("single", PROMPT, [(96, 80)], None),
+    ("budget-override", PROMPT, [(96, 80)], {"visual_token_budget": 5}),
+    ("ratio-override", PROMPT, [(120, 90)], {"visual_token_ratio": 0.25}),
+    ("same-image-other-prompt", "USER: <image>\nDescribe the picture in detail. Is there a dog? ASSISTANT:", [(96, 80)], None),
+    ("two-images", "USER: <image>\n<image>\nHow many people are there? ASSISTANT:", [(64, 96), (100, 70)], None),
+    ("bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 0}),
+    ("after-bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 3}),
+]
+# Several requests in one generate call: different image sizes, budgets and prompts.
+LLAVA_BATCH = [
+    (PROMPT, [(96, 80)], {"visual_token_budget": 2}),
+    ("USER: <image>\nWhat color is the car? ASSISTANT:", [(150, 60)], None),
+    ("USER: <image>\n<image>\nIs there a dog? ASSISTANT:", [(84, 84), (40, 120)], {"visual_token_ratio": 0.5}),
+]
+
+
+def llava_reference(model, processor, prompt, images, mm_kwargs):
+    """Greedy ids, per-step log-probabilities, kept indices and pruned prompt of the transformers class."""
+    inputs = processor(images=images, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, **(mm_kwargs or {}), max_new_tokens=STEPS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [float(torch.log_softmax(step[0].float(), -1)[token]) for step, token in zip(out.logits, new)]
+    pruning = model.last_pruning
+    ids = inputs["input_ids"][0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    image_positions = (ids == model.config.image_token_id).nonzero()[:, 0]
+    offsets = [0]
+    for n in pruning.num_visual_tokens:
+        offsets.append(offsets[-1] + n)
+    keep[image_positions] = False
+    for i, idx in enumerate(pruning.keep_indices):
+        keep[image_positions[offsets[i] + idx]] = True
+    return {
+        "token_ids": new,
+        "logprobs": logprobs,
+        "keep_indices": [idx.tolist() for idx in pruning.keep_indices],
+        "prompt_token_ids": ids[keep].tolist(),
+    }
+
+
+@pytest.fixture(scope="session")
+def llava_hub_repo(tiny_dir):
+    """A tiny MFPruner LLaVA-1.5 repo in the hub key layout (`vision_tower.vision_model.*`), what
+    tools.export writes and what vLLM loads."""
+    from tools.tiny_models import build_tiny_llava
+
+    return build_tiny_llava(tiny_dir / "mfpruner-llava-hub", hub_layout=True, text_heads=2, visual_token_budget=8)
+
+
+@pytest.fixture(scope="session")
+def llava_runs(llava_hub_repo, tmp_path_factory):
+    """(vLLM results, transformers references) for every LLaVA case, vLLM loaded once."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = tmp_path_factory.mktemp("vllm-llava")
+    cases, references = [], {}
+    model = AutoModelForImageTextToText.from_pretrained(llava_hub_repo, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(llava_hub_repo, trust_remote_code=True)
+
+    def reference(prompt, paths, mm_kwargs):
+        images = [Image.open(p).convert("RGB") for p in paths]
+        try:
+            return llava_reference(model, processor, prompt, images, mm_kwargs)
+        except ValueError as error:
+            return {"error": str(error)}
+
+    for seed, (name, prompt, sizes, mm_kwargs) in enumerate(LLAVA_CASES):
+        paths = save_images(folder, sizes, seed=0 if name.startswith(("single", "budget", "same", "bad", "after")) else 10 * seed)
+        request = {"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs}
+        cases.append({"name": name, "requests": [request], "steps": STEPS})
+        references[name] = [reference(prompt, paths, mm_kwargs)]
+    batch = []
+    for j, (prompt, sizes, mm_kwargs) in enumerate(LLAVA_BATCH):
+        paths = save_images(folder, sizes, seed=100 + 10 * j)
+        batch.append({"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs})
+    cases.append({"name": "batch", "requests": batch, "steps": STEPS})
+    references["batch"] = [reference(r["prompt"], r["images"], r["mm_processor_kwargs"]) for r in batch]
+    return run_worker(folder, llava_hub_repo, cases), references
+
+
+def assert_same_generation(ours: dict, reference: dict):
+    assert ours["prompt_token_ids"] == reference["prompt_token_ids"]
+    assert ours["token_ids"] == reference["token_ids"]
+    assert ours["logprobs"] == pytest.approx(reference["logprobs"], abs=2e-3)
+
+
+@pytest.mark.parametrize("name", ["single", "budget-override", "ratio-override", "same-image-other-prompt", "two-images", "after-bad-budget"])
+def test_llava_keeps_the_transformers_tokens_and_generates_the_same(llava_runs, name):
+    results, references = llava_runs
+    ours, reference = results[name], references[name][0]
+    assert ours["keep_indices"] == reference["keep_indices"]
+    assert_same_generation(ours["requests"][0], reference)
+
+
+def test_llava_budget_sets_the_number_of_placeholders(llava_runs):
+    results, references = llava_runs
+    assert [len(i) for i in results["single"]["keep_indices"]] == [8]  # config.json's budget
+    assert [len(i) for i in results["budget-override"]["keep_indices"]] == [5]
+    assert [len(i) for i in results["ratio-override"]["keep_indices"]] == [9]  # round(0.25 * 36)
+    assert [len(i) for i in results["two-images"]["keep_indices"]] == [8, 8]
+
+
+def test_llava_instruction_is_part_of_the_encoder_cache_key(llava_runs):
+    """The same image with another prompt is selected again (relevance reads the instruction)."""
+    results, references = llava_runs
+    assert references["single"][0]["keep_indices"] != references["same-image-other-prompt"][0]["keep_indices"]
+    assert results["single"]["keep_indices"] != results["same-image-other-prompt"]["keep_indices"]
+
+
+def test_llava_batch_of_different_sizes_and_budgets(llava_runs):
+    results, references = llava_runs
+    assert len(results["batch"]["requests"]) == len(LLAVA_BATCH)
+    for ours, reference in zip(results["batch"]["requests"], references["batch"]):
+        assert_same_generation(ours, reference)
+
+
+def test_llava_bad_budget_is_a_clear_error_and_the_engine_keeps_serving(llava_runs):
+    results, references = llava_runs
+    assert "visual_token_budget" in results["bad-budget"]["error"]
+    assert "visual_token_budget" in references["bad-budget"][0]["error"]
+    assert results["after-bad-budget"]["requests"][0]["token_ids"]
