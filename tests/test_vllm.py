@@ -49,14 +49,14 @@ def save_images(folder: Path, sizes: list[tuple[int, int]], seed: int) -> list[s
 # ----------------------------------------------------------------------------- LLaVA-1.5
 
 LLAVA_CASES = [
-    # name, prompt, image sizes, mm_processor_kwargs
-    ("single", PROMPT, [(96, 80)], None),
-    ("budget-override", PROMPT, [(96, 80)], {"visual_token_budget": 5}),
-    ("ratio-override", PROMPT, [(120, 90)], {"visual_token_ratio": 0.25}),
-    ("same-image-other-prompt", "USER: <image>\nDescribe the picture in detail. Is there a dog? ASSISTANT:", [(96, 80)], None),
-    ("two-images", "USER: <image>\n<image>\nHow many people are there? ASSISTANT:", [(64, 96), (100, 70)], None),
-    ("bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 0}),
-    ("after-bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 3}),
+    # name, prompt, image sizes, mm_processor_kwargs, image seed
+    ("single", PROMPT, [(96, 80)], None, 0),
+    ("budget-override", PROMPT, [(96, 80)], {"visual_token_budget": 5}, 0),
+    ("ratio-override", PROMPT, [(120, 90)], {"visual_token_ratio": 0.25}, 20),
+    ("same-image-other-prompt", "USER: <image>\nDescribe the picture in detail. Is there a dog? ASSISTANT:", [(96, 80)], None, 0),
+    ("two-images", "USER: <image>\n<image>\nHow many people are there? ASSISTANT:", [(64, 96), (100, 70)], None, 40),
+    ("bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 0}, 0),
+    ("after-bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 3}, 0),
 ]
 # Several requests in one generate call: different image sizes, budgets and prompts.
 LLAVA_BATCH = [
@@ -66,9 +66,8 @@ LLAVA_BATCH = [
 ]
 
 
-def llava_reference(model, processor, prompt, images, mm_kwargs):
-    """Greedy ids, per-step log-probabilities, kept indices and pruned prompt of the transformers class."""
-    inputs = processor(images=images, text=prompt, return_tensors="pt")
+def reference_generation(model, inputs, mm_kwargs, visual_token_ids):
+    """Greedy ids, per-step log-probabilities, kept indices and pruned prompt ids of the transformers class."""
     with torch.no_grad():
         out = model.generate(
             **inputs, **(mm_kwargs or {}), max_new_tokens=STEPS, do_sample=False,
@@ -78,20 +77,40 @@ def llava_reference(model, processor, prompt, images, mm_kwargs):
     logprobs = [float(torch.log_softmax(step[0].float(), -1)[token]) for step, token in zip(out.logits, new)]
     pruning = model.last_pruning
     ids = inputs["input_ids"][0]
+    visual = torch.isin(ids, torch.tensor(visual_token_ids)).nonzero()[:, 0]
+    starts = torch.tensor([0, *pruning.num_visual_tokens]).cumsum(0)
+    kept = torch.cat([visual[start + idx] for start, idx in zip(starts.tolist(), pruning.keep_indices)])
     keep = torch.ones_like(ids, dtype=torch.bool)
-    image_positions = (ids == model.config.image_token_id).nonzero()[:, 0]
-    offsets = [0]
-    for n in pruning.num_visual_tokens:
-        offsets.append(offsets[-1] + n)
-    keep[image_positions] = False
-    for i, idx in enumerate(pruning.keep_indices):
-        keep[image_positions[offsets[i] + idx]] = True
+    keep[visual] = False
+    keep[kept] = True
     return {
         "token_ids": new,
         "logprobs": logprobs,
         "keep_indices": [idx.tolist() for idx in pruning.keep_indices],
         "prompt_token_ids": ids[keep].tolist(),
     }
+
+
+def collect_runs(folder, repo, cases, batch, reference):
+    """Writes the images, computes every reference, runs vLLM once on all cases."""
+    specs, references = [], {}
+    for name, prompt, sizes, mm_kwargs, seed in cases:
+        paths = save_images(folder, sizes, seed)
+        specs.append({"name": name, "requests": [{"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs}], "steps": STEPS})
+        references[name] = [reference(prompt, paths, mm_kwargs)]
+    requests = []
+    for j, (prompt, sizes, mm_kwargs) in enumerate(batch):
+        requests.append({"prompt": prompt, "images": save_images(folder, sizes, seed=100 + 10 * j), "mm_processor_kwargs": mm_kwargs})
+    specs.append({"name": "batch", "requests": requests, "steps": STEPS})
+    references["batch"] = [reference(r["prompt"], r["images"], r["mm_processor_kwargs"]) for r in requests]
+    return run_worker(folder, repo, specs), references
+
+
+def or_error(compute):
+    try:
+        return compute()
+    except ValueError as error:
+        return {"error": str(error)}
 
 
 @pytest.fixture(scope="session")
@@ -109,30 +128,15 @@ def llava_runs(llava_hub_repo, tmp_path_factory):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    folder = tmp_path_factory.mktemp("vllm-llava")
-    cases, references = [], {}
     model = AutoModelForImageTextToText.from_pretrained(llava_hub_repo, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(llava_hub_repo, trust_remote_code=True)
 
     def reference(prompt, paths, mm_kwargs):
         images = [Image.open(p).convert("RGB") for p in paths]
-        try:
-            return llava_reference(model, processor, prompt, images, mm_kwargs)
-        except ValueError as error:
-            return {"error": str(error)}
+        inputs = processor(images=images, text=prompt, return_tensors="pt")
+        return or_error(lambda: reference_generation(model, inputs, mm_kwargs, [model.config.image_token_id]))
 
-    for seed, (name, prompt, sizes, mm_kwargs) in enumerate(LLAVA_CASES):
-        paths = save_images(folder, sizes, seed=0 if name.startswith(("single", "budget", "same", "bad", "after")) else 10 * seed)
-        request = {"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs}
-        cases.append({"name": name, "requests": [request], "steps": STEPS})
-        references[name] = [reference(prompt, paths, mm_kwargs)]
-    batch = []
-    for j, (prompt, sizes, mm_kwargs) in enumerate(LLAVA_BATCH):
-        paths = save_images(folder, sizes, seed=100 + 10 * j)
-        batch.append({"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs})
-    cases.append({"name": "batch", "requests": batch, "steps": STEPS})
-    references["batch"] = [reference(r["prompt"], r["images"], r["mm_processor_kwargs"]) for r in batch]
-    return run_worker(folder, llava_hub_repo, cases), references
+    return collect_runs(tmp_path_factory.mktemp("vllm-llava"), llava_hub_repo, LLAVA_CASES, LLAVA_BATCH, reference)
 
 
 def assert_same_generation(ours: dict, reference: dict):
@@ -145,6 +149,7 @@ def assert_same_generation(ours: dict, reference: dict):
 def test_llava_keeps_the_transformers_tokens_and_generates_the_same(llava_runs, name):
     results, references = llava_runs
     ours, reference = results[name], references[name][0]
+    assert "error" not in ours, ours.get("error")
     assert ours["keep_indices"] == reference["keep_indices"]
     assert_same_generation(ours["requests"][0], reference)
 
@@ -176,3 +181,75 @@ def test_llava_bad_budget_is_a_clear_error_and_the_engine_keeps_serving(llava_ru
     assert "visual_token_budget" in results["bad-budget"]["error"]
     assert "visual_token_budget" in references["bad-budget"][0]["error"]
     assert results["after-bad-budget"]["requests"][0]["token_ids"]
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def qwen_prompt(question: str, images: int = 1) -> str:
+    return f"<|im_start|>user\n{QWEN_IMAGE * images}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+QWEN_CASES = [
+    ("single", qwen_prompt("What is in the image?"), [(96, 80)], None, 0),
+    ("budget-override", qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_budget": 3}, 0),
+    ("tall-image", qwen_prompt("Describe the picture in detail."), [(60, 170)], {"visual_token_ratio": 0.5}, 20),
+    ("two-images", qwen_prompt("How many people are there?", images=2), [(64, 96), (140, 70)], None, 40),
+    ("bad-ratio", qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_ratio": 1.5}, 0),
+]
+QWEN_BATCH = [
+    (qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_budget": 2}),
+    (qwen_prompt("What color is the car?"), [(150, 60)], None),
+    (qwen_prompt("Is there a dog?", images=2), [(84, 84), (40, 120)], {"visual_token_ratio": 0.5}),
+]
+
+
+@pytest.fixture(scope="session")
+def qwen_vllm_repo(tiny_dir):
+    from tools.tiny_models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(tiny_dir / "mfpruner-qwen2_5_vl-vllm", text_heads=2, visual_token_ratio=0.25)
+
+
+@pytest.fixture(scope="session")
+def qwen_runs(qwen_vllm_repo, tmp_path_factory):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from tools.tiny_models import qwen_inputs
+
+    model = AutoModelForImageTextToText.from_pretrained(qwen_vllm_repo, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(qwen_vllm_repo)
+    image_processor = AutoImageProcessor.from_pretrained(qwen_vllm_repo)
+
+    def reference(prompt, paths, mm_kwargs):
+        images = [Image.open(p).convert("RGB") for p in paths]
+        inputs = qwen_inputs(tokenizer, image_processor, [prompt], images=images)
+        ids = [model.config.image_token_id]
+        return or_error(lambda: reference_generation(model, inputs, mm_kwargs, ids))
+
+    return collect_runs(tmp_path_factory.mktemp("vllm-qwen"), qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference)
+
+
+@pytest.mark.parametrize("name", ["single", "budget-override", "tall-image", "two-images"])
+def test_qwen_keeps_the_transformers_tokens_and_generates_the_same(qwen_runs, name):
+    """Log-probabilities match only with the kept tokens at their original M-RoPE positions."""
+    results, references = qwen_runs
+    ours, reference = results[name], references[name][0]
+    assert "error" not in ours, ours.get("error")
+    assert ours["keep_indices"] == reference["keep_indices"]
+    assert_same_generation(ours["requests"][0], reference)
+
+
+def test_qwen_batch_of_different_sizes_and_budgets(qwen_runs):
+    results, references = qwen_runs
+    for ours, reference in zip(results["batch"]["requests"], references["batch"]):
+        assert_same_generation(ours, reference)
+
+
+def test_qwen_bad_ratio_is_a_clear_error(qwen_runs):
+    results, references = qwen_runs
+    assert "visual_token_ratio" in results["bad-ratio"]["error"]
+    assert "visual_token_ratio" in references["bad-ratio"][0]["error"]

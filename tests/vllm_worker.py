@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -46,6 +47,7 @@ def main(spec_path: str, out_path: str) -> None:
         try:
             outputs = llm.generate(requests, params, use_tqdm=False)
         except Exception as error:  # a rejected request: report it, keep serving the next cases
+            traceback.print_exc()
             results.append({"name": case["name"], "error": f"{type(error).__name__}: {error}"})
             continue
         entry = {"name": case["name"], "requests": []}
