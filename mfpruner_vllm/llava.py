@@ -8,10 +8,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 
-import torch
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -19,64 +17,23 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.processing import PromptReplacement
 
 from mfpruner_core import MFPrunerResult, attention_from_query
 
 from .pruning import (
     KEEP,
-    REQUEST_KWARGS,
     TEXT_IDS,
+    KeptPlaceholdersMixin,
     check_supported,
     head_mean,
     image_cues,
-    kept_count,
     per_item,
-    request_budget,
     select,
 )
 
-PLUGIN_KWARGS = (*REQUEST_KWARGS, TEXT_IDS, KEEP)
-
-
-def without_plugin_kwargs(kwargs) -> dict:
-    return {key: value for key, value in kwargs.items() if key not in PLUGIN_KWARGS}
-
-
-class MFPrunerLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    def apply(self, inputs, timing_ctx):
-        """Resolves this request's budget and records the prompt's text ids, then the stock path."""
-        config = self.info.get_hf_config()
-        mm_kwargs = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
-        budget, ratio = request_budget(config, mm_kwargs)
-        kwargs = without_plugin_kwargs(inputs.hf_processor_mm_kwargs)
-        kwargs[TEXT_IDS] = tuple(t for t in inputs.prompt if t != config.image_token_index)
-        kwargs[KEEP] = kept_count(self.info.get_max_image_tokens(), budget, ratio)
-        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
-
-    def _call_hf_processor(self, hf_data, hf_kwargs):
-        outputs = super()._call_hf_processor(hf_data, without_plugin_kwargs(hf_kwargs))
-        images = len(outputs["pixel_values"])
-        outputs[TEXT_IDS] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * images, dtype=torch.long).view(images, -1)
-        outputs[KEEP] = torch.full((images,), hf_kwargs[KEEP], dtype=torch.long)
-        return outputs
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[TEXT_IDS] = MultiModalFieldConfig.batched("image")
-        fields[KEEP] = MultiModalFieldConfig.batched("image")
-        return fields
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        """Exactly the kept number of placeholders per image."""
-        image_token_id = self.info.get_hf_config().image_token_index
-
-        def replacement(item_idx: int):
-            keep = int(out_mm_kwargs["image"][item_idx][KEEP].data)
-            return [image_token_id] * keep
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+class MFPrunerLlavaMultiModalProcessor(KeptPlaceholdersMixin, LlavaMultiModalProcessor):
+    def visual_tokens_per_image(self, hf_outputs) -> list[int]:
+        return [self.info.get_max_image_tokens()] * len(hf_outputs["pixel_values"])  # 576 for LLaVA-1.5
 
 
 @contextmanager

@@ -20,6 +20,58 @@ REQUEST_KWARGS = ("visual_token_budget", "visual_token_ratio")
 TEXT_IDS, KEEP = "mfpruner_text_ids", "mfpruner_keep"
 
 
+def without_plugin_kwargs(kwargs) -> dict:
+    """The processor kwargs without the plugin's own (the HF processor does not take them)."""
+    return {key: value for key, value in kwargs.items() if key not in (*REQUEST_KWARGS, TEXT_IDS, KEEP)}
+
+
+class KeptPlaceholdersMixin:
+    """Put before a vLLM multimodal processor class; the subclass says how many visual tokens each
+    image has (`visual_tokens_per_image`). Per request: the budget and the prompt's non-image
+    token ids go into the processor kwargs (so into the multimodal cache key); per image: the text
+    ids and the kept count k become multimodal inputs, and exactly k placeholders are emitted."""
+
+    def visual_tokens_per_image(self, hf_outputs) -> list[int]:
+        raise NotImplementedError
+
+    def apply(self, inputs, timing_ctx):
+        import dataclasses
+
+        config = self.info.get_hf_config()
+        budget, ratio = request_budget(config, self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs))
+        visual_ids = {config.image_token_id, getattr(config, "video_token_id", None)}
+        kwargs = without_plugin_kwargs(inputs.hf_processor_mm_kwargs)
+        kwargs[TEXT_IDS] = tuple(t for t in inputs.prompt if t not in visual_ids)
+        kwargs[KEEP] = (budget, ratio)
+        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        outputs = super()._call_hf_processor(hf_data, without_plugin_kwargs(hf_kwargs))
+        tokens = self.visual_tokens_per_image(outputs)
+        budget, ratio = hf_kwargs[KEEP]
+        outputs[TEXT_IDS] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * len(tokens), dtype=torch.long).view(len(tokens), -1)
+        outputs[KEEP] = torch.tensor([kept_count(n, budget, ratio) for n in tokens], dtype=torch.long)
+        return outputs
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[TEXT_IDS] = MultiModalFieldConfig.batched("image")
+        fields[KEEP] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        from vllm.multimodal.processing import PromptReplacement
+
+        image_token_id = self.info.get_hf_config().image_token_id
+
+        def replacement(item_idx: int):
+            return [image_token_id] * int(out_mm_kwargs["image"][item_idx][KEEP].data)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
 def check_supported(vllm_config, family: str) -> None:
     """Refuses, at load, what the plugin cannot serve correctly; the message says what is supported."""
     import vllm
@@ -49,7 +101,10 @@ def check_supported(vllm_config, family: str) -> None:
 
 def request_budget(config, mm_kwargs) -> tuple[int | None, float | None]:
     """(budget, ratio) of one request: `mm_processor_kwargs` override config.json's; a bad value is a
-    ValueError naming the parameter (vLLM answers that request with an error and keeps serving)."""
+    ValueError naming the parameter (vLLM answers that request with an error and keeps serving).
+    A repo with prune_visual_tokens=False keeps every token (ratio 1), as the stock model."""
+    if not config.prune_visual_tokens:
+        return None, 1.0
     return call_budget(
         config.visual_token_budget,
         config.visual_token_ratio,

@@ -16,7 +16,6 @@ Videos are not served yet (the processor accepts images only).
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 
 import einops
@@ -28,70 +27,29 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.processing import PromptReplacement
 
 from mfpruner_core import MFPrunerResult, attention_received
 
 from .pruning import (
     KEEP,
-    REQUEST_KWARGS,
     TEXT_IDS,
+    KeptPlaceholdersMixin,
     check_supported,
     head_mean,
     image_cues,
-    kept_count,
     per_item,
-    request_budget,
     select,
 )
-
-PLUGIN_KWARGS = (*REQUEST_KWARGS, TEXT_IDS, KEEP)
-
-
-def without_plugin_kwargs(kwargs) -> dict:
-    return {key: value for key, value in kwargs.items() if key not in PLUGIN_KWARGS}
-
 
 class MFPrunerQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
     def get_supported_mm_limits(self):
         return {"image": None}  # videos: not served by the plugin yet
 
 
-class MFPrunerQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
-    def apply(self, inputs, timing_ctx):
-        """Resolves this request's budget and records the prompt's text ids, then the stock path."""
-        config = self.info.get_hf_config()
-        budget, ratio = request_budget(config, self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs))
-        kwargs = without_plugin_kwargs(inputs.hf_processor_mm_kwargs)
-        visual_ids = (config.image_token_id, config.video_token_id)
-        kwargs[TEXT_IDS] = tuple(t for t in inputs.prompt if t not in visual_ids)
-        kwargs[KEEP] = (budget, ratio)
-        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
-
-    def _call_hf_processor(self, hf_data, hf_kwargs):
-        outputs = super()._call_hf_processor(hf_data, without_plugin_kwargs(hf_kwargs))
+class MFPrunerQwen2_5_VLMultiModalProcessor(KeptPlaceholdersMixin, Qwen2_5_VLMultiModalProcessor):
+    def visual_tokens_per_image(self, hf_outputs) -> list[int]:
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
-        tokens = (outputs["image_grid_thw"].prod(-1) // merge**2).tolist()
-        budget, ratio = hf_kwargs[KEEP]
-        outputs[TEXT_IDS] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * len(tokens), dtype=torch.long).view(len(tokens), -1)
-        outputs[KEEP] = torch.tensor([kept_count(n, budget, ratio) for n in tokens], dtype=torch.long)
-        return outputs
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[TEXT_IDS] = MultiModalFieldConfig.batched("image")
-        fields[KEEP] = MultiModalFieldConfig.batched("image")
-        return fields
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        """Exactly the kept number of placeholders per image."""
-        image_token_id = self.info.get_hf_config().image_token_id
-
-        def replacement(item_idx: int):
-            return [image_token_id] * int(out_mm_kwargs["image"][item_idx][KEEP].data)
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+        return (hf_outputs["image_grid_thw"].prod(-1) // merge**2).tolist()
 
 
 def last_full_attention_block(visual) -> int:

@@ -383,3 +383,22 @@ def test_benchmark_vllm_runs_both_variants(llava_hub_repo, tmp_path):
     assert stock["mean_prompt_tokens"] - pruned["mean_prompt_tokens"] == 36 - 8  # the repo keeps 8 of 36
     assert all(r["requests_per_s"] > 0 and r["median_ttft_s"] > 0 for r in (stock, pruned))
     assert "| mfpruner |" in done.stdout
+
+
+# ----------------------------------------------------------------------------- unsupported families
+
+
+def test_llava_next_repo_fails_at_load_saying_what_is_supported(tiny_dir):
+    from tools.tiny_models import build_tiny_llava_next
+
+    repo = build_tiny_llava_next(tiny_dir / "mfpruner-llava-next-vllm", hub_layout=True)
+    script = (
+        "import os; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
+        "from vllm import LLM\n"
+        f"LLM(model={str(repo)!r}, dtype='float32', enforce_eager=True, max_model_len=256)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    done = subprocess.run([str(VENV_PYTHON), "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "does not serve LLaVA-1.6 / LLaVA-NeXT" in done.stderr
+    assert "MFPrunerQwen2_5_VLForConditionalGeneration" in done.stderr
