@@ -3,10 +3,10 @@ once with a message saying what is supported (instead of vLLM's "unknown archite
 
 from __future__ import annotations
 
-from torch import nn
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 
 
-class MFPrunerLlavaNextForConditionalGeneration(nn.Module):
+class MFPrunerLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
     def __init__(self, *, vllm_config=None, prefix: str = ""):
         raise ValueError(
             "mfpruner_vllm does not serve LLaVA-1.6 / LLaVA-NeXT repos yet (anyres tiles and newline tokens); "
