@@ -88,7 +88,9 @@ def tiny_clip_text_config(vocab_size: int, projection_dim: int = 16) -> dict:
     ).to_dict()
 
 
-def tiny_llava_config(vocab_size: int, image_token_id: int, *, image_size: int = 84, **mfpruner) -> "LlavaConfig":
+def tiny_llava_config(
+    vocab_size: int, image_token_id: int, *, image_size: int = 84, text_heads: int = 4, **mfpruner
+) -> "LlavaConfig":
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -103,7 +105,7 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, *, image_size: int =
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=text_heads,
         num_key_value_heads=2,
         max_position_embeddings=512,
         pad_token_id=3,
@@ -176,12 +178,14 @@ def build_tiny_llava(
     clip_text: bool = False,
     seed: int = 0,
     image_size: int = 84,
+    text_heads: int = 4,
     **mfpruner,
 ) -> Path:
     """Writes a tiny LLaVA-1.5 folder. stock=True: a plain `LlavaForConditionalGeneration`
     checkpoint (model_type llava); else an MFPruner remote-code repo (auto_map, code files).
     hub_layout=True rewrites the weight names the way llava-hf's hub checkpoints store them.
-    clip_text=True adds a tiny CLIP text tower for the paper's relevance cue."""
+    clip_text=True adds a tiny CLIP text tower for the paper's relevance cue. text_heads=2 gives
+    the language model 32-wide heads (vLLM's CPU attention runs float32 only from 32 up)."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
@@ -190,7 +194,7 @@ def build_tiny_llava(
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
     if stock:
-        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size)
+        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, text_heads=text_heads)
         model = LlavaForConditionalGeneration(config)
     else:
         from modeling_mfpruner_llava import MFPrunerLlavaForConditionalGeneration
@@ -198,7 +202,7 @@ def build_tiny_llava(
         if clip_text:
             mfpruner["clip_text_config"] = tiny_clip_text_config(vocab_size)
         mfpruner.setdefault("visual_token_budget", 8)
-        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, **mfpruner)
+        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, text_heads=text_heads, **mfpruner)
         model = MFPrunerLlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = 3
     model.eval().save_pretrained(path)
@@ -374,9 +378,10 @@ def qwen_video_inputs(frames: torch.Tensor, temporal_patch_size: int = 2, merge_
     return {"pixel_values_videos": flat.float(), "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]])}
 
 
-def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, **mfpruner):
+def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, text_heads: int = 4, **mfpruner):
     """Qwen2.5-VL with the real layout at toy width: 4 vision blocks (1 and 3 full attention,
-    0 and 2 windowed over 2 x 2 visual tokens), 2 x 2 merge, a 2-layer M-RoPE text model."""
+    0 and 2 windowed over 2 x 2 visual tokens), 2 x 2 merge, a 2-layer M-RoPE text model.
+    text_heads=2 gives the text model 32-wide heads (vLLM's CPU attention runs float32 from 32 up)."""
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
@@ -385,10 +390,10 @@ def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, **mfpruner):
         spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3], tokens_per_second=2,
     )
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=text_heads,
         num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=ids("<|endoftext|>"),
         eos_token_id=ids("<|im_end|>"), bos_token_id=None,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [n * 4 // text_heads for n in (2, 3, 3)]},
     )
     kwargs = dict(
         vision_config=vision, text_config=text,
@@ -402,7 +407,9 @@ def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, **mfpruner):
     return MFPrunerQwen2_5_VLConfig(**kwargs, **mfpruner)
 
 
-def build_tiny_qwen2_5_vl(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
+def build_tiny_qwen2_5_vl(
+    path: str | os.PathLike, *, stock: bool = False, seed: int = 0, text_heads: int = 4, **mfpruner
+) -> Path:
     """Writes a tiny Qwen2.5-VL folder. stock=True: a plain `Qwen2_5_VLForConditionalGeneration`
     checkpoint (model_type qwen2_5_vl); else an MFPruner remote-code repo (auto_map, code files).
     Same seed = same weights in both."""
@@ -414,11 +421,13 @@ def build_tiny_qwen2_5_vl(path: str | os.PathLike, *, stock: bool = False, seed:
     tokenizer, image_processor = build_tiny_qwen2_5_vl_processor()
     torch.manual_seed(seed)
     if stock:
-        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tokenizer, stock=True))
+        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tokenizer, stock=True, text_heads=text_heads))
     else:
         from modeling_mfpruner_qwen2_5_vl import MFPrunerQwen2_5_VLForConditionalGeneration
 
-        model = MFPrunerQwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tokenizer, **mfpruner))
+        model = MFPrunerQwen2_5_VLForConditionalGeneration(
+            tiny_qwen2_5_vl_config(tokenizer, text_heads=text_heads, **mfpruner)
+        )
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     model.generation_config.eos_token_id = model.config.text_config.eos_token_id
     model.eval().save_pretrained(path)

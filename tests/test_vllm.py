@@ -1,0 +1,404 @@
+"""The vLLM plugin (mfpruner_vllm) against the transformers classes, on the same tiny checkpoint.
+
+vLLM lives in its own virtual environment (.venv-vllm, built by tools/setup_vllm_env.sh): this
+module computes the transformers reference here and runs tests/vllm_worker.py there once per
+model (one vLLM load), then compares: kept indices (`last_pruning`), prompt lengths, greedy ids
+and per-step log-probabilities. Skips when the vLLM environment is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, random_image
+
+VENV_PYTHON = Path(os.environ.get("MFPRUNER_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+STEPS = 4
+PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
+
+pytestmark = pytest.mark.skipif(not VENV_PYTHON.exists(), reason=f"no vLLM environment at {VENV_PYTHON} (tools/setup_vllm_env.sh)")
+
+
+def run_worker(tmp_path: Path, repo: Path, cases: list[dict]) -> dict:
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"repo": str(repo), "cases": cases}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [str(VENV_PYTHON), str(ROOT / "tests" / "vllm_worker.py"), str(spec), str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {entry["name"]: entry for entry in json.loads(out.read_text())}
+
+
+def save_images(folder: Path, sizes: list[tuple[int, int]], seed: int) -> list[str]:
+    paths = []
+    for i, size in enumerate(sizes):
+        path = folder / f"image-{seed}-{i}.png"  # PNG: the same pixels on both sides
+        random_image(seed + i, size).save(path)
+        paths.append(str(path))
+    return paths
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+
+LLAVA_CASES = [
+    # name, prompt, image sizes, mm_processor_kwargs, image seed
+    ("single", PROMPT, [(96, 80)], None, 0),
+    ("budget-override", PROMPT, [(96, 80)], {"visual_token_budget": 5}, 0),
+    ("ratio-override", PROMPT, [(120, 90)], {"visual_token_ratio": 0.25}, 20),
+    ("same-image-other-prompt", "USER: <image>\nDescribe the picture in detail. Is there a dog? ASSISTANT:", [(96, 80)], None, 0),
+    ("two-images", "USER: <image>\n<image>\nHow many people are there? ASSISTANT:", [(64, 96), (100, 70)], None, 40),
+    ("bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 0}, 0),
+    ("after-bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 3}, 0),
+]
+# Several requests in one generate call: different image sizes, budgets and prompts.
+LLAVA_BATCH = [
+    (PROMPT, [(96, 80)], {"visual_token_budget": 2}),
+    ("USER: <image>\nWhat color is the car? ASSISTANT:", [(150, 60)], None),
+    ("USER: <image>\n<image>\nIs there a dog? ASSISTANT:", [(84, 84), (40, 120)], {"visual_token_ratio": 0.5}),
+]
+
+
+def reference_generation(model, inputs, mm_kwargs, visual_token_ids):
+    """Greedy ids, per-step log-probabilities, kept indices and pruned prompt ids of the transformers class."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, **(mm_kwargs or {}), max_new_tokens=STEPS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    logprobs = [float(torch.log_softmax(step[0].float(), -1)[token]) for step, token in zip(out.logits, new)]
+    pruning = model.last_pruning
+    ids = inputs["input_ids"][0]
+    visual = torch.isin(ids, torch.tensor(visual_token_ids)).nonzero()[:, 0]
+    starts = torch.tensor([0, *pruning.num_visual_tokens]).cumsum(0)
+    kept = torch.cat([visual[start + idx] for start, idx in zip(starts.tolist(), pruning.keep_indices)])
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[visual] = False
+    keep[kept] = True
+    return {
+        "token_ids": new,
+        "logprobs": logprobs,
+        "keep_indices": [idx.tolist() for idx in pruning.keep_indices],
+        "prompt_token_ids": ids[keep].tolist(),
+    }
+
+
+def collect_runs(folder, repo, cases, batch, reference):
+    """Writes the images, computes every reference, runs vLLM once on all cases."""
+    specs, references = [], {}
+    for name, prompt, sizes, mm_kwargs, seed in cases:
+        paths = save_images(folder, sizes, seed)
+        specs.append({"name": name, "requests": [{"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs}], "steps": STEPS})
+        references[name] = [reference(prompt, paths, mm_kwargs)]
+    requests = []
+    for j, (prompt, sizes, mm_kwargs) in enumerate(batch):
+        requests.append({"prompt": prompt, "images": save_images(folder, sizes, seed=100 + 10 * j), "mm_processor_kwargs": mm_kwargs})
+    specs.append({"name": "batch", "requests": requests, "steps": STEPS})
+    references["batch"] = [reference(r["prompt"], r["images"], r["mm_processor_kwargs"]) for r in requests]
+    return run_worker(folder, repo, specs), references
+
+
+def or_error(compute):
+    try:
+        return compute()
+    except ValueError as error:
+        return {"error": str(error)}
+
+
+@pytest.fixture(scope="session")
+def llava_hub_repo(tiny_dir):
+    """A tiny MFPruner LLaVA-1.5 repo in the hub key layout (`vision_tower.vision_model.*`), what
+    tools.export writes and what vLLM loads."""
+    from tools.tiny_models import build_tiny_llava
+
+    return build_tiny_llava(tiny_dir / "mfpruner-llava-hub", hub_layout=True, text_heads=2, visual_token_budget=8)
+
+
+@pytest.fixture(scope="session")
+def llava_runs(llava_hub_repo, tmp_path_factory):
+    """(vLLM results, transformers references) for every LLaVA case, vLLM loaded once."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(llava_hub_repo, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(llava_hub_repo, trust_remote_code=True)
+
+    def reference(prompt, paths, mm_kwargs):
+        images = [Image.open(p).convert("RGB") for p in paths]
+        inputs = processor(images=images, text=prompt, return_tensors="pt")
+        return or_error(lambda: reference_generation(model, inputs, mm_kwargs, [model.config.image_token_id]))
+
+    return collect_runs(tmp_path_factory.mktemp("vllm-llava"), llava_hub_repo, LLAVA_CASES, LLAVA_BATCH, reference)
+
+
+def assert_same_generation(ours: dict, reference: dict):
+    assert ours["prompt_token_ids"] == reference["prompt_token_ids"]
+    assert ours["token_ids"] == reference["token_ids"]
+    # float32 on both sides: ~1e-4 apart; the kept tokens at wrong M-RoPE positions move them by 1e-3 and more
+    assert ours["logprobs"] == pytest.approx(reference["logprobs"], abs=5e-4)
+
+
+@pytest.mark.parametrize("name", ["single", "budget-override", "ratio-override", "same-image-other-prompt", "two-images", "after-bad-budget"])
+def test_llava_keeps_the_transformers_tokens_and_generates_the_same(llava_runs, name):
+    results, references = llava_runs
+    ours, reference = results[name], references[name][0]
+    assert "error" not in ours, ours.get("error")
+    assert ours["keep_indices"] == reference["keep_indices"]
+    assert_same_generation(ours["requests"][0], reference)
+
+
+def test_llava_budget_sets_the_number_of_placeholders(llava_runs):
+    results, references = llava_runs
+    assert [len(i) for i in results["single"]["keep_indices"]] == [8]  # config.json's budget
+    assert [len(i) for i in results["budget-override"]["keep_indices"]] == [5]
+    assert [len(i) for i in results["ratio-override"]["keep_indices"]] == [9]  # round(0.25 * 36)
+    assert [len(i) for i in results["two-images"]["keep_indices"]] == [8, 8]
+
+
+def test_llava_instruction_is_part_of_the_encoder_cache_key(llava_runs):
+    """The same image with another prompt is selected again (relevance reads the instruction)."""
+    results, references = llava_runs
+    assert references["single"][0]["keep_indices"] != references["same-image-other-prompt"][0]["keep_indices"]
+    assert results["single"]["keep_indices"] != results["same-image-other-prompt"]["keep_indices"]
+
+
+def test_llava_batch_of_different_sizes_and_budgets(llava_runs):
+    results, references = llava_runs
+    assert len(results["batch"]["requests"]) == len(LLAVA_BATCH)
+    for ours, reference in zip(results["batch"]["requests"], references["batch"]):
+        assert_same_generation(ours, reference)
+
+
+def test_llava_bad_budget_is_a_clear_error_and_the_engine_keeps_serving(llava_runs):
+    results, references = llava_runs
+    assert "visual_token_budget" in results["bad-budget"]["error"]
+    assert "visual_token_budget" in references["bad-budget"][0]["error"]
+    assert results["after-bad-budget"]["requests"][0]["token_ids"]
+
+
+# ----------------------------------------------------------------------------- Qwen2.5-VL
+
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def qwen_prompt(question: str, images: int = 1) -> str:
+    return f"<|im_start|>user\n{QWEN_IMAGE * images}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+QWEN_CASES = [
+    ("single", qwen_prompt("What is in the image?"), [(96, 80)], None, 0),
+    ("budget-override", qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_budget": 3}, 0),
+    ("tall-image", qwen_prompt("Describe the picture in detail."), [(60, 170)], {"visual_token_ratio": 0.5}, 20),
+    ("two-images", qwen_prompt("How many people are there?", images=2), [(64, 96), (140, 70)], None, 40),
+    ("bad-ratio", qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_ratio": 1.5}, 0),
+]
+QWEN_BATCH = [
+    (qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_budget": 2}),
+    (qwen_prompt("What color is the car?"), [(150, 60)], None),
+    (qwen_prompt("Is there a dog?", images=2), [(84, 84), (40, 120)], {"visual_token_ratio": 0.5}),
+]
+
+
+@pytest.fixture(scope="session")
+def qwen_vllm_repo(tiny_dir):
+    from tools.tiny_models import build_tiny_qwen2_5_vl
+
+    repo = build_tiny_qwen2_5_vl(tiny_dir / "mfpruner-qwen2_5_vl-vllm", text_heads=2, visual_token_ratio=0.25)
+    sharpen_text_attention(repo, factor=8.0)
+    return repo
+
+
+def sharpen_text_attention(repo: Path, factor: float):
+    """Scales the language model's query and key projections: random init gives near-uniform
+    attention, which hides wrong M-RoPE positions; peaked attention makes the log-probabilities
+    depend on every token's position."""
+    from safetensors.torch import load_file, save_file
+
+    file = repo / "model.safetensors"
+    state = load_file(file)
+    for key in state:
+        if key.startswith(("model.layers.", "model.language_model.")) and (".q_proj." in key or ".k_proj." in key):
+            state[key] = state[key] * factor
+    save_file(state, file, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
+def qwen_runs(qwen_vllm_repo, tmp_path_factory):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    from tools.tiny_models import qwen_inputs
+
+    model = AutoModelForImageTextToText.from_pretrained(qwen_vllm_repo, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(qwen_vllm_repo)
+    image_processor = AutoImageProcessor.from_pretrained(qwen_vllm_repo)
+
+    def reference(prompt, paths, mm_kwargs):
+        images = [Image.open(p).convert("RGB") for p in paths]
+        inputs = qwen_inputs(tokenizer, image_processor, [prompt], images=images)
+        ids = [model.config.image_token_id]
+        return or_error(lambda: reference_generation(model, inputs, mm_kwargs, ids))
+
+    return collect_runs(tmp_path_factory.mktemp("vllm-qwen"), qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference)
+
+
+@pytest.mark.parametrize("name", ["single", "budget-override", "tall-image", "two-images"])
+def test_qwen_keeps_the_transformers_tokens_and_generates_the_same(qwen_runs, name):
+    """Log-probabilities match only with the kept tokens at their original M-RoPE positions."""
+    results, references = qwen_runs
+    ours, reference = results[name], references[name][0]
+    assert "error" not in ours, ours.get("error")
+    assert ours["keep_indices"] == reference["keep_indices"]
+    assert_same_generation(ours["requests"][0], reference)
+
+
+def test_qwen_batch_of_different_sizes_and_budgets(qwen_runs):
+    results, references = qwen_runs
+    for ours, reference in zip(results["batch"]["requests"], references["batch"]):
+        assert_same_generation(ours, reference)
+
+
+def test_qwen_bad_ratio_is_a_clear_error(qwen_runs):
+    results, references = qwen_runs
+    assert "visual_token_ratio" in results["bad-ratio"]["error"]
+    assert "visual_token_ratio" in references["bad-ratio"][0]["error"]
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible server
+
+
+@pytest.fixture(scope="session")
+def llava_server(llava_hub_repo, tmp_path_factory):
+    """vLLM's OpenAI-compatible server on the tiny LLaVA repo, loopback only; yields its URL."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path_factory.mktemp("vllm-server") / "server.log").open("w")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    command = [
+        str(VENV_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+        "--model", str(llava_hub_repo), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+        "--limit-mm-per-prompt", '{"image": 2}', "--trust-request-mm-kwargs",  # per-request budgets
+    ]
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, f"the vLLM server exited; see {log.name}"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"the vLLM server did not start; see {log.name}"
+            time.sleep(2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def chat(url: str, image_path: str, question: str, mm_kwargs: dict | None) -> tuple[int, dict]:
+    """One chat completion with an image (data URL); returns (HTTP status, JSON body)."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    image = base64.b64encode(Path(image_path).read_bytes()).decode()
+    body = {
+        "model": json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["id"],
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+            {"type": "text", "text": question},
+        ]}],
+        "max_tokens": 3,
+        "temperature": 0.0,
+    }
+    if mm_kwargs is not None:
+        body["mm_processor_kwargs"] = mm_kwargs
+    request = urllib.request.Request(
+        url + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_server_concurrent_requests_with_different_budgets(llava_server, tmp_path):
+    """Concurrent requests, each with its own budget: each prompt holds its own number of kept
+    tokens (config.json's 8 when none is given); a bad budget fails alone, the others and the
+    next request are served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    (path,) = save_images(tmp_path, [(96, 80)], seed=7)
+    budgets = [None, {"visual_token_budget": 2}, {"visual_token_budget": 5}, {"visual_token_ratio": 0.5}, {"visual_token_budget": -1}]
+    with ThreadPoolExecutor(len(budgets)) as pool:
+        answers = list(pool.map(lambda kwargs: chat(llava_server, path, "What is in the image?", kwargs), budgets))
+    statuses = [status for status, _ in answers]
+    assert statuses == [200, 200, 200, 200, 400], answers
+    assert "visual_token_budget" in json.dumps(answers[-1][1])
+    prompt_tokens = [body["usage"]["prompt_tokens"] for _, body in answers[:4]]
+    text_tokens = prompt_tokens[0] - 8
+    assert prompt_tokens[1:] == [text_tokens + 2, text_tokens + 5, text_tokens + 18]  # 0.5 * 36 = 18
+    status, body = chat(llava_server, path, "What is in the image?", {"visual_token_budget": 3})
+    assert status == 200 and body["usage"]["prompt_tokens"] == text_tokens + 3
+
+
+# ----------------------------------------------------------------------------- benchmark script
+
+
+def test_benchmark_vllm_runs_both_variants(llava_hub_repo, tmp_path):
+    """tools/benchmark_vllm.py end to end at toy size (timings are not checked, only that it
+    measures the stock and the pruned model on the same prompts)."""
+    output = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    command = [
+        str(VENV_PYTHON), str(ROOT / "tools" / "benchmark_vllm.py"), "--model", str(llava_hub_repo),
+        "--requests", "3", "--max-tokens", "2", "--ttft-requests", "1", "--image-size", "84",
+        "--max-model-len", "512", "--llm-kwargs", '{"dtype": "float32", "enforce_eager": true}', "--output", str(output),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    stock, pruned = json.loads(output.read_text())
+    assert (stock["architecture"], pruned["architecture"]) == (
+        "LlavaForConditionalGeneration", "MFPrunerLlavaForConditionalGeneration"
+    )
+    assert stock["mean_prompt_tokens"] - pruned["mean_prompt_tokens"] == 36 - 8  # the repo keeps 8 of 36
+    assert all(r["requests_per_s"] > 0 and r["median_ttft_s"] > 0 for r in (stock, pruned))
+    assert "| mfpruner |" in done.stdout
+
+
+# ----------------------------------------------------------------------------- unsupported families
+
+
+def test_llava_next_repo_fails_at_load_saying_what_is_supported(tiny_dir):
+    from tools.tiny_models import build_tiny_llava_next
+
+    repo = build_tiny_llava_next(tiny_dir / "mfpruner-llava-next-vllm", hub_layout=True)
+    script = (
+        "import os; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
+        "from vllm import LLM\n"
+        f"LLM(model={str(repo)!r}, dtype='float32', enforce_eager=True, max_model_len=256)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    done = subprocess.run([str(VENV_PYTHON), "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "does not serve LLaVA-1.6 / LLaVA-NeXT" in done.stderr
+    assert "MFPrunerQwen2_5_VLForConditionalGeneration" in done.stderr

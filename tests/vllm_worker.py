@@ -1,0 +1,71 @@
+"""Runs in the vLLM virtual environment (.venv-vllm), started by tests/test_vllm.py.
+
+    python tests/vllm_worker.py SPEC.json OUT.json
+
+SPEC: {"repo": path, "cases": [{"name", "requests": [{"prompt", "images": [png paths],
+"mm_processor_kwargs": {...} or null}], "steps"}]}. Loads the repo once with vLLM (one process,
+float32, greedy) and writes per case and request: the prompt token ids vLLM built, the generated
+ids, each step's log-probability of the chosen token, and (single-request cases) the kept indices
+of the last encoder call (`model.last_pruning`), or the error text of a rejected request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(open(spec_path).read())
+    llm = LLM(
+        model=spec["repo"],
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        limit_mm_per_prompt={"image": 4},
+        seed=0,
+        **spec.get("llm_kwargs", {}),
+    )
+    results = []
+    for case in spec["cases"]:
+        params = SamplingParams(temperature=0.0, max_tokens=case["steps"], logprobs=0, ignore_eos=True)
+        requests = []
+        for request in case["requests"]:
+            data = {"prompt": request["prompt"], "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in request["images"]]}}
+            if request.get("mm_processor_kwargs") is not None:
+                data["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+            requests.append(data)
+        try:
+            outputs = llm.generate(requests, params, use_tqdm=False)
+        except Exception as error:  # a rejected request: report it, keep serving the next cases
+            traceback.print_exc()
+            results.append({"name": case["name"], "error": f"{type(error).__name__}: {error}"})
+            continue
+        entry = {"name": case["name"], "requests": []}
+        for output in outputs:
+            completion = output.outputs[0]
+            entry["requests"].append(
+                {
+                    "prompt_token_ids": list(output.prompt_token_ids),
+                    "token_ids": list(completion.token_ids),
+                    "logprobs": [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
+                }
+            )
+        if len(case["requests"]) == 1:
+            pruning = llm.apply_model(lambda model: model.last_pruning)[0]
+            entry["keep_indices"] = [idx.tolist() for idx in pruning.keep_indices]
+        results.append(entry)
+    open(out_path, "w").write(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
