@@ -221,7 +221,9 @@ class MFPrunerPipelineMixin:
         forward.__mfpruner__ = True
         cls.forward = forward
 
-    def encode_visual(self, input_ids, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
+    def encode_visual(self, input_ids, inputs_embeds, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
+        """The family's visual encoding: its visual tokens scattered into `inputs_embeds` (B, L, D),
+        the prompt's embeddings (the caller's, or the embedded `input_ids`)."""
         raise NotImplementedError
 
     def pruned_position_ids(self, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -343,11 +345,13 @@ class MFPrunerPipelineMixin:
             settings.get("visual_token_budget"), settings.get("visual_token_ratio"),
         )
         min_votes = call_min_votes(config.min_votes, settings.get("min_votes"))
-        input_ids = call.pop("input_ids", None)
-        if call.pop("inputs_embeds", None) is not None or input_ids is None:
+        input_ids, inputs_embeds = call.pop("input_ids", None), call.pop("inputs_embeds", None)
+        if input_ids is None:
             raise ValueError(
-                "pass `input_ids`, not `inputs_embeds`, with pixel inputs: MFPruner locates the visual tokens by id"
+                "pass `input_ids` (alone or with `inputs_embeds`) with pixel inputs: MFPruner locates the visual tokens by id"
             )
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         attention_mask = call.pop("attention_mask", None)
         labels = call.pop("labels", None)
         caller_positions = call.pop("position_ids", None)
@@ -364,7 +368,7 @@ class MFPrunerPipelineMixin:
         timings = {}
 
         start = time.perf_counter()
-        encoded = self.encode_visual(input_ids, attention_mask, visual, list(config.mfpruner_cues))
+        encoded = self.encode_visual(input_ids, inputs_embeds, attention_mask, visual, list(config.mfpruner_cues))
         timings["vision"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -503,7 +507,7 @@ class MFPrunerPipelineMixin:
                 return super().generate(*args, **kwargs)
         self.refuse_unsupported_generation(call, cache)
 
-        prompt_ids = call["input_ids"]
+        prompt_ids = call.get("input_ids")  # None: prune_call refuses with the clear error
         pruned, result = self.prune_call(call, settings, left_pad=True)
         pruned.pop("vision_outputs", None)
         record = PrunedCacheRecord(result.keep_mask, self.rope_deltas(pruned.get("position_ids"), pruned["attention_mask"]))

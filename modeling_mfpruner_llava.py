@@ -222,7 +222,7 @@ class MFPrunerMixin(MFPrunerPipelineMixin):
         weight = self.clip_visual_projection.weight
         return self.clip_visual_projection(normed.to(weight.device, weight.dtype))
 
-    def encode_visual(self, input_ids, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
+    def encode_visual(self, input_ids, inputs_embeds, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
         """Vision tower (with the cue capture) -> tokens scattered into the prompt embeddings."""
         pixel_values, image_sizes = visual["pixel_values"], visual["image_sizes"]
         image_token_id = self.config.image_token_id
@@ -232,7 +232,6 @@ class MFPrunerMixin(MFPrunerPipelineMixin):
         tokens_per_image = [len(t) for t in images.tokens]
         rows = check_image_tokens(input_ids, image_token_id, len(tokens_per_image), tokens_per_image)
 
-        inputs_embeds = self.get_input_embeddings()(input_ids)
         visual_tokens = torch.cat(images.tokens).to(inputs_embeds.device, inputs_embeds.dtype)
         is_image = (input_ids == image_token_id).to(inputs_embeds.device)
         inputs_embeds = inputs_embeds.masked_scatter(is_image[..., None], visual_tokens)

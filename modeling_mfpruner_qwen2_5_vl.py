@@ -224,13 +224,12 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
         attention = merged_raster_scores(captured["received"], grid_thw.to(captured["received"].device), visual)
         return list(output.pooler_output), list(attention.split(sizes)), output
 
-    def encode_visual(self, input_ids, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
+    def encode_visual(self, input_ids, inputs_embeds, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
         """Images then videos through the tower (cue A captured when configured), scattered into
         the prompt embeddings; the unpruned M-RoPE positions (3, B, L)."""
         merge = self.config.vision_config.spatial_merge_size
         image_id, video_id = self.config.image_token_id, self.config.video_token_id
         is_image, is_video = input_ids == image_id, input_ids == video_id
-        inputs_embeds = self.get_input_embeddings()(input_ids)
         items, vision_outputs = [], {}
         for kind, pixels_name, token_id in (
             ("image", "pixel_values", image_id),

@@ -326,6 +326,53 @@ def test_assisted_decoding_with_pruning_off_behaves_as_stock(family):
     assert (torch.equal(ours, theirs) if isinstance(ours, torch.Tensor) else ours == theirs)
 
 
+def caller_embeddings(model, input_ids) -> torch.Tensor:
+    """Prompt embeddings a caller might pass (e.g. soft prompts): the embedded ids, text scaled."""
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(input_ids)
+    return torch.where(visual_positions(model, input_ids)[..., None], embeds, 1.5 * embeds)
+
+
+def test_generate_with_ids_and_the_callers_embeddings_prunes_those_embeddings(family):
+    model, stock, inputs = family.model, family.stock, family.single
+    options = dict(GREEDY, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        embedded_ids = model.get_input_embeddings()(inputs["input_ids"])
+    plain = model.generate(**inputs, visual_token_budget=5, **options)
+    embedded = model.generate(**inputs, inputs_embeds=embedded_ids, visual_token_budget=5, **options)
+    assert torch.equal(embedded.sequences, plain.sequences)
+    assert embedded.pruning.lm_input_length == plain.pruning.lm_input_length < inputs["input_ids"].shape[1]
+    for a, b in zip(embedded.scores, plain.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Keeping every visual token, changed embeddings give the stock model's output on them.
+    embeds = caller_embeddings(model, inputs["input_ids"])
+    ours = model.generate(**inputs, inputs_embeds=embeds, visual_token_ratio=1.0, **options)
+    theirs = stock.generate(**inputs, inputs_embeds=embeds, **options)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.scores, theirs.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(theirs.scores[0], stock.generate(**inputs, **options).scores[0])  # the change matters
+
+
+def test_generate_with_embeddings_and_pixels_but_no_ids_is_refused(family):
+    inputs = {k: v for k, v in family.single.items() if k != "input_ids"}
+    embeds = caller_embeddings(family.model, family.single["input_ids"])
+    with pytest.raises(ValueError, match="pass `input_ids`"):
+        family.model.generate(**inputs, inputs_embeds=embeds, **GREEDY)
+
+
+def test_forward_with_ids_and_embeddings_prunes_those_embeddings(family):
+    model, inputs = family.model, family.single
+    with torch.no_grad():
+        embedded_ids = model.get_input_embeddings()(inputs["input_ids"])
+        plain = model(**inputs, visual_token_budget=5)
+        embedded = model(**inputs, inputs_embeds=embedded_ids, visual_token_budget=5)
+        changed = model(**inputs, inputs_embeds=caller_embeddings(model, inputs["input_ids"]), visual_token_budget=5)
+    assert plain.logits.shape[1] < inputs["input_ids"].shape[1]
+    torch.testing.assert_close(embedded.logits, plain.logits, rtol=0, atol=0)
+    assert changed.logits.shape == plain.logits.shape and not torch.allclose(changed.logits, plain.logits)
+
+
 # ----------------------------------------------------------------------------- threads
 
 
