@@ -714,7 +714,7 @@ TINY_PREFILL_NOTE = (
     "\n*Why the measured prefill barely shortens here:* this tiny model's language model is so small that "
     "the vision tower (which runs in full either way) and fixed per-call costs take most of the time. In a "
     "real 7B model the language model dominates the prefill and its time falls with the pruned FLOPs: "
-    "ideal and measured speed-ups per model are in the project's docs/benchmarks.md."
+    "ideal and measured speed-ups per model are on the project's *Benchmarks* page (docs/benchmarks.md)."
 )
 
 
