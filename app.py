@@ -21,10 +21,12 @@ import logging
 import math
 import os
 import statistics
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import gradio as gr
 import matplotlib
@@ -32,7 +34,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mfpruner_core import CUE_NAMES, LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE, vote_candidates
 from tools.bench_utils import time_interleaved
 from tools.flops import fastv_flops
 
@@ -84,6 +85,13 @@ class DemoModel:
     family: str  # key into TOKEN_BOXES: "llava", "llava_next", "qwen2_5_vl"
     random_weights: bool
     device: torch.device
+
+
+def result_core(result) -> ModuleType:
+    """The `mfpruner_core` module that made `result` (an `MFPrunerResult`). A hub-loaded model runs
+    the repo's own copy (`transformers_modules.<repo>.mfpruner_core`), so the demo replays the vote
+    and reads the layout codes with the code the model ran, never with another copy."""
+    return sys.modules[type(result).__module__]
 
 
 def model_family(config) -> str:
@@ -374,11 +382,12 @@ def llava_next_token_boxes(image_size: tuple[int, int], image_processor, result,
         raise RuntimeError(f"the model's grid {result.grids[image_index]} differs from the processor's {geometry.grid}")
     maps = {name: np.full((len(part), 4), np.nan) for name in ("main", "base")}
 
-    on_base = part == LAYOUT_BASE
+    core = result_core(result)
+    on_base = part == core.LAYOUT_BASE
     cells = cell_boxes(np.arange(base_cols + 1) * width / base_cols, np.arange(base_rows + 1) * height / base_rows)
     maps["base"][on_base] = cells[row[on_base] * base_cols + col[on_base]]
 
-    on_grid = part == LAYOUT_GRID
+    on_grid = part == core.LAYOUT_GRID
     (resized_w, resized_h), (offset_x, offset_y), (cut_cols, cut_rows) = geometry.resized, geometry.offset, geometry.cut
     x0 = ((col[on_grid] + cut_cols) * patch - offset_x) * width / resized_w  # canvas px -> original px
     y0 = ((row[on_grid] + cut_rows) * patch - offset_y) * height / resized_h
@@ -608,7 +617,7 @@ def analyze(
         prune_kwargs = {"visual_token_ratio": float(ratio)}
     else:
         raise ValueError(f"The budget mode must be 'tokens' or 'ratio', got {budget_mode!r}.")
-    if not is_number(min_votes) or min_votes not in range(1, len(CUE_NAMES) + 1):
+    if not is_number(min_votes) or min_votes not in range(1, len(CUE_TITLES) + 1):
         raise ValueError(f"The vote threshold must be 1, 2 or 3, got {min_votes!r}.")
 
     prune_kwargs["min_votes"] = int(min_votes)  # per call: the model's config is never touched
@@ -621,7 +630,8 @@ def analyze(
     # The tokens that compete for the budget: all but LLaVA-NeXT's row newlines, which the model
     # keeps outside the budget (they stand for no region and are drawn on no map).
     layout = result.layouts[0] if result.layouts else None
-    candidates = torch.ones(num_tokens, dtype=torch.bool) if layout is None else layout[:, 0] != LAYOUT_NEWLINE
+    core = result_core(result)  # the vote and layout codes of the code the model ran
+    candidates = torch.ones(num_tokens, dtype=torch.bool) if layout is None else layout[:, 0] != core.LAYOUT_NEWLINE
     total = int(candidates.sum())
     newlines = num_tokens - total
     kept = len(keep_indices) - newlines
@@ -645,7 +655,7 @@ def analyze(
     for name, per_image in result.cue_scores.items():
         scores = per_image[0].float()
         # That cue alone: its own top-k over the candidates at the same budget (newlines kept, as the model does).
-        single = vote_candidates({name: scores[candidates]}, candidates, kept, None, 1, "sum")
+        single = core.vote_candidates({name: scores[candidates]}, candidates, kept, None, 1, "sum")
         cue_kept[name] = single.tolist()
         votes += mask_of(single) & candidates.numpy()
         panels[name] = kept_overlay(canvas, mask_of(single))
@@ -704,7 +714,7 @@ TINY_PREFILL_NOTE = (
     "\n*Why the measured prefill barely shortens here:* this tiny model's language model is so small that "
     "the vision tower (which runs in full either way) and fixed per-call costs take most of the time. In a "
     "real 7B model the language model dominates the prefill and its time falls with the pruned FLOPs: "
-    "ideal and measured speed-ups per model are in the *Benchmarks* section of the project's README."
+    "ideal and measured speed-ups per model are on the project's *Benchmarks* page (docs/benchmarks.md)."
 )
 
 
@@ -779,7 +789,7 @@ ANYRES_NOTE = (
     "tile of the whole image (the small map on the right). One budget covers the tokens of both maps; "
     "the row-newline tokens that close each grid row are always kept and not drawn."
 )
-HEATMAP_TITLES = {**{name: f"{CUE_TITLES[name]} score" for name in CUE_NAMES}, "votes": "votes"}
+HEATMAP_TITLES = {**{name: f"{CUE_TITLES[name]} score" for name in CUE_TITLES}, "votes": "votes"}
 
 
 def result_image(label: str, elem_id: str) -> gr.Image:
@@ -827,7 +837,7 @@ def build_demo(demo: DemoModel, delete_cache: tuple[int, int] = CACHE_CLEANUP) -
                     elem_id="ratio",
                 )
                 min_votes = gr.Slider(
-                    1, len(CUE_NAMES), value=demo.model.config.min_votes, step=1, precision=0,
+                    1, len(CUE_TITLES), value=demo.model.config.min_votes, step=1, precision=0,
                     label="Vote threshold (cues that must agree)", elem_id="min-votes",
                 )
                 generate_answer = gr.Checkbox(

@@ -14,10 +14,15 @@ from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPTextConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
 
-try:  # the mixin is shared by the configs below; `from .x import y` keeps remote code flat
+if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
     from .mfpruner_core import CUE_NAMES, check_budget, check_min_votes, check_ratio
-except ImportError:  # imported as a top-level module (tests, tools)
-    from mfpruner_core import CUE_NAMES, check_budget, check_min_votes, check_ratio
+else:  # a top-level module of a checkout (tests, tools, app.py). By module name: transformers' remote-code
+    # check would demand that an absolute `from x import y` here name an installed package.
+    from importlib import import_module
+
+    _core = import_module("mfpruner_core")
+    CUE_NAMES, check_budget, check_min_votes = _core.CUE_NAMES, _core.check_budget, _core.check_min_votes
+    check_ratio = _core.check_ratio
 
 RELEVANCE_SOURCES = ("auto", "clip_text", "llm")
 FILL_RULES = ("sum", "relevance")

@@ -13,7 +13,7 @@ here, once, top to bottom:
   -> keep mask; drop pruned visual positions and old padding, re-pad         timings["splice"]
   -> the stock forward() / generate() on the kept positions.
 
-Contract (see the README's API section): the only difference from the stock model is the shorter
+Contract (see docs/api.md): the only difference from the stock model is the shorter
 prefill. Stock arguments pass through untouched; `max_length` / `min_length` count the original
 prompt; `generate()` returns the original prompt followed by the new tokens, and the cache it
 fills carries its keep mask, so that continuing from it (re-feeding the returned sequences) works.
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:
+if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
     from .configuration_mfpruner import MFPRUNER_CALL_KWARGS, check_call_kwargs, validate_mfpruner_settings
     from .mfpruner_core import (
         MFPrunerResult,
@@ -58,22 +58,20 @@ try:
         uniqueness,
         vote_candidates,
     )
-except ImportError:  # imported as a top-level module (tests, tools)
-    from configuration_mfpruner import MFPRUNER_CALL_KWARGS, check_call_kwargs, validate_mfpruner_settings
-    from mfpruner_core import (
-        MFPrunerResult,
-        auto_map_with_auto_model,
-        call_budget,
-        call_min_votes,
-        clip_text_relevance,
-        compact_rows,
-        keep_mask_for_images,
-        llm_relevance,
-        min_max_normalize,
-        restore_prompt,
-        uniqueness,
-        vote_candidates,
-    )
+else:  # a top-level module of a checkout (tests, tools, app.py). By module name: transformers' remote-code
+    # check would demand that an absolute `from x import y` here name an installed package.
+    from importlib import import_module
+
+    _configuration = import_module("configuration_mfpruner")
+    MFPRUNER_CALL_KWARGS, check_call_kwargs = _configuration.MFPRUNER_CALL_KWARGS, _configuration.check_call_kwargs
+    validate_mfpruner_settings = _configuration.validate_mfpruner_settings
+    _core = import_module("mfpruner_core")
+    MFPrunerResult, auto_map_with_auto_model = _core.MFPrunerResult, _core.auto_map_with_auto_model
+    call_budget, call_min_votes = _core.call_budget, _core.call_min_votes
+    clip_text_relevance, compact_rows = _core.clip_text_relevance, _core.compact_rows
+    keep_mask_for_images, llm_relevance = _core.keep_mask_for_images, _core.llm_relevance
+    min_max_normalize, restore_prompt, uniqueness = _core.min_max_normalize, _core.restore_prompt, _core.uniqueness
+    vote_candidates = _core.vote_candidates
 
 logger = logging.getLogger(__name__)
 

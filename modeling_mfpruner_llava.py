@@ -27,7 +27,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-try:
+if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
     from .configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig
     from .mfpruner_core import LAYOUT_GRID, LAYOUT_NEWLINE, MFPrunerResult, attention_from_query, check_image_tokens, grid_layout
     from .mfpruner_pipeline import (
@@ -38,18 +38,21 @@ try:
         cue_capture,
         register_stock_key_layout,
     )
-except ImportError:  # imported as a top-level module (tests, tools)
-    from configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig
-    from mfpruner_core import LAYOUT_GRID, LAYOUT_NEWLINE, MFPrunerResult, attention_from_query, check_image_tokens, grid_layout
-    from mfpruner_pipeline import (
-        CUE_CAPTURE,
-        EncodedPrompt,
-        MFPrunerPipelineMixin,
-        VisualItem,
-        cue_capture,
-        register_stock_key_layout,
-    )
+else:  # a top-level module of a checkout (tests, tools, app.py). By module name: transformers' remote-code
+    # check would demand that an absolute `from x import y` here name an installed package.
+    from importlib import import_module
 
+    _configuration = import_module("configuration_mfpruner")
+    MFPrunerLlavaConfig = _configuration.MFPrunerLlavaConfig
+    MFPrunerLlavaNextConfig = _configuration.MFPrunerLlavaNextConfig
+    _core = import_module("mfpruner_core")
+    LAYOUT_GRID, LAYOUT_NEWLINE, MFPrunerResult = _core.LAYOUT_GRID, _core.LAYOUT_NEWLINE, _core.MFPrunerResult
+    attention_from_query, check_image_tokens = _core.attention_from_query, _core.check_image_tokens
+    grid_layout = _core.grid_layout
+    _pipeline = import_module("mfpruner_pipeline")
+    CUE_CAPTURE, EncodedPrompt = _pipeline.CUE_CAPTURE, _pipeline.EncodedPrompt
+    MFPrunerPipelineMixin, VisualItem = _pipeline.MFPrunerPipelineMixin, _pipeline.VisualItem
+    cue_capture, register_stock_key_layout = _pipeline.cue_capture, _pipeline.register_stock_key_layout
 
 # ----------------------------------------------------------------------------- anyres geometry
 # Small helpers of the stock LLaVA-NeXT code, copied so that the shipped file imports only public

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
-try:
+if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
     from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig
     from .mfpruner_core import attention_with_received, check_image_tokens, grid_layout
     from .mfpruner_pipeline import (
@@ -35,18 +35,19 @@ try:
         cue_capture,
         register_stock_key_layout,
     )
-except ImportError:  # imported as a top-level module (tests, tools)
-    from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
-    from mfpruner_core import attention_with_received, check_image_tokens, grid_layout
-    from mfpruner_pipeline import (
-        CUE_CAPTURE,
-        EncodedPrompt,
-        MFPrunerPipelineMixin,
-        VisualItem,
-        cue_capture,
-        register_stock_key_layout,
-    )
+else:  # a top-level module of a checkout (tests, tools, app.py). By module name: transformers' remote-code
+    # check would demand that an absolute `from x import y` here name an installed package.
+    from importlib import import_module
 
+    _configuration = import_module("configuration_mfpruner")
+    MFPrunerQwen2_5_VLConfig = _configuration.MFPrunerQwen2_5_VLConfig
+    _core = import_module("mfpruner_core")
+    attention_with_received, check_image_tokens = _core.attention_with_received, _core.check_image_tokens
+    grid_layout = _core.grid_layout
+    _pipeline = import_module("mfpruner_pipeline")
+    CUE_CAPTURE, EncodedPrompt = _pipeline.CUE_CAPTURE, _pipeline.EncodedPrompt
+    MFPrunerPipelineMixin, VisualItem = _pipeline.MFPrunerPipelineMixin, _pipeline.VisualItem
+    cue_capture, register_stock_key_layout = _pipeline.cue_capture, _pipeline.register_stock_key_layout
 
 # ----------------------------------------------------------------------------- helpers of the stock code
 # Copied so that the shipped file imports only public transformers API (exported repos keep this

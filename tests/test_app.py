@@ -388,11 +388,11 @@ def test_llava_next_token_boxes_match_the_processor(next_demo, size):
     )
     maps = app.token_maps(next_demo, size, result)
     layout = result.layouts[0]
-    for name, part in (("main", app.LAYOUT_GRID), ("base", app.LAYOUT_BASE)):
+    for name, part in (("main", app.result_core(result).LAYOUT_GRID), ("base", app.result_core(result).LAYOUT_BASE)):
         drawn = ~np.isnan(maps[name][:, 0])
         assert (drawn == (layout[:, 0] == part).numpy()).all(), name  # each patch token on its own map
         assert_boxes_centre_on(maps[name], packed, tolerance=1.5)
-    assert np.isnan(maps["main"][(layout[:, 0] == app.LAYOUT_NEWLINE).numpy()]).all()
+    assert np.isnan(maps["main"][(layout[:, 0] == app.result_core(result).LAYOUT_NEWLINE).numpy()]).all()
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
@@ -409,7 +409,7 @@ def test_overlay_marks_exactly_the_kept_tokens_for_other_families(request, famil
     candidates = list(range(result.num_visual_tokens[0]))
     seen_from = 0  # Qwen: no crop, the whole image is seen
     if family == "llava_next":  # every patch token drawn once (grid, or base map); newlines nowhere
-        candidates = [t for t in candidates if result.layouts[0][t, 0] != app.LAYOUT_NEWLINE]
+        candidates = [t for t in candidates if result.layouts[0][t, 0] != app.result_core(result).LAYOUT_NEWLINE]
         main_width = app.display_copy(app.load_image(path)[0])[0].width
         assert (index_map[:, main_width : main_width + app.INSET_GAP] == app.GROUND).all()
         seen_from = main_width  # the base tile sees the whole image (unpadding may cut grid edges)

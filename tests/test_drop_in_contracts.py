@@ -643,3 +643,71 @@ def test_shipped_files_still_load_when_transformers_moves_the_conversion_mapping
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "LOADED" in done.stdout, done.stderr
     assert "transformers.conversion_mapping is not available" in done.stderr
+
+
+def test_hub_loaded_result_is_the_class_of_the_repo_s_own_core(family):
+    """A hub-loaded model runs the repo's own copy of the code: its result is an instance of the
+    `MFPrunerResult` of the `mfpruner_core` module that the model's modeling module imported, and
+    that core sits in the same loaded repo (transformers_modules.<repo>), not this checkout."""
+    import sys
+
+    modeling = sys.modules[type(family.model).__module__]
+    assert modeling.__package__ and modeling.__name__.startswith("transformers_modules.")
+    core = sys.modules[modeling.check_image_tokens.__module__]
+    assert core.__name__ == f"{modeling.__package__}.mfpruner_core"
+    with torch.no_grad():
+        out = family.model(**family.single, visual_token_budget=3)
+    assert type(out.pruning) is core.MFPrunerResult
+    assert type(family.model.last_pruning) is core.MFPrunerResult
+
+
+@pytest.mark.parametrize("as_package", [False, True])
+@pytest.mark.parametrize("shipped", ["configuration_mfpruner.py", "mfpruner_pipeline.py", "modeling_mfpruner_llava.py",
+                                     "modeling_mfpruner_qwen2_5_vl.py"])
+def test_a_real_import_error_in_a_shipped_module_surfaces(tmp_path, shipped, as_package):
+    """A sibling that fails to import (here: mfpruner_core imports a missing package) stops the
+    import with that error, both as a checkout's top-level modules and as a package (the way
+    transformers loads remote code); no fallback import hides it, not even with a working
+    checkout importable next to the package."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "repo" if as_package else tmp_path
+    folder.mkdir(exist_ok=True)
+    for name in SHIPPED:
+        (folder / name).write_text((ROOT / name).read_text())
+    core = (ROOT / "mfpruner_core.py").read_text()
+    assert "\nimport math\n" in core
+    (folder / "mfpruner_core.py").write_text(core.replace("\nimport math\n", "\nimport math\nimport mfpruner_missing_dependency\n", 1))
+    if as_package:  # a working checkout next to the package: a fallback import would silently take it
+        for name in SHIPPED:
+            (tmp_path / name).write_text((ROOT / name).read_text())
+    module = f"repo.{shipped[:-3]}" if as_package else shipped[:-3]
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    raised = done.stderr.strip().splitlines()[-1]  # the error that ended the import, not one it chained
+    assert raised == "ModuleNotFoundError: No module named 'mfpruner_missing_dependency'", done.stderr
+
+
+def test_saved_repo_loads_outside_the_checkout(llava_repo, qwen_repo, tmp_path):
+    """Remote code loads where this checkout is not importable (a user's machine): transformers'
+    import check must not ask for `mfpruner_core` etc. as installed packages."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForImageTextToText\n"
+        f"for repo in ({str(llava_repo)!r}, {str(qwen_repo)!r}):\n"
+        "    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)\n"
+        "    assert type(model).__module__.startswith('transformers_modules.'), type(model).__module__\n"
+        "assert 'mfpruner_core' not in sys.modules\n"
+        "print('LOADED')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "LOADED" in done.stdout, done.stderr

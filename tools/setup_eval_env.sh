@@ -9,7 +9,7 @@
 # judges and video); the packages below are what its CLI, evaluator and the image tasks
 # (POPE, MME, GQA, ...) import, found by running them. filelock<4: lmms-eval imports
 # filelock._api. decord: its built-in HF model modules import it (py3-none manylinux wheel).
-# On a GPU machine use `pip install -e ".[eval]"` instead (README: Accuracy (lmms-eval)).
+# On a GPU machine use `pip install -e ".[eval]"` instead (docs/evaluation.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-eval}
