@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
+import torch
 
 from mfpruner_core import resolve_budget
 from tools import bench_utils, benchmark_cues, benchmark_prefill
@@ -75,6 +77,30 @@ def test_prefill_smoke_rows_qwen(prefill_run):
     assert [r["setting"] for r in result["rows"]][1:] == ["44.4%", "33.3%", "22.2%"]
     check_rows(result, [resolve_budget(16, ratio=r) for r in (0.444, 0.333, 0.222)])
     assert [r["kept"] for r in result["rows"]][1:] == [7, 5, 4]
+    # cue A is timed where it is computed, paired per round, the same figure in every setting
+    cue = result["cue_attention"]
+    assert cue["patches"] == 16 * 4 and cue["stock_s"] > 0 and cue["capture_s"] > 0
+    assert [r["capture_source"] for r in result["rows"]] == [None, "paired block", "paired block", "paired block"]
+    assert {r["capture_overhead_s"] for r in result["rows"][1:]} == {cue["extra_spread_s"]["median"]}
+
+
+def test_prefill_cue_attention_pair_times_the_same_attention_with_and_without_the_cue():
+    from modeling_mfpruner_qwen2_5_vl import CueCapturingVisionAttention
+
+    family = benchmark_prefill.FAMILIES["qwen2.5-vl"]
+    model = family.build("smoke", torch.float32, "cpu")
+    inputs = family.inputs(model, "smoke", 0, "cpu", family.text_tokens["smoke"])
+    pair = family.cue_attention(model, inputs)
+    assert pair["patches"] == int(inputs["image_grid_thw"].prod(-1).sum())
+    with torch.inference_mode():
+        stock, (captured, received) = pair["stock"](), pair["capture"]()
+    # the stock call is the hooked module's own stock path; the capture call adds only the column sums
+    hooked = [m for m in model.modules() if isinstance(m, CueCapturingVisionAttention)]
+    assert len(hooked) == 1
+    torch.testing.assert_close(captured, stock, atol=1e-5, rtol=1e-5)
+    assert received.shape == (pair["patches"],) and torch.allclose(received.sum(), torch.tensor(float(pair["patches"])))
+    for name in ("llava-1.5", "llava-next"):  # their capture is hooks on the tower: timed as the vision stage
+        assert benchmark_prefill.FAMILIES[name].cue_attention is None
 
 
 @pytest.mark.parametrize("key, unpruned_row", [
@@ -230,6 +256,32 @@ def test_busy_reason_names_the_figure_and_the_threshold():
     assert not bench_utils.check_quiet(quiet, force=True, max_load=1.5).forced  # nothing to force
 
 
+def test_busy_before_the_run_is_read_from_a_live_sample_not_the_decaying_load_average():
+    # Right after an earlier benchmark the 1-minute load average is still high while the cores are idle.
+    after_a_run = bench_utils.MachineLoad(load_before=2.4, other_cores_before=0.02, other_cores=0.01, cores=2)
+    assert bench_utils.busy_reason(after_a_run, max_load=1.5) is None
+    others_working = bench_utils.MachineLoad(load_before=0.3, other_cores_before=1.1, other_cores=0.01, cores=2)
+    assert "1.10 CPU cores right before the run > threshold 0.25" in bench_utils.busy_reason(others_working, max_load=1.5)
+    no_sample = bench_utils.MachineLoad(load_before=2.4, other_cores_before=None, other_cores=0.01, cores=2)
+    assert "2.40 > threshold 1.50" in bench_utils.busy_reason(no_sample, max_load=1.5)
+
+
+def test_other_cores_now_samples_other_processes_only():
+    import subprocess
+    import sys
+
+    idle = bench_utils.other_cores_now(0.2)  # our own sleeping process is not counted
+    if idle is None:
+        pytest.skip("no /proc/stat")
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)
+        busy = bench_utils.other_cores_now(1.0)
+    finally:
+        spinner.kill()
+    assert busy >= 0.5  # one spinning process keeps about one core busy
+
+
 def test_load_monitor_counts_other_processes_not_our_own_work():
     import os
 
@@ -245,11 +297,12 @@ def busy_machine(monkeypatch):
     import os
 
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(bench_utils, "other_cores_now", lambda sample_s: 1.5)
 
 
 def test_prefill_refuses_to_write_when_busy(busy_machine, tmp_path):
     docs = tmp_path / "docs.md"
-    with pytest.raises(bench_utils.MachineBusy, match="load average before the run 9.00 > threshold"):
+    with pytest.raises(bench_utils.MachineBusy, match="1.50 CPU cores right before the run > threshold"):
         benchmark_prefill.main(["--smoke", "--family", "llava-1.5", "--output-dir", str(tmp_path / "out"),
                                 "--docs", str(docs)])
     assert not (tmp_path / "out").exists() and not docs.exists()
@@ -322,3 +375,23 @@ def test_attention_7b_section_smoke(tmp_path):
     table = (tmp_path / "a.md").read_text()
     assert "cue cost / block forward" in table and table.count("| smoke 8x8 (64) |") == len(methods)
     assert json.loads((tmp_path / "a.json").read_text())["load"]["forced"] in (True, False)
+
+
+def test_lm_time_fit_recovers_a_fixed_cost_per_forward():
+    fixed, per_row, per_pair = 0.08, 0.0014, 2e-7
+    rows = [dict(lm_length=n, lm_prefill_s=fixed + per_row * n + per_pair * n * n) for n in (636, 252, 188, 124, 92)]
+    got = benchmark_prefill.lm_time_fit(rows)
+    assert got[0] == pytest.approx(fixed, rel=1e-6) and got[1] == pytest.approx(per_row, rel=1e-6)
+    assert got[2] == pytest.approx(per_pair, rel=1e-4) and got[3] < 1e-9
+    note = benchmark_prefill.lm_fit_note(dict(rows=[dict(r, decode_tokens_per_s=25.0) for r in rows], llm_weight_bytes=2**20))
+    assert "fixed 80.0 ms per forward" in note and "1.0 MB of weights" in note and "40.0 ms" in note
+    assert benchmark_prefill.lm_fit_note(dict(rows=rows[:3])) == ""  # 3 settings cannot fit 3 terms and a check
+
+
+def test_llm_weight_bytes_counts_decoder_and_head_not_the_embedding_table():
+    family = benchmark_prefill.FAMILIES["llava-1.5"]
+    model = family.build("smoke", torch.float32, "cpu")
+    decoder = model.model.language_model
+    expected = 4 * (sum(p.numel() for p in decoder.parameters()) - decoder.embed_tokens.weight.numel()
+                    + model.lm_head.weight.numel())
+    assert benchmark_prefill.llm_weight_bytes(model) == expected

@@ -1,11 +1,13 @@
 """What the benchmark scripts share: interleaved timing (min / median / max), peak memory, the
 machine and how busy it was, tables, and generated sections of docs pages.
 
-Busy machine: a run records the load average before and after and the CPU time that OTHER
-processes used while it ran (from /proc/stat minus this process's own CPU time: an exact figure,
-not a decaying average). When either says the machine was busy, the scripts refuse to write their
-result files (`MachineBusy`, naming the figure and the threshold); `--force` writes them anyway,
-marked as forced in the header and the JSON.
+Busy machine: a run records the load average before and after, the CPU time that OTHER
+processes used in a short sample right before the run and while it ran (from /proc/stat minus this
+process's own CPU time: an exact figure, not a decaying average). When they say the machine was
+busy, the scripts refuse to write their result files (`MachineBusy`, naming the figure and the
+threshold); `--force` writes them anyway, marked as forced in the header and the JSON. A high load
+average alone is not "busy" when the sample before the run shows idle cores: the 1-minute average
+still remembers the previous benchmark for minutes after it ended.
 
 Peak memory is the highest amount of tensor memory allocated DURING a call above what was live
 when it started (weights and inputs excluded): on CUDA from the allocator's peak counter; on CPU
@@ -97,12 +99,14 @@ class MachineLoad:
     """How busy the machine was around one benchmark run.
 
     load_before / load_after: the 1-minute load average right before and after the run (after
-    includes the benchmark's own threads). other_cores: the mean number of CPU cores that OTHER
-    processes kept busy during the run (None where /proc/stat is missing); steal counts as busy.
+    includes the benchmark's own threads). other_cores_before: the mean number of CPU cores other
+    processes kept busy in a short sample right before the run; other_cores: the same during the
+    run (None where /proc/stat is missing); steal counts as busy.
     """
 
     load_before: float
     load_after: float | None = None
+    other_cores_before: float | None = None
     other_cores: float | None = None
     wall_s: float | None = None
     cores: int = os.cpu_count() or 1
@@ -110,15 +114,33 @@ class MachineLoad:
     busy: str | None = None  # why the run counts as busy, None when quiet
 
 
+def other_cores_now(sample_s: float) -> float | None:
+    """Mean CPU cores that other processes keep busy over the next `sample_s` seconds (this process
+    sleeps meanwhile); None off Linux."""
+    start, own_start = cpu_busy_seconds(), own_cpu_seconds()
+    wall_start = time.perf_counter()
+    time.sleep(sample_s)
+    busy, own = cpu_busy_seconds(), own_cpu_seconds()
+    if start is None or busy is None:
+        return None
+    return max(0.0, ((busy - start) - (own - own_start)) / (time.perf_counter() - wall_start))
+
+
 class LoadMonitor:
-    """Measures how busy the machine is while the benchmark runs:
+    """Measures how busy the machine is right before (a `sample_s` sample) and while the benchmark
+    runs:
 
         with LoadMonitor() as load: ...run...
         # load: MachineLoad, filled in on exit
     """
 
+    def __init__(self, sample_s: float = 2.0):
+        self.sample_s = sample_s
+
     def __enter__(self) -> MachineLoad:
         self.load = MachineLoad(load_before=os.getloadavg()[0])
+        if self.sample_s > 0:
+            self.load.other_cores_before = other_cores_now(self.sample_s)
         self._start = (time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds())
         return self.load
 
@@ -140,10 +162,18 @@ def default_max_load(cores: int | None = None) -> float:
 
 
 def busy_reason(load: MachineLoad, max_load: float, max_other_cores: float = DEFAULT_MAX_OTHER_CORES) -> str | None:
-    """Why this run counts as busy (None: quiet). Busy when the load average before the run was
-    above `max_load`, or other processes used more than `max_other_cores` cores during it."""
+    """Why this run counts as busy (None: quiet). Busy when other processes used more than
+    `max_other_cores` cores right before or during the run; without a sample before the run (no
+    /proc/stat), when the load average before it was above `max_load`. A load average above
+    `max_load` with idle cores in the sample is the decaying memory of an earlier run: not busy."""
     reasons = []
-    if load.load_before > max_load:
+    if load.other_cores_before is not None:
+        if load.other_cores_before > max_other_cores:
+            reasons.append(
+                f"other processes used {load.other_cores_before:.2f} CPU cores right before the run "
+                f"> threshold {max_other_cores:.2f}"
+            )
+    elif load.load_before > max_load:
         reasons.append(f"load average before the run {load.load_before:.2f} > threshold {max_load:.2f}")
     if load.other_cores is not None and load.other_cores > max_other_cores:
         reasons.append(
@@ -168,10 +198,13 @@ def check_quiet(load: MachineLoad, force: bool, max_load: float | None = None,
 
 def describe_load(load: MachineLoad) -> str:
     """One sentence for report headers."""
-    other = "n/a" if load.other_cores is None else f"{load.other_cores:.2f}"
+    def cores(value):
+        return "n/a" if value is None else f"{value:.2f}"
+
     text = (
         f"Load average (1 min) {load.load_before:.2f} before, {load.load_after:.2f} after "
-        f"({load.cores} cores); other processes' CPU during the run: {other} cores."
+        f"({load.cores} cores); other processes' CPU right before the run: {cores(load.other_cores_before)} "
+        f"cores, during it: {cores(load.other_cores)} cores."
     )
     if load.forced:
         text += f" FORCED: written although the machine was busy ({load.busy}); do not publish."
@@ -186,9 +219,11 @@ def add_load_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="write result files even when the machine was busy (marked as forced)")
     parser.add_argument("--max-load", type=float, default=None,
-                        help="busy above this 1-minute load average before the run (default: 0.75 x cores)")
+                        help="without /proc/stat: busy above this 1-minute load average before the run "
+                             "(default: 0.75 x cores)")
     parser.add_argument("--max-other-cores", type=float, default=DEFAULT_MAX_OTHER_CORES,
-                        help="busy when other processes used more CPU cores than this during the run")
+                        help="busy when other processes used more CPU cores than this right before (a 2 s "
+                             "sample) or during the run")
 
 
 # ----------------------------------------------------------------------------- generated docs sections

@@ -60,6 +60,10 @@ class Family:
     prefill_flops(config, size, text_tokens, kept): tools.flops.PrefillFlops of that prefill (kept: the
     visual tokens that reach the LLM, None = unpruned). text_tokens: every prompt token that is not
     an image placeholder.
+    cue_attention(model, inputs): for a family whose cue capture is an extra computation inside a
+    vision block (Qwen2.5-VL's cue A), {"stock": call, "capture": call}: that module's stock forward
+    and its capturing forward on the image's shapes, timed as a pair in every round; None: the
+    capture cost is the in-call vision stage minus the stock encoding.
     """
 
     name: str
@@ -72,6 +76,7 @@ class Family:
     prefill_flops: Callable
     text_tokens: dict = field(default_factory=lambda: {"smoke": 12, "cpu": 60, "real": 60})
     note: dict = field(default_factory=dict)
+    cue_attention: Callable | None = None
 
 
 # ----------------------------------------------------------------------------- LLaVA-1.5
@@ -347,6 +352,31 @@ def qwen_encode(model, inputs):
     return embeds, positions
 
 
+def qwen_cue_attention(model, inputs) -> dict:
+    """Cue A where it is computed: the last full-attention block's attention module on this image's
+    patches (one segment), the stock forward (no capture active) against the one-pass forward with
+    the column sums that a pruning call runs. Random hidden states and rotary angles of the real
+    shapes: the cost does not depend on the values."""
+    from modeling_mfpruner_qwen2_5_vl import attention_and_received_per_patch, last_full_attention_block
+
+    visual = model.model.visual
+    attn = visual.blocks[last_full_attention_block(visual)].attn
+    length = int(inputs["image_grid_thw"].prod(-1).sum())  # patches before the 2x2 merge
+    generator = torch.Generator().manual_seed(0)
+    parameter = next(attn.parameters())
+    hidden = torch.randn(length, attn.dim, generator=generator).to(parameter)
+    angles = torch.rand(length, attn.head_dim // 2, generator=generator) * length**0.5
+    emb = torch.cat([angles, angles], dim=-1).to(parameter.device)
+    rotary = (emb.cos(), emb.sin())
+    cu_seqlens = torch.tensor([0, length], dtype=torch.int32, device=parameter.device)
+    chunk = model.config.attention_query_chunk
+    return {
+        "stock": lambda: attn(hidden, cu_seqlens, position_embeddings=rotary),
+        "capture": lambda: attention_and_received_per_patch(attn, hidden, cu_seqlens, rotary, chunk),
+        "patches": length,
+    }
+
+
 def qwen_prune(model, inputs, budget_kwargs):
     return model.prune_inputs(
         inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"],
@@ -400,6 +430,7 @@ FAMILIES = {
         lm_prefill=qwen_lm_prefill,
         prefill_flops=qwen_flops,
         note={size: describe_qwen(size) for size in SIZES},
+        cue_attention=qwen_cue_attention,
     ),
 }
 
@@ -478,6 +509,10 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
                 calls[f"prune/{label}"] = lambda b=budget: family.prune(model, inputs, b)
             model(**inputs, **budget, use_cache=True, logits_to_keep=1)
             lengths[label] = lm_input_length(model, inputs, budget)
+        if family.cue_attention is not None:  # paired in every round: capture minus stock
+            cue_attention = family.cue_attention(model, inputs)
+            calls["cue-attention/stock"], calls["cue-attention/capture"] = cue_attention["stock"], cue_attention["capture"]
+            cue_patches = cue_attention["patches"]
         for recorded in stages.values():
             recorded.clear()  # keep the timed rounds' stage timings only
         samples = bench_utils.time_interleaved(calls, repeats + warmup, 0, device)
@@ -498,6 +533,9 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
 
     times = {name: bench_utils.median(values) for name, values in samples.items()}
     full_flops = family.prefill_flops(model.config, size, text_tokens, None)
+    capture_pairs = None
+    if "cue-attention/capture" in samples:
+        capture_pairs = [c - s for c, s in zip(samples["cue-attention/capture"], samples["cue-attention/stock"])]
     rows = []
     for label, _ in settings:
         pruned_flops = full_flops if label == "unpruned" else family.prefill_flops(model.config, size, text_tokens, kept[label])
@@ -525,13 +563,26 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
             cue_overhead_pct=None if overhead is None else 100.0 * overhead / prefill,
             cue_overhead_source=overhead_source,
             stage_s=stage_s,
-            capture_overhead_s=(stage_s["vision"] - times[f"encode/{label}"]) if "vision" in stage_s else None,
+            capture_overhead_s=(
+                None if label == "unpruned"
+                else bench_utils.median(capture_pairs) if capture_pairs is not None
+                else (stage_s["vision"] - times[f"encode/{label}"]) if "vision" in stage_s else None
+            ),
+            capture_source=(
+                None if label == "unpruned" else "paired block" if capture_pairs is not None
+                else "vision stage" if "vision" in stage_s else None
+            ),
             peak_bytes=peak[label],
             decode_tokens_per_s=decode[label],
             prefill_tflops=pruned_flops.total / 1e12,
         ))
+    cue_attention = None
+    if capture_pairs is not None:
+        cue_attention = dict(patches=cue_patches, stock_s=times["cue-attention/stock"], capture_s=times["cue-attention/capture"],
+                             extra_spread_s=bench_utils.spread(capture_pairs))
     return dict(
         family=family.name, size=size, model=family.note.get(size, ""), text_tokens=text_tokens,
+        cue_attention=cue_attention, llm_weight_bytes=llm_weight_bytes(model),
         visual_tokens=num_visual, encode_s=bench_utils.median(
             [t for name, values in samples.items() if name.startswith("encode/") for t in values]
         ), repeats=repeats, warmup=warmup,
@@ -541,6 +592,63 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
 
 
 # ----------------------------------------------------------------------------- reporting
+
+
+def lm_time_fit(rows: list[dict]) -> tuple[float, float, float, float]:
+    """Least-squares fit of the LLM-only prefill time over the settings: seconds = fixed + per_row x
+    L + per_pair x L^2 (L: the LLM length; the L^2 term is attention). Returns (fixed_s, per_row_s,
+    per_pair_s, largest residual as a fraction of the measured time). FLOPs grow with L only, so the
+    fixed part of every forward is what a FLOPs-ideal speed-up cannot see."""
+    lengths = torch.tensor([float(r["lm_length"]) for r in rows], dtype=torch.float64)
+    seconds = torch.tensor([r["lm_prefill_s"] for r in rows], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(lengths), lengths, lengths**2], dim=1)  # (settings, 3)
+    fixed, per_row, per_pair = torch.linalg.lstsq(design, seconds[:, None]).solution.flatten().tolist()
+    residual = float(((design @ torch.tensor([fixed, per_row, per_pair], dtype=torch.float64)) - seconds).abs().div(seconds).max())
+    return fixed, per_row, per_pair, residual
+
+
+def llm_weight_bytes(model) -> int:
+    """Bytes of the LLM weights that every forward reads in full whatever its length: the decoder
+    layers and the LM head (the input embedding table is only gathered from)."""
+    embedding = model.get_input_embeddings().weight
+    decoder = sum(p.numel() * p.element_size() for p in model.get_decoder().parameters() if p is not embedding)
+    head = model.get_output_embeddings().weight
+    return decoder + head.numel() * head.element_size()
+
+
+def lm_fit_note(result: dict) -> str:
+    """A sentence under the table: the LLM time's fixed part per forward (needs 4+ settings)."""
+    rows = result["rows"]
+    if len({r["lm_length"] for r in rows}) < 4:
+        return ""
+    fixed, per_row, _, residual = lm_time_fit(rows)
+    shortest = min(rows, key=lambda r: r["lm_length"])
+    weights = result.get("llm_weight_bytes")
+    return (
+        f"\nLLM-only time against the LLM length L (least squares over the {len(rows)} settings, time = fixed + "
+        f"a x L + b x L^2, largest residual {100 * residual:.1f}%): fixed {1e3 * fixed:.1f} ms per forward, "
+        f"{100 * fixed / shortest['lm_prefill_s']:.0f}% of the LLM time at L = {shortest['lm_length']}, "
+        f"a = {1e3 * per_row:.3f} ms per row. The fixed part does not shrink with pruning and FLOPs do not count it"
+        + (f" (the LLM's {bench_utils.megabytes(weights)} MB of weights are read in every forward" if weights else "")
+        + (f"; one 1-row decode step takes {1e3 / rows[0]['decode_tokens_per_s']:.1f} ms)" if weights else "")
+        + ".\n"
+    )
+
+
+def capture_note(result: dict) -> str:
+    """How the capture column was measured."""
+    cue = result.get("cue_attention")
+    if cue:
+        extra = cue["extra_spread_s"]
+        return (
+            "capture: cue A measured where it is computed, paired in every round: the hooked full-attention "
+            "block's attention with the column sums (one pass) minus its stock forward, on this image's "
+            f"{cue['patches']} patches (medians: stock {1e3 * cue['stock_s']:.1f} ms, with the cue "
+            f"{1e3 * cue['capture_s']:.1f} ms; extra per round {1e3 * extra['median']:.1f} "
+            f"({1e3 * extra['min']:.1f}-{1e3 * extra['max']:.1f}) ms) - the same in every setting, the tower runs in full"
+        )
+    return ("capture: the in-call vision stage (tower with cue capture, projector, scatter) minus the stock "
+            "encoding, a difference of medians")
 
 
 def markdown_report(result: dict) -> str:
@@ -560,8 +668,8 @@ def markdown_report(result: dict) -> str:
         header += (
             "\ncues+vote+splice: " + " / ".join(sorted(sources)) + " (in-call timers: the pruning call's own "
             "`last_pruning.timings`; difference of paired calls: the pruning path minus the stock encoding, "
-            "per round). capture: the in-call vision stage (tower with cue capture, projector, scatter) minus "
-            "the stock encoding, a difference of medians"
+            "per round). "
+            + capture_note(result)
             + (" (CUDA: the in-call timers do not synchronise, so stages are approximate)" if result["device"].startswith("cuda") else "")
             + ".\n"
         )
@@ -584,7 +692,7 @@ def markdown_report(result: dict) -> str:
             f"{1e3 * r['lm_prefill_s']:.1f}", f"{r['lm_speedup']:.2f}x ({r['lm_ideal_speedup']:.2f}x)", overhead, capture,
             bench_utils.megabytes(r["peak_bytes"]), f"{r['decode_tokens_per_s']:.1f}",
         ])
-    return header + "\n" + bench_utils.markdown_table(headers, rows) + "\n"
+    return header + "\n" + bench_utils.markdown_table(headers, rows) + "\n" + lm_fit_note(result)
 
 
 def plot_speedups(results: list[dict], path: str | Path) -> None:
