@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from tools.tiny_models import build_tiny_llava  # noqa: E402
+from mfpruner_lib.families import FAMILIES  # noqa: E402
 
 
 def random_image(seed: int, size=(96, 80), mode="RGB") -> Image.Image:
@@ -31,13 +31,53 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llava_repo(tiny_dir) -> Path:
-    return build_tiny_llava(tiny_dir / "mfpruner-llava")
+def tiny_repo(tiny_dir):
+    """tiny_repo(key, stock=False): the tiny repo of a registry family (mfpruner_lib.families),
+    built once per session: an MFPruner remote-code repo, or the stock checkpoint (same weights)."""
+    built = {}
+
+    def get(key: str, stock: bool = False) -> Path:
+        if (key, stock) not in built:
+            family = FAMILIES[key]
+            folder = tiny_dir / (f"{family.model_type}-stock" if stock else f"mfpruner-{family.model_type}")
+            built[key, stock] = family.build_tiny(folder, stock=stock)
+        return built[key, stock]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def llava_stock_repo(tiny_dir) -> Path:
-    return build_tiny_llava(tiny_dir / "llava-stock", stock=True)
+def tiny_model(tiny_repo):
+    """tiny_model(key, stock=False): that repo loaded once per session, eval mode; the MFPruner one
+    through the real remote-code path (AutoModelForImageTextToText, trust_remote_code)."""
+    import transformers
+
+    loaded = {}
+
+    def get(key: str, stock: bool = False):
+        if (key, stock) not in loaded:
+            path = tiny_repo(key, stock)
+            if stock:
+                model = getattr(transformers, FAMILIES[key].stock_model_class).from_pretrained(path)
+            else:
+                model = transformers.AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
+            loaded[key, stock] = model.eval()
+        return loaded[key, stock]
+
+    return get
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+
+
+@pytest.fixture(scope="session")
+def llava_repo(tiny_repo) -> Path:
+    return tiny_repo("llava-1.5")
+
+
+@pytest.fixture(scope="session")
+def llava_stock_repo(tiny_repo) -> Path:
+    return tiny_repo("llava-1.5", stock=True)
 
 
 @pytest.fixture(scope="session")
@@ -48,53 +88,41 @@ def llava_processor(llava_repo):
 
 
 @pytest.fixture(scope="session")
-def llava_model(llava_repo):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(llava_repo, trust_remote_code=True).eval()
+def llava_model(tiny_model):
+    return tiny_model("llava-1.5")
 
 
 @pytest.fixture(scope="session")
-def llava_stock_model(llava_stock_repo):
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(llava_stock_repo).eval()
+def llava_stock_model(tiny_model):
+    return tiny_model("llava-1.5", stock=True)
 
 
 # ----------------------------------------------------------------------------- Qwen2.5-VL
 
 
 @pytest.fixture(scope="session")
-def qwen_repo(tiny_dir) -> Path:
-    from tools.tiny_models import build_tiny_qwen2_5_vl
-
-    return build_tiny_qwen2_5_vl(tiny_dir / "mfpruner-qwen2_5_vl")
+def qwen_repo(tiny_repo) -> Path:
+    return tiny_repo("qwen2.5-vl")
 
 
 @pytest.fixture(scope="session")
-def qwen_stock_repo(tiny_dir) -> Path:
-    from tools.tiny_models import build_tiny_qwen2_5_vl
-
-    return build_tiny_qwen2_5_vl(tiny_dir / "qwen2_5_vl-stock", stock=True)
+def qwen_stock_repo(tiny_repo) -> Path:
+    return tiny_repo("qwen2.5-vl", stock=True)
 
 
 @pytest.fixture(scope="session")
-def qwen_model(qwen_repo):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(qwen_repo, trust_remote_code=True).eval()
+def qwen_model(tiny_model):
+    return tiny_model("qwen2.5-vl")
 
 
 @pytest.fixture(scope="session")
-def qwen_stock_model(qwen_stock_repo):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_stock_repo).eval()
+def qwen_stock_model(tiny_model):
+    return tiny_model("qwen2.5-vl", stock=True)
 
 
 @pytest.fixture(scope="session")
 def qwen_processing(qwen_repo):
-    """(tokenizer, image processor) of the tiny Qwen repo (see tools.tiny_models.qwen_inputs)."""
+    """(tokenizer, image processor) of the tiny Qwen repo (see mfpruner_lib.tiny_models.qwen_inputs)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     return (
@@ -107,17 +135,13 @@ def qwen_processing(qwen_repo):
 
 
 @pytest.fixture(scope="session")
-def llava_next_repo(tiny_dir) -> Path:
-    from tools.tiny_models import build_tiny_llava_next
-
-    return build_tiny_llava_next(tiny_dir / "mfpruner-llava-next")
+def llava_next_repo(tiny_repo) -> Path:
+    return tiny_repo("llava-next")
 
 
 @pytest.fixture(scope="session")
-def llava_next_stock_repo(tiny_dir) -> Path:
-    from tools.tiny_models import build_tiny_llava_next
-
-    return build_tiny_llava_next(tiny_dir / "llava-next-stock", stock=True)
+def llava_next_stock_repo(tiny_repo) -> Path:
+    return tiny_repo("llava-next", stock=True)
 
 
 @pytest.fixture(scope="session")
@@ -128,17 +152,13 @@ def llava_next_processor(llava_next_repo):
 
 
 @pytest.fixture(scope="session")
-def llava_next_model(llava_next_repo):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(llava_next_repo, trust_remote_code=True).eval()
+def llava_next_model(tiny_model):
+    return tiny_model("llava-next")
 
 
 @pytest.fixture(scope="session")
-def llava_next_stock_model(llava_next_stock_repo):
-    from transformers import LlavaNextForConditionalGeneration
-
-    return LlavaNextForConditionalGeneration.from_pretrained(llava_next_stock_repo).eval()
+def llava_next_stock_model(tiny_model):
+    return tiny_model("llava-next", stock=True)
 
 
 # ----------------------------------------------------------------------------- checks shared by the model tests

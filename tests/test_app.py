@@ -13,17 +13,24 @@ import torch
 from PIL import Image
 
 import app
+from mfpruner_demo import analysis as demo_analysis
+from mfpruner_demo import inputs as demo_inputs
+from mfpruner_demo import loading, render, ui
+from mfpruner_lib import token_geometry
+from mfpruner_lib.families import FAMILIES, by_model_type
 from mfpruner_core import resolve_budget, select_tokens, vote
-from tools.flops import fastv_flops
+from mfpruner_lib.flops import fastv_flops
 
 from conftest import random_image
 
 QUESTION = "What is in the image?"
+# The registry families besides LLaVA-1.5 (the default model, tested throughout), by model_type.
+OTHER_FAMILIES = [family.model_type for family in FAMILIES.values() if family.key != "llava-1.5"]
 
 
 def analyze(*args, **kwargs):
-    """app.analyze with one timed prefill per setting: these tests check results, not timings."""
-    return app.analyze(*args, timing_repeats=1, **kwargs)
+    """demo_analysis.analyze with one timed prefill per setting: these tests check results, not timings."""
+    return demo_analysis.analyze(*args, timing_repeats=1, **kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +45,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def demo_model(llava_repo):
-    return app.load_model(str(llava_repo))  # the tiny repo through the real --model path
+    return loading.load_model(str(llava_repo))  # the tiny repo through the real --model path
 
 
 @pytest.fixture()
@@ -55,14 +62,15 @@ def last_keep(demo):
 def pixel_map(demo, analysis, image_path):
     """The panels' canvas (the image copies) and its (H, W) token-per-pixel map, rebuilt from the
     model's result."""
-    image, _ = app.load_image(image_path)
-    canvas = app.token_canvas(image, app.token_maps(demo, image.size, demo.model.last_pruning))
-    return app.to_image(canvas.pixels), canvas.index_map
+    image, _ = demo_inputs.load_image(image_path)
+    canvas = render.token_canvas(image, render.token_maps(demo, image.size, demo.model.last_pruning))
+    return render.to_image(canvas.pixels), canvas.index_map
 
 
 def test_importing_the_app_writes_no_files():
     """Subclassing a Gradio component writes a .pyi next to the module: the app must not."""
-    assert not (Path(app.__file__).with_suffix(".pyi")).exists()
+    for module in (app, demo_analysis, demo_inputs, loading, render, ui):
+        assert not (Path(module.__file__).with_suffix(".pyi")).exists(), module.__name__
 
 
 # ----------------------------------------------------------------------------- token regions
@@ -81,7 +89,7 @@ def test_llava_token_boxes_match_the_processor(demo_model, size):
     mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
     rgb = ((pixels * std + mean) * 255).numpy()
     grid = pixels.shape[1] // 14
-    boxes = app.llava_token_boxes(size, processor, (grid, grid))
+    boxes = token_geometry.llava_token_boxes(size, processor, (grid, grid))
     assert boxes.shape == (grid * grid, 4)
     for token, (x0, y0, x1, y1) in enumerate(boxes):
         row, col = divmod(token, grid)
@@ -91,8 +99,8 @@ def test_llava_token_boxes_match_the_processor(demo_model, size):
 
 
 def test_token_index_map_tiles_the_crop_and_leaves_the_borders(demo_model):
-    boxes = app.llava_token_boxes((120, 80), demo_model.processor.image_processor, (6, 6))
-    index_map = app.token_index_map(boxes, 120, 80)
+    boxes = token_geometry.llava_token_boxes((120, 80), demo_model.processor.image_processor, (6, 6))
+    index_map = render.token_index_map(boxes, 120, 80)
     assert set(np.unique(index_map)) == {-1, *range(36)}
     assert (index_map[:, :20] == -1).all() and (index_map[:, -20:] == -1).all()  # cropped sides
     assert (index_map[:, 20:100] >= 0).all()
@@ -155,7 +163,7 @@ def test_stats_agree_with_the_model(demo_model, image_file, llava_processor):
     dims = (text.hidden_size, text.intermediate_size, text.num_hidden_layers)
     assert stats["visual_flops_saved"] == pytest.approx(1 - fastv_flops(10, *dims) / fastv_flops(36, *dims))
     assert stats["speedup"] == pytest.approx(stats["prefill_seconds_unpruned"] / stats["prefill_seconds_pruned"])
-    shown = app.stats_markdown(stats)
+    shown = ui.stats_markdown(stats)
     assert "Kept 10 / 36 visual tokens" in shown and f"| {stats['prefill_length_pruned']} |" in shown
 
 
@@ -194,8 +202,8 @@ def test_heatmap_colours_follow_the_scores(demo_model, image_file):
 
     for token, level in ((best, 1.0), (worst, 0.0)):
         ys, xs = np.nonzero(index_map == token)
-        colour = np.asarray(matplotlib.colormaps[app.HEATMAP_CMAP](level)[:3]) * 255
-        expected = np.asarray(display, dtype=np.float64)[ys, xs] * (1 - app.HEATMAP_ALPHA) + colour * app.HEATMAP_ALPHA
+        colour = np.asarray(matplotlib.colormaps[render.HEATMAP_CMAP](level)[:3]) * 255
+        expected = np.asarray(display, dtype=np.float64)[ys, xs] * (1 - render.HEATMAP_ALPHA) + colour * render.HEATMAP_ALPHA
         assert np.abs(heat[ys, xs] - expected).max() <= 0.5 + 1e-9
 
 
@@ -206,7 +214,7 @@ def test_image_modes_are_converted_with_a_note(demo_model, tmp_path):
     for mode in ("RGBA", "L", "P", "LA", "1", "CMYK"):
         path = tmp_path / f"image-{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
         random_image(2, size=(90, 60), mode=mode).save(path)
-        image, notes = app.load_image(path)
+        image, notes = demo_inputs.load_image(path)
         assert image.mode == "RGB" and image.size == (90, 60)
         assert notes == [f"Converted the {mode} image to RGB" + (" (transparent areas on white)." if "A" in mode else ".")]
         if mode in ("RGBA", "L", "P"):  # the issue's cases, through the whole run
@@ -214,15 +222,15 @@ def test_image_modes_are_converted_with_a_note(demo_model, tmp_path):
             assert analysis.stats["kept"] == 8 and analysis.notes == notes
     path = tmp_path / "transparent.png"
     Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(path)
-    image, _ = app.load_image(path)
+    image, _ = demo_inputs.load_image(path)
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_large_image_is_downscaled_with_a_note(tmp_path):
     path = tmp_path / "large.png"
-    Image.new("RGB", (app.MAX_SIDE * 2, 300), (10, 200, 30)).save(path)
-    image, notes = app.load_image(path)
-    assert max(image.size) == app.MAX_SIDE and "Downscaled" in notes[0]
+    Image.new("RGB", (demo_inputs.MAX_SIDE * 2, 300), (10, 200, 30)).save(path)
+    image, notes = demo_inputs.load_image(path)
+    assert max(image.size) == demo_inputs.MAX_SIDE and "Downscaled" in notes[0]
 
 
 @pytest.mark.parametrize("case", ["no image", "corrupt", "truncated", "huge", "empty question", "long question", "budget"])
@@ -255,8 +263,8 @@ def test_bad_input_gives_a_clear_message(demo_model, tmp_path, image_file, case)
 
 @pytest.fixture(scope="module")
 def served(demo_model):
-    page = app.build_demo(demo_model)
-    _, url, _ = app.launch(page, "127.0.0.1", None, prevent_thread_lock=True, quiet=True)
+    page = ui.build_demo(demo_model)
+    _, url, _ = ui.launch(page, "127.0.0.1", None, prevent_thread_lock=True, quiet=True)
     yield url
     page.close()
 
@@ -269,7 +277,7 @@ def test_api_through_gradio_client(served, image_file, tmp_path):
     assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/prune"]
     outputs = client.predict(handle_file(str(image_file)), QUESTION, "tokens", 5, 0.1, 2, False, api_name="/prune")
     *images, stats_text, details, answer = outputs
-    assert len(images) == len(app.PANEL_TITLES) + len(app.HEATMAP_TITLES)
+    assert len(images) == len(ui.PANEL_TITLES) + len(ui.HEATMAP_TITLES)
     assert all(os.path.exists(image) for image in images)
     assert details["kept"] == 5 and len(details["kept_indices"]) == 5 and "Kept 5 / 36" in stats_text
     assert Image.open(images[-1]).size == Image.open(images[0]).size == (120, 80)
@@ -288,7 +296,7 @@ def test_api_through_gradio_client(served, image_file, tmp_path):
 def test_real_browser(served, image_file, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from tools.demo_browser import open_browser, run_in_browser
+    from mfpruner_lib.browser import open_browser, run_in_browser
 
     with sync_playwright() as playwright:
         browser = open_browser(playwright)
@@ -312,14 +320,27 @@ def test_real_browser(served, image_file, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def next_demo(llava_next_repo):
-    return app.load_model(str(llava_next_repo))
+def family_demo(tiny_repo):
+    """family_demo(model_type): the demo on that registry family's tiny repo, loaded once. The tiny
+    Qwen repo has no full processor (it needs torchvision): the app falls back."""
+    loaded = {}
+
+    def get(model_type: str):
+        if model_type not in loaded:
+            loaded[model_type] = loading.load_model(str(tiny_repo(by_model_type(model_type).key)))
+        return loaded[model_type]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def qwen_demo(qwen_repo):
-    """The tiny Qwen repo has no full processor (it needs torchvision): the app falls back."""
-    return app.load_model(str(qwen_repo))
+def next_demo(family_demo):
+    return family_demo("llava_next")
+
+
+@pytest.fixture(scope="session")
+def qwen_demo(family_demo):
+    return family_demo("qwen2_5_vl")
 
 
 def coded_image(width: int, height: int) -> Image.Image:
@@ -362,9 +383,9 @@ def test_qwen_token_boxes_match_the_processor(qwen_demo, size):
     rows, cols = grid_h // 2, grid_w // 2
     blocks = inputs["pixel_values"].view(rows, cols, 2, 2, 3, 2, 14, 14)  # the processor's patch order
     blocks = blocks.permute(0, 1, 4, 5, 2, 6, 3, 7).reshape(rows * cols, 3, 2, 28, 28)[:, :, 0]  # (N, 3, 28, 28)
-    boxes = app.whole_image_grid_boxes(size, processor, (rows, cols))
+    boxes = token_geometry.whole_image_grid_boxes(size, processor, (rows, cols))
     assert_boxes_centre_on(boxes, decoded_sums(blocks, processor, size), tolerance=1.0)
-    index_map = app.token_index_map(boxes, *size)
+    index_map = render.token_index_map(boxes, *size)
     assert (index_map >= 0).all() and set(np.unique(index_map)) == set(range(rows * cols))  # the whole image
 
 
@@ -386,34 +407,34 @@ def test_llava_next_token_boxes_match_the_processor(next_demo, size):
     (packed,), _ = model.model.pack_image_features(
         [sums], inputs["image_sizes"], model.config.vision_feature_select_strategy, torch.tensor([0.0, 0.0, 0.0])
     )
-    maps = app.token_maps(next_demo, size, result)
+    maps = render.token_maps(next_demo, size, result)
     layout = result.layouts[0]
-    for name, part in (("main", app.result_core(result).LAYOUT_GRID), ("base", app.result_core(result).LAYOUT_BASE)):
+    for name, part in (("main", token_geometry.result_core(result).LAYOUT_GRID), ("base", token_geometry.result_core(result).LAYOUT_BASE)):
         drawn = ~np.isnan(maps[name][:, 0])
         assert (drawn == (layout[:, 0] == part).numpy()).all(), name  # each patch token on its own map
         assert_boxes_centre_on(maps[name], packed, tolerance=1.5)
-    assert np.isnan(maps["main"][(layout[:, 0] == app.result_core(result).LAYOUT_NEWLINE).numpy()]).all()
+    assert np.isnan(maps["main"][(layout[:, 0] == token_geometry.result_core(result).LAYOUT_NEWLINE).numpy()]).all()
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
 @pytest.mark.parametrize("size", [(120, 80), (60, 110)])
 def test_overlay_marks_exactly_the_kept_tokens_for_other_families(request, family, size, tmp_path):
-    demo = request.getfixturevalue({"llava_next": "next_demo", "qwen2_5_vl": "qwen_demo"}[family])
+    demo = request.getfixturevalue("family_demo")(family)
     path = tmp_path / "image.png"
     random_image(7, size=size).save(path)
     analysis = analyze(demo, path, QUESTION, "tokens", 5, min_votes=1)
     result = demo.model.last_pruning
     keep = result.keep_indices[0].tolist()
     display, index_map = pixel_map(demo, analysis, path)
-    drawn = sorted(set(np.unique(index_map).tolist()) - {app.UNSEEN, app.GROUND})
+    drawn = sorted(set(np.unique(index_map).tolist()) - {render.UNSEEN, render.GROUND})
     candidates = list(range(result.num_visual_tokens[0]))
     seen_from = 0  # Qwen: no crop, the whole image is seen
     if family == "llava_next":  # every patch token drawn once (grid, or base map); newlines nowhere
-        candidates = [t for t in candidates if result.layouts[0][t, 0] != app.result_core(result).LAYOUT_NEWLINE]
-        main_width = app.display_copy(app.load_image(path)[0])[0].width
-        assert (index_map[:, main_width : main_width + app.INSET_GAP] == app.GROUND).all()
+        candidates = [t for t in candidates if result.layouts[0][t, 0] != token_geometry.result_core(result).LAYOUT_NEWLINE]
+        main_width = render.display_copy(demo_inputs.load_image(path)[0])[0].width
+        assert (index_map[:, main_width : main_width + render.INSET_GAP] == render.GROUND).all()
         seen_from = main_width  # the base tile sees the whole image (unpadding may cut grid edges)
-    assert drawn == candidates and not (index_map[:, seen_from:] == app.UNSEEN).any()
+    assert drawn == candidates and not (index_map[:, seen_from:] == render.UNSEEN).any()
     unchanged = (np.asarray(analysis.panels["mfpruner"]) == np.asarray(display)).all(axis=-1)
     assert [t for t in drawn if unchanged[index_map == t].all()] == [t for t in keep if t in drawn]
     assert [t for t in drawn if not unchanged[index_map == t].any()] == [t for t in drawn if t not in keep]
@@ -431,13 +452,13 @@ def test_overlay_marks_exactly_the_kept_tokens_for_other_families(request, famil
     assert stats["kept_indices"] == keep and len(keep) == 5 + newlines
     assert stats["prefill_length_pruned"] == result.lm_input_length
     assert stats["prefill_length_unpruned"] - stats["prefill_length_pruned"] == len(candidates) - 5
-    assert app.visual_token_count(demo, app.load_image(path)[0]) == len(candidates)  # the slider's maximum
-    assert f"Kept 5 / {len(candidates)} visual tokens" in app.stats_markdown(stats)
+    assert demo_analysis.visual_token_count(demo, demo_inputs.load_image(path)[0]) == len(candidates)  # the slider's maximum
+    assert f"Kept 5 / {len(candidates)} visual tokens" in ui.stats_markdown(stats)
     assert demo.model.config.min_votes == 2
 
 
 def test_qwen_ratio_mode_and_answers(qwen_demo, image_file):
-    assert isinstance(qwen_demo.processor, app.QwenInputsProcessor) and qwen_demo.family == "qwen2_5_vl"
+    assert isinstance(qwen_demo.processor, loading.QwenInputsProcessor) and qwen_demo.family == "qwen2_5_vl"
     analysis = analyze(qwen_demo, image_file, QUESTION, "ratio", ratio=0.25, generate_answer=True, max_new_tokens=3)
     total = qwen_demo.model.last_pruning.num_visual_tokens[0]
     assert analysis.stats["kept"] == resolve_budget(total, ratio=0.25) == len(analysis.stats["kept_indices"])
@@ -445,29 +466,29 @@ def test_qwen_ratio_mode_and_answers(qwen_demo, image_file):
     assert f"Unpruned ({total} visual tokens): " in analysis.answer
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
 def test_tiny_flag_builds_the_family(tmp_path, family):
-    path = app.build_default_model(tmp_path, family)
+    path = loading.build_default_model(tmp_path, family)
     from transformers import AutoConfig
 
-    assert app.model_family(AutoConfig.from_pretrained(path, trust_remote_code=True)) == family
+    assert loading.model_family(AutoConfig.from_pretrained(path, trust_remote_code=True)) == family
     with pytest.raises(ValueError, match="--tiny"):
-        app.build_default_model(tmp_path, "llava_2")
+        loading.build_default_model(tmp_path, "llava_2")
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
 def test_page_builds_for_other_families(request, family):
     """The budget slider spans the budget-competing tokens of a 448 px image; LLaVA-NeXT's page
     explains its two maps."""
     import gradio as gr
 
-    demo = request.getfixturevalue({"llava_next": "next_demo", "qwen2_5_vl": "qwen_demo"}[family])
-    page = app.build_demo(demo)
-    count = app.visual_token_count(demo, Image.new("RGB", (448, 448)))
+    demo = request.getfixturevalue("family_demo")(family)
+    page = ui.build_demo(demo)
+    count = demo_analysis.visual_token_count(demo, Image.new("RGB", (448, 448)))
     sliders = {block.elem_id: block for block in page.blocks.values() if isinstance(block, gr.Slider)}
     assert sliders["budget"].maximum == count
     texts = " ".join(block.value for block in page.blocks.values() if isinstance(block, gr.Markdown))
-    assert (app.ANYRES_NOTE.strip() in texts) == (family == "llava_next")
+    assert (ui.ANYRES_NOTE.strip() in texts) == (family == "llava_next")
     assert "RANDOM" not in texts and demo.name in texts  # a real repo path: no random-weights banner
     page.close()
 
@@ -524,7 +545,7 @@ def test_the_api_schema_reads_well(served):
 
     endpoint = Client(served, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]["/prune"]
     returns = [r["label"] for r in endpoint["returns"]]
-    assert returns == [*app.PANEL_TITLES.values(), *app.HEATMAP_TITLES.values(), "Summary", "Details", "Answer"]
+    assert returns == [*ui.PANEL_TITLES.values(), *ui.HEATMAP_TITLES.values(), "Summary", "Details", "Answer"]
     types = {p["parameter_name"]: p["type"]["type"] for p in endpoint["parameters"]}
     assert types["budget"] == "integer" and types["min_votes"] == "integer" and types["ratio"] == "number"
 
@@ -534,17 +555,17 @@ def test_gradio_cache_is_emptied_of_old_results(demo_model, image_file):
     by default CACHE_CLEANUP), and all when the server stops."""
     from gradio_client import Client, handle_file
 
-    default = app.build_demo(demo_model)
-    assert default.delete_cache == app.CACHE_CLEANUP
+    default = ui.build_demo(demo_model)
+    assert default.delete_cache == ui.CACHE_CLEANUP
     default.close()
-    page = app.build_demo(demo_model, delete_cache=(1, 1))
-    _, url, _ = app.launch(page, "127.0.0.1", None, prevent_thread_lock=True, quiet=True)
+    page = ui.build_demo(demo_model, delete_cache=(1, 1))
+    _, url, _ = ui.launch(page, "127.0.0.1", None, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False, download_files=False)  # the files may be gone before a download
         client.predict(handle_file(str(image_file)), QUESTION, "tokens", 5, 0.1, 2, False, api_name="/prune")
         examples = {f for block in page.blocks.values() for f in getattr(block, "keep_in_cache", ())}  # fixed, kept
         written = [Path(f) for files in page.temp_file_sets for f in files if f not in examples]  # panels, upload
-        assert sum(f.suffix == ".png" for f in written) >= len(app.PANEL_TITLES) + len(app.HEATMAP_TITLES)
+        assert sum(f.suffix == ".png" for f in written) >= len(ui.PANEL_TITLES) + len(ui.HEATMAP_TITLES)
         import time
 
         deadline = time.monotonic() + 30
@@ -557,8 +578,8 @@ def test_gradio_cache_is_emptied_of_old_results(demo_model, image_file):
 
 STARTUP = """
 import glob, os, tempfile
-import app
-demo = app.load_model(None)
+from mfpruner_demo.loading import load_model
+demo = load_model(None)
 print("LEFT:", glob.glob(os.path.join(tempfile.gettempdir(), "mfpruner-demo-*")))
 print("NAME:", demo.name)
 """
@@ -583,6 +604,6 @@ def test_default_model_start_is_quiet_and_leaves_no_folder(tmp_path):
 
 def test_tiny_model_stats_explain_the_small_speedup(demo_model, image_file):
     stats = analyze(demo_model, image_file, QUESTION, "tokens", 5).stats
-    assert app.TINY_PREFILL_NOTE not in app.stats_markdown(stats)  # a real repo (here: loaded with --model)
-    shown = app.stats_markdown({**stats, "random_weights": True})
-    assert app.TINY_PREFILL_NOTE in shown and "vision tower" in shown and "Benchmarks" in shown
+    assert ui.TINY_PREFILL_NOTE not in ui.stats_markdown(stats)  # a real repo (here: loaded with --model)
+    shown = ui.stats_markdown({**stats, "random_weights": True})
+    assert ui.TINY_PREFILL_NOTE in shown and "vision tower" in shown and "Benchmarks" in shown

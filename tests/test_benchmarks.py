@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mfpruner_core import resolve_budget
-from tools import bench_utils, benchmark_cues, benchmark_prefill
+from mfpruner_lib import bench_utils
+from tools import benchmark_cues, benchmark_prefill
 
 
 @pytest.fixture(scope="module")

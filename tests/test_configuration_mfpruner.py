@@ -23,7 +23,8 @@ from configuration_mfpruner import (
     validate_mfpruner_settings,
 )
 from tests.conftest import random_image
-from tools.tiny_models import qwen_inputs, tiny_clip_text_config
+from mfpruner_lib.families import FAMILIES
+from mfpruner_lib.tiny_models import qwen_inputs, tiny_clip_text_config
 
 CONFIG_CLASSES = [MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, MFPrunerQwen2_5_VLConfig]
 
@@ -221,11 +222,6 @@ def test_misspelled_field_in_from_pretrained_kwargs(cls, tmp_path):
 # ----------------------------------------------------------------------------- the remote-code path
 
 
-FAMILIES = {
-    "llava": ("llava_repo", "llava_model"),
-    "llava_next": ("llava_next_repo", "llava_next_model"),
-    "qwen2_5_vl": ("qwen_repo", "qwen_model"),
-}
 REMOTE_BAD_KWARGS = [  # the cases the issue found passing silently through from_pretrained
     ({"mfpruner_cues": ["attention", "colour"]}, "mfpruner_cues"),
     ({"mfpruner_cues": ["attention", "attention"]}, "mfpruner_cues"),
@@ -242,14 +238,14 @@ QWEN_REMOTE_BAD_KWARGS = [
 
 def remote_cases():
     for family in FAMILIES:
-        extra = QWEN_REMOTE_BAD_KWARGS if family == "qwen2_5_vl" else []
+        extra = QWEN_REMOTE_BAD_KWARGS if family == "qwen2.5-vl" else []
         for kwargs, field in REMOTE_BAD_KWARGS + extra:
             yield pytest.param(family, kwargs, field, id=f"{family}-{kwargs}")
 
 
 @pytest.mark.parametrize("family, kwargs, field", list(remote_cases()))
-def test_auto_classes_refuse_bad_kwargs(request, family, kwargs, field):
-    repo = request.getfixturevalue(FAMILIES[family][0])
+def test_auto_classes_refuse_bad_kwargs(tiny_repo, family, kwargs, field):
+    repo = tiny_repo(family)
     with pytest.raises(ValueError, match=f"`{field}"):
         AutoConfig.from_pretrained(repo, trust_remote_code=True, **kwargs)
     with pytest.raises(ValueError, match=f"`{field}"):
@@ -257,8 +253,8 @@ def test_auto_classes_refuse_bad_kwargs(request, family, kwargs, field):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_auto_classes_apply_a_budget_to_ratio_switch(request, family):
-    repo = request.getfixturevalue(FAMILIES[family][0])
+def test_auto_classes_apply_a_budget_to_ratio_switch(tiny_repo, family):
+    repo = tiny_repo(family)
     config = AutoConfig.from_pretrained(repo, trust_remote_code=True, visual_token_budget=None, visual_token_ratio=0.5)
     assert (config.visual_token_budget, config.visual_token_ratio) == (None, 0.5)
     model = AutoModelForImageTextToText.from_pretrained(
@@ -269,9 +265,9 @@ def test_auto_classes_apply_a_budget_to_ratio_switch(request, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_auto_classes_refuse_a_bad_saved_config(request, family, tmp_path):
+def test_auto_classes_refuse_a_bad_saved_config(tiny_repo, family, tmp_path):
     repo = tmp_path / "repo"
-    shutil.copytree(request.getfixturevalue(FAMILIES[family][0]), repo)
+    shutil.copytree(tiny_repo(family), repo)
     config = json.loads((repo / "config.json").read_text())
     (repo / "config.json").write_text(json.dumps({**config, "mfpruner_cues": ["attention", "colour"]}))
     with raises_naming("mfpruner_cues", "'colour' is not a cue"):
@@ -285,17 +281,17 @@ def test_auto_classes_refuse_a_bad_saved_config(request, family, tmp_path):
 
 def call_inputs(request, family: str) -> dict:
     """A single-image prompt for the family's tiny model."""
-    if family == "qwen2_5_vl":
+    if family == "qwen2.5-vl":
         tokenizer, image_processor = request.getfixturevalue("qwen_processing")
         text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
         return qwen_inputs(tokenizer, image_processor, [text], images=[random_image(1, (112, 84))])
-    processor = request.getfixturevalue(f"{family}_processor")
+    processor = request.getfixturevalue(f"{FAMILIES[family].model_type}_processor")
     return processor(images=random_image(0), text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loaded_model_refuses_a_bad_assignment(request, family):
-    config = request.getfixturevalue(FAMILIES[family][1]).config
+    config = request.getfixturevalue("tiny_model")(family).config
     with raises_naming("mfpruner_cues", "'colour' is not a cue"):
         config.mfpruner_cues = ["colour"]
     with raises_naming("min_votes"):
@@ -329,7 +325,7 @@ EDITS = {  # edits that no single assignment check can catch -> the field the ne
 @pytest.mark.parametrize("edit", EDITS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_edited_config_fails_at_the_next_call(request, family, edit):
-    model = request.getfixturevalue(FAMILIES[family][1])
+    model = request.getfixturevalue("tiny_model")(family)
     inputs = call_inputs(request, family)
     apply, field = EDITS[edit]
     saved = {name: getattr(model.config, name) for name in MFPRUNER_CONFIG_FIELDS if hasattr(model.config, name)}

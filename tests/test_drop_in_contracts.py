@@ -19,13 +19,14 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from conftest import random_image, stock_twin_of
-from tools.tiny_models import build_tiny_llava, qwen_inputs
+from mfpruner_lib.families import FAMILIES as REGISTRY, by_model_type
+from mfpruner_lib.tiny_models import build_tiny_llava, qwen_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAVA_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 LONG_PROMPT = "USER: <image>\nDescribe every object you can see in this picture. ASSISTANT:"
 QWEN_QUESTION = "What is in the image?"
-FAMILIES = ["llava", "llava_next", "qwen2_5_vl"]
+FAMILIES = [family.model_type for family in REGISTRY.values()]  # every registry family, by model_type
 GREEDY = dict(do_sample=False, max_new_tokens=4)
 
 
@@ -39,8 +40,9 @@ def family(request):
     left-padded batch of two prompts whose rows differ in length (and, where the family allows,
     in image size)."""
     name = request.param
-    model = request.getfixturevalue(f"{name}_model" if name != "qwen2_5_vl" else "qwen_model")
-    stock = request.getfixturevalue(f"{name}_stock_model" if name != "qwen2_5_vl" else "qwen_stock_model")
+    key = by_model_type(name).key
+    model = request.getfixturevalue("tiny_model")(key)
+    stock = request.getfixturevalue("tiny_model")(key, stock=True)
     if name == "qwen2_5_vl":
         tokenizer, image_processor = request.getfixturevalue("qwen_processing")
         single = qwen_inputs(tokenizer, image_processor, [qwen_chat()], images=[random_image(1, (112, 84))])
@@ -61,7 +63,7 @@ def family(request):
             return_tensors="pt",
             padding=True,
         )
-    return SimpleNamespace(name=name, model=model, stock=stock_twin_of(model, stock), single=single, batch=batch)
+    return SimpleNamespace(name=name, key=key, model=model, stock=stock_twin_of(model, stock), single=single, batch=batch)
 
 
 def visual_positions(model, input_ids) -> torch.Tensor:
@@ -535,7 +537,7 @@ def test_split_device_map_gives_the_unsplit_tokens_and_logits(family, request, t
     """Vision side on the CPU, the language model offloaded to disk (accelerate hooks move weights
     and activations between them): the same kept tokens, logits and greedy tokens as the unsplit
     model. (`python -m tools.gpu_check device-map` is the same check with the language model on a GPU.)"""
-    repo = request.getfixturevalue("qwen_repo" if family.name == "qwen2_5_vl" else f"{family.name}_repo")
+    repo = request.getfixturevalue("tiny_repo")(family.key)
     if family.name == "qwen2_5_vl":
         device_map = {"model.visual": "cpu", "model.language_model": "disk", "lm_head": "cpu"}
     else:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tools import export as export_module
 from tools.export import ARCHITECTURES, export, main
-from tools.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
+from mfpruner_lib.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_QUESTION = "What is in the image? Describe the picture in detail. How many people are there? Is there a dog?"
@@ -631,7 +631,7 @@ def assert_pruned_and_prompt_kept(result: dict, expected_kept: list[int]) -> Non
 @pytest.fixture(scope="session")
 def llava_next_hub_base(export_dir) -> Path:
     """A stock LLaVA-NeXT checkpoint in the hub's key layout (`vision_tower.vision_model.*`)."""
-    from tools.tiny_models import build_tiny_llava_next
+    from mfpruner_lib.tiny_models import build_tiny_llava_next
 
     return build_tiny_llava_next(export_dir / "llava-next-hub-layout", stock=True, hub_layout=True, seed=3)
 
@@ -697,12 +697,12 @@ def qwen_export(export_dir, qwen_stock_repo) -> Path:
 def test_qwen_export_loads_fresh_with_identical_weights_and_prunes(qwen_export, qwen_stock_repo, tmp_path):
     """The tiny Qwen2.5-VL base has no Qwen2_5_VLProcessor (it needs torchvision, which CPU torch
     here lacks): the inputs come from the exported repo's tokenizer and image processor through
-    tools.tiny_models.qwen_inputs, which expands the placeholders as the processor does."""
+    mfpruner_lib.tiny_models.qwen_inputs, which expands the placeholders as the processor does."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from conftest import random_image
     from mfpruner_core import resolve_budget
-    from tools.tiny_models import qwen_inputs
+    from mfpruner_lib.tiny_models import qwen_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(qwen_export, trust_remote_code=True)
     image_processor = AutoImageProcessor.from_pretrained(qwen_export, trust_remote_code=True)

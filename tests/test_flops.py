@@ -1,11 +1,12 @@
-"""tools.flops: the paper's FastV figure, the whole-prefill count, the token geometry, the CLI."""
+"""mfpruner_lib.flops and tools.flops: the paper's FastV figure, the whole-prefill count, the token geometry, the CLI."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import CLIPTextConfig
 
-from tools import flops, model_sizes
+from mfpruner_lib import flops, model_sizes
+from tools import flops as flops_cli
 
 
 def test_fastv_reproduces_the_seed_figure():
@@ -107,7 +108,7 @@ def test_unknown_model_type_is_refused():
 
 
 def test_cli_table(capsys, tmp_path):
-    flops.main(["--output", str(tmp_path / "flops.md")])
+    flops_cli.main(["--output", str(tmp_path / "flops.md")])
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 3 * 5 + 1 + 3  # 3 LLaVA models x (unpruned + 4 budgets), Qwen: unpruned + 3
@@ -115,4 +116,4 @@ def test_cli_table(capsys, tmp_path):
     assert any(r.startswith("| LLaVA-1.6-vicuna-7B") and "2928 / 2928" in r for r in rows)
     assert (tmp_path / "flops.md").read_text().count("\n| ") == len(rows) + 1
     with pytest.raises(ValueError, match="--text-tokens"):
-        flops.main(["--text-tokens", "-1"])
+        flops_cli.main(["--text-tokens", "-1"])

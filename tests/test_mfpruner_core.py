@@ -220,7 +220,7 @@ def test_attention_cue_keeps_the_tokens_of_the_exact_map(method, dtype):
 
 @pytest.mark.parametrize("method", ["chunked", "fused"])
 def test_attention_with_received_memory_grows_linearly_never_heads_x_s_x_s(method):
-    from tools.bench_utils import peak_memory
+    from mfpruner_lib.bench_utils import peak_memory
 
     heads, head_dim, chunk = 4, 16, 64
     peaks = {}

@@ -271,7 +271,7 @@ def test_exported_repo_with_clip_processor_drives_the_papers_relevance_cue(tmp_p
     from lmms_eval.models import get_model
 
     from tools.export import export
-    from tools.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
+    from mfpruner_lib.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
 
     base = rewrite_as_hub_layout(build_tiny_llava(tmp_path / "base", stock=True))
     clip = build_tiny_clip(tmp_path / "clip", vision_from=base)

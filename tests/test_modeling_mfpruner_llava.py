@@ -19,7 +19,7 @@ from conftest import (
     random_image,
     stock_twin_of,
 )
-from tools.tiny_models import build_tiny_llava
+from mfpruner_lib.tiny_models import build_tiny_llava
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 N = 36  # visual tokens of the tiny model

@@ -24,7 +24,7 @@ from conftest import (
     stock_twin_of,
 )
 from mfpruner_core import LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE
-from tools.tiny_models import build_tiny_llava_next
+from mfpruner_lib.tiny_models import build_tiny_llava_next
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 GREEDY = dict(max_new_tokens=5, do_sample=False)

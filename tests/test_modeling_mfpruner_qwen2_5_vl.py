@@ -1,5 +1,5 @@
 """MFPruner Qwen2.5-VL: loading, equivalence with the stock model, M-RoPE positions, the chunked
-attention cue, batching, and input errors. Tiny random models (tools.tiny_models)."""
+attention cue, batching, and input errors. Tiny random models (mfpruner_lib.tiny_models)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
 from mfpruner_core import resolve_budget, select_tokens
 from modeling_mfpruner_qwen2_5_vl import MFPrunerQwen2_5_VLForConditionalGeneration, attention_and_received_per_patch
 from tests.conftest import random_image
-from tools.bench_utils import peak_memory
-from tools.tiny_models import qwen_inputs
+from mfpruner_lib.bench_utils import peak_memory
+from mfpruner_lib.tiny_models import qwen_inputs
 
 QUESTION = "What is in the image?"
 

@@ -117,7 +117,7 @@ def or_error(compute):
 def llava_hub_repo(tiny_dir):
     """A tiny MFPruner LLaVA-1.5 repo in the hub key layout (`vision_tower.vision_model.*`), what
     tools.export writes and what vLLM loads."""
-    from tools.tiny_models import build_tiny_llava
+    from mfpruner_lib.tiny_models import build_tiny_llava
 
     return build_tiny_llava(tiny_dir / "mfpruner-llava-hub", hub_layout=True, text_heads=2, visual_token_budget=8)
 
@@ -209,7 +209,7 @@ QWEN_BATCH = [
 
 @pytest.fixture(scope="session")
 def qwen_vllm_repo(tiny_dir):
-    from tools.tiny_models import build_tiny_qwen2_5_vl
+    from mfpruner_lib.tiny_models import build_tiny_qwen2_5_vl
 
     repo = build_tiny_qwen2_5_vl(tiny_dir / "mfpruner-qwen2_5_vl-vllm", text_heads=2, visual_token_ratio=0.25)
     sharpen_text_attention(repo, factor=8.0)
@@ -235,7 +235,7 @@ def qwen_runs(qwen_vllm_repo, tmp_path_factory):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    from tools.tiny_models import qwen_inputs
+    from mfpruner_lib.tiny_models import qwen_inputs
 
     model = AutoModelForImageTextToText.from_pretrained(qwen_vllm_repo, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(qwen_vllm_repo)
@@ -389,7 +389,7 @@ def test_benchmark_vllm_runs_both_variants(llava_hub_repo, tmp_path):
 
 
 def test_llava_next_repo_fails_at_load_saying_what_is_supported(tiny_dir):
-    from tools.tiny_models import build_tiny_llava_next
+    from mfpruner_lib.tiny_models import build_tiny_llava_next
 
     repo = build_tiny_llava_next(tiny_dir / "mfpruner-llava-next-vllm", hub_layout=True)
     script = (

@@ -10,7 +10,7 @@
 
 Each at N = 576 (LLaVA-1.5), 2,928 (LLaVA-NeXT, 672x672) and 16,384 (a 1792x1792 image's
 patches in Qwen2.5-VL's vision tower). Time: medians of interleaved rounds. Memory: peak tensor
-memory allocated during the call (tools.bench_utils). A straightforward version whose predicted
+memory allocated during the call (mfpruner_lib.bench_utils). A straightforward version whose predicted
 peak exceeds `--max-naive-gb` is not run; the table gives its predicted size instead. Every pair
 that runs is checked to agree (max |difference|).
 
@@ -47,7 +47,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mfpruner_core import attention_received, attention_with_received, min_max_normalize, top_k_mask, uniqueness
 from modeling_mfpruner_llava import capture_clip_select_layer, clip_cls_attention
-from tools import bench_utils
+from mfpruner_lib import bench_utils
 
 FLOAT = 4  # bytes
 

@@ -5,13 +5,13 @@ is timed unpruned and at every budget, the calls interleaved round by round (war
 discarded, medians of the rest). Reported per setting:
   * prefill: the whole forward (vision tower, cues + vote + splice when pruning, LLM over the
     prompt, LM head on the last position) and its speed-up over the unpruned one;
-  * the FLOPs-ideal speed-up of the same config and geometry (tools.flops) and the fraction of it
+  * the FLOPs-ideal speed-up of the same config and geometry (mfpruner_lib.flops) and the fraction of it
     reached; the same for the LLM-only prefill (the part pruning shortens);
   * cue overhead: the pruning path up to the LLM input (`prune_inputs`) minus the stock image
     encoding (vision tower + projector + embedding scatter), i.e. cue capture + cues + vote +
     splice, as a percentage of the pruned prefill: the median of the differences of the two
     calls run back to back in each round (a noisy machine can still make it slightly negative);
-  * peak tensor memory of the prefill (tools.bench_utils) and decode tokens/s with the shorter
+  * peak tensor memory of the prefill (mfpruner_lib.bench_utils) and decode tokens/s with the shorter
     KV cache (greedy, one token per step).
 
 Families: LLaVA-1.5 (336 px, 576 visual tokens; budgets 192/128/64/32), LLaVA-NeXT (a 672x672 image:
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from tools import bench_utils, flops, model_sizes
+from mfpruner_lib import bench_utils, families, flops, model_sizes
 
 SIZES = ("smoke", "cpu", "real")
 PAPER_VISUAL_TOKENS = 576  # LLaVA-1.5's budgets 192/128/64/32 are "of 576"
@@ -57,7 +57,7 @@ class Family:
     encode(model, inputs): the stock image encoding up to the LLM input embeddings.
     prune(model, inputs, budget_kwargs): MFPruner's pruned LLM inputs (a dict with
     inputs_embeds, attention_mask, ...). lm_prefill(model, pruned): the LLM alone on them.
-    prefill_flops(config, size, text_tokens, kept): tools.flops.PrefillFlops of that prefill (kept: the
+    prefill_flops(config, size, text_tokens, kept): mfpruner_lib.flops.PrefillFlops of that prefill (kept: the
     visual tokens that reach the LLM, None = unpruned). text_tokens: every prompt token that is not
     an image placeholder.
     cue_attention(model, inputs): for a family whose cue capture is an extra computation inside a
@@ -82,7 +82,7 @@ class Family:
 # ----------------------------------------------------------------------------- LLaVA-1.5
 
 # Widths and depths per size. "cpu": the real 577-token tower input and ~60 + 576 prompt tokens,
-# with the vision tower at ~5% of the prefill FLOPs as in the 7B model (tools.flops).
+# with the vision tower at ~5% of the prefill FLOPs as in the 7B model (mfpruner_lib.flops).
 LLAVA_1_5_SIZES = {
     "smoke": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=84,
@@ -234,7 +234,7 @@ def build_llava_next(size: str, dtype: torch.dtype, device: str):
 
 def llava_next_inputs(model, size: str, seed: int, device: str, text_tokens: int) -> dict:
     """One image of LLAVA_NEXT_SIZES[size]["image_hw"]: its tiles as random pixels, its packed
-    placeholder count from tools.flops' anyres geometry (the processor's count)."""
+    placeholder count from mfpruner_lib.flops' anyres geometry (the processor's count)."""
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     image_hw = LLAVA_NEXT_SIZES[size]["image_hw"]
@@ -314,8 +314,8 @@ def build_qwen2_5_vl(size: str, dtype: torch.dtype, device: str):
     return instantiate(MFPrunerQwen2_5_VLForConditionalGeneration, config, dtype, device)
 
 
-def qwen_inputs(model, size: str, seed: int, device: str, text_tokens: int) -> dict:
-    """One image of QWEN_SIZES[size]["image_hw"], resized as the 7B repo's processor does (tools.flops'
+def qwen_random_inputs(model, size: str, seed: int, device: str, text_tokens: int) -> dict:
+    """One image of QWEN_SIZES[size]["image_hw"], resized as the 7B repo's processor does (mfpruner_lib.flops'
     geometry): random patches (patches, 3 x 2 x 14 x 14), <|vision_start|> placeholders <|vision_end|>."""
     config = model.config
     v = config.vision_config
@@ -397,9 +397,10 @@ def qwen_flops(config, size: str, text_tokens: int, kept: int | None):
     return flops.prefill_flops(config, text_tokens, kept, image_hw=QWEN_SIZES[size]["image_hw"])
 
 
+# One entry per family of the registry (mfpruner_lib.families), under its key.
 FAMILIES = {
     "llava-1.5": Family(
-        name="LLaVA-1.5",
+        name=families.FAMILIES["llava-1.5"].name,
         build=build_llava_1_5,
         inputs=llava_1_5_inputs,
         budgets=paper_budgets,
@@ -410,7 +411,7 @@ FAMILIES = {
         note={size: describe_llava(size) for size in SIZES},
     ),
     "llava-next": Family(
-        name="LLaVA-NeXT",
+        name=families.FAMILIES["llava-next"].name,
         build=build_llava_next,
         inputs=llava_next_inputs,
         budgets=ratio_budgets(LLAVA_NEXT_RATIOS),
@@ -421,9 +422,9 @@ FAMILIES = {
         note={size: describe_llava_next(size) for size in SIZES},
     ),
     "qwen2.5-vl": Family(
-        name="Qwen2.5-VL",
+        name=families.FAMILIES["qwen2.5-vl"].name,
         build=build_qwen2_5_vl,
-        inputs=qwen_inputs,
+        inputs=qwen_random_inputs,
         budgets=ratio_budgets(QWEN_RATIOS),
         encode=qwen_encode,
         prune=qwen_prune,

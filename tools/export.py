@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,60 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the shipped model code is flat top-level files of the repo
     sys.path.insert(0, str(ROOT))
 
+from mfpruner_lib.families import FAMILIES, Architecture  # noqa: E402
+
 
 # ----------------------------------------------------------------------------- supported models
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """How to export one stock model_type. Classes are "module.Class" of flat top-level files."""
-
-    config_class: str
-    model_class: str
-    processor_class: str | None  # the processor that adds the CLIP tokenizer (None: no --clip-text)
-    vision_patch_key: str | None  # regex of the vision tower's patch embedding in the stock keys
-    tags: tuple[str, ...]
-    family: str = "LLaVA"  # the model family, for messages and the card
-    attention_cue: str = "the vision tower's [CLS] attention"  # cue A, for the card
-    per_call_setting: str = "visual_token_budget=128"  # the card's per-call override example
-    processor_note: str = ""  # what the card says about the processor (when it needs more than AutoProcessor)
-
-
-# model_type of the base config -> MFPruner classes. Add a row per new MFPruner model class.
-ARCHITECTURES = {
-    "llava": Architecture(
-        config_class="configuration_mfpruner.MFPrunerLlavaConfig",
-        model_class="modeling_mfpruner_llava.MFPrunerLlavaForConditionalGeneration",
-        processor_class="processing_mfpruner.MFPrunerLlavaProcessor",
-        vision_patch_key=r"vision_tower\.(vision_model\.)?embeddings\.patch_embedding\.weight$",
-        tags=("llava",),
-        family="LLaVA-1.5",
-    ),
-    "llava_next": Architecture(
-        config_class="configuration_mfpruner.MFPrunerLlavaNextConfig",
-        model_class="modeling_mfpruner_llava.MFPrunerLlavaNextForConditionalGeneration",
-        processor_class="processing_mfpruner.MFPrunerLlavaNextProcessor",
-        vision_patch_key=r"vision_tower\.(vision_model\.)?embeddings\.patch_embedding\.weight$",
-        tags=("llava", "llava_next"),
-        family="LLaVA-NeXT / LLaVA-1.6",
-        attention_cue="the vision tower's [CLS] attention of each tile",
-        per_call_setting="visual_token_ratio=0.111",
-    ),
-    "qwen2_5_vl": Architecture(
-        config_class="configuration_mfpruner.MFPrunerQwen2_5_VLConfig",
-        model_class="modeling_mfpruner_qwen2_5_vl.MFPrunerQwen2_5_VLForConditionalGeneration",
-        processor_class=None,  # Qwen2.5-VL has no CLIP text tower: relevance is measured in the LLM's space
-        vision_patch_key=None,
-        tags=("qwen2_5_vl",),
-        family="Qwen2.5-VL",
-        attention_cue="the attention each patch receives in the last full-attention vision block",
-        per_call_setting="visual_token_ratio=0.333",
-        processor_note=(
-            "The processor is the base model's own `Qwen2_5_VLProcessor`; in transformers 5.x it needs "
-            "`torchvision` (for its video processor)."
-        ),
-    ),
-}
+# model_type of the base config -> the family's export row (mfpruner_lib.families: add a family there).
+ARCHITECTURES = {family.model_type: family.export for family in FAMILIES.values()}
 
 CLIP_PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".ckpt", ".pt", ".pth", ".gguf", ".onnx")
@@ -118,7 +71,7 @@ def architecture_for(model_type: str, base: Path) -> Architecture:
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"BASE {str(base)!r} is a {model_type!r} checkpoint; the export supports model_type "
-            f"{sorted(ARCHITECTURES)} (add a row to tools.export.ARCHITECTURES for a new MFPruner class)"
+            f"{sorted(ARCHITECTURES)} (add a family to mfpruner_lib.families for a new MFPruner class)"
         )
     return ARCHITECTURES[model_type]
 

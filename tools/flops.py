@@ -1,324 +1,43 @@
-"""FLOPs of a vision-language prefill, from a model config alone (no weights).
+"""The prefill FLOPs of the real models at the paper's budgets, as a markdown table
+(mfpruner_lib.flops on the published configs of mfpruner_lib.model_sizes).
 
-Two figures:
-  * the paper-comparable one: FastV's per-layer formula over the visual tokens only,
-        F(n) = 4 n d^2 + 2 n^2 d + 2 n d m     (d = LLM hidden size, m = its MLP size),
-    reduction = 1 - F(kept) / F(all). It counts multiply-adds of a non-gated MLP and ignores the
-    text tokens, the vision tower and the projector: it is the number papers quote (LLaVA-1.5-7B,
-    32 of 576 tokens: 94.6%), not the cost of a prefill.
-  * the whole prefill: vision tower (every tile), projector, the CLIP text tower when the paper's
-    relevance cue uses it, the cues themselves, and the LLM over all prompt tokens (text + kept
-    visual), with the LM head on the last position only (what generate() computes).
-    Convention: FLOPs = 2 x multiply-adds of every matmul (projections, attention scores,
-    attention-weighted values, MLPs); norms, activations, softmax, RoPE and residual adds are
-    left out (well under 1%). Attention is counted over the full square, as FastV does.
-
-    python -m tools.flops            # the markdown table of the real models at the paper's budgets
+    python -m tools.flops [--text-tokens 60] [--output benchmarks/flops.md] [--docs docs/benchmarks.md]
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-
-import torch
-from transformers import LlavaNextProcessor
-from transformers.image_processing_utils import select_best_resolution
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-from transformers.vision_utils import get_vision_window_index
 
 from mfpruner_core import resolve_budget
-from tools import model_sizes
-
-QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056  # Qwen2.5-VL-7B-Instruct preprocessor_config.json
-
-
-# ----------------------------------------------------------------------------- paper figure
+from mfpruner_lib import model_sizes
+from mfpruner_lib.families import FAMILIES
+from mfpruner_lib.flops import fastv_reduction, geometry, prefill_flops
 
 
-def fastv_flops(visual_tokens: int, hidden: int, intermediate: int, layers: int = 1) -> int:
-    """FastV's per-layer count over the visual tokens: 4 n d^2 + 2 n^2 d + 2 n d m, times layers."""
-    n, d, m = visual_tokens, hidden, intermediate
-    return layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
-
-
-def fastv_reduction(all_tokens: int, kept_tokens: int, hidden: int, intermediate: int) -> float:
-    """1 - F(kept) / F(all): the FLOPs reduction papers quote (the layer count cancels)."""
-    return 1.0 - fastv_flops(kept_tokens, hidden, intermediate) / fastv_flops(all_tokens, hidden, intermediate)
-
-
-# ----------------------------------------------------------------------------- building blocks
-
-
-def matmul(tokens: int, d_in: int, d_out: int) -> int:
-    """(tokens, d_in) @ (d_in, d_out)."""
-    return 2 * tokens * d_in * d_out
-
-
-def attention_core(segments: list[int], width: int) -> int:
-    """Q K^T and probs @ V, each segment attending within itself; width = heads * head_dim."""
-    return sum(2 * matmul(s, width, s) for s in segments)
-
-
-def transformer_layer(
-    tokens: int, segments: list[int], hidden: int, q_width: int, kv_width: int, intermediate: int, gated: bool
-) -> int:
-    """One pre-norm block: q, k, v, o projections, attention, MLP (gated: 3 matrices, else 2)."""
-    projections = matmul(tokens, hidden, q_width) + 2 * matmul(tokens, hidden, kv_width) + matmul(tokens, q_width, hidden)
-    mlp = (3 if gated else 2) * matmul(tokens, hidden, intermediate)
-    return projections + attention_core(segments, q_width) + mlp
-
-
-def language_model(text_config, length: int) -> int:
-    """Llama / Qwen2 decoder over `length` prompt tokens + the LM head on the last position."""
-    c = text_config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    layer = transformer_layer(
-        length, [length], c.hidden_size, c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim,
-        c.intermediate_size, gated=True,
-    )
-    return c.num_hidden_layers * layer + matmul(1, c.hidden_size, c.vocab_size)
-
-
-def clip_vision_tower(vision_config, tiles: int) -> int:
-    """CLIP ViT on `tiles` images: patch embedding + every encoder layer (transformers runs them
-    all, even when LLaVA reads the penultimate one)."""
-    c = vision_config
-    patches = (c.image_size // c.patch_size) ** 2
-    tokens = patches + 1  # + [CLS]
-    embed = matmul(tiles * patches, 3 * c.patch_size**2, c.hidden_size)
-    layer = transformer_layer(
-        tiles * tokens, [tokens] * tiles, c.hidden_size, c.hidden_size, c.hidden_size, c.intermediate_size, gated=False
-    )
-    return embed + c.num_hidden_layers * layer
-
-
-def clip_text_tower(text_config, segments: int, image_tokens: int, vision_hidden: int) -> int:
-    """The paper's relevance cue: CLIP text tower over `segments` full windows + its projection,
-    and CLIP's visual projection of the `image_tokens` patch features."""
-    c = text_config
-    window = c.max_position_embeddings
-    layer = transformer_layer(
-        segments * window, [window] * segments, c.hidden_size, c.hidden_size, c.hidden_size, c.intermediate_size,
-        gated=False,
-    )
-    return (
-        c.num_hidden_layers * layer
-        + matmul(segments, c.hidden_size, c.projection_dim)
-        + matmul(image_tokens, vision_hidden, c.projection_dim)
-    )
-
-
-# ----------------------------------------------------------------------------- token geometry
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Token counts of one image's prefill.
-
-    visual_tokens: image tokens the LLM sees unpruned (N, what the budget applies to).
-    projected_tokens: tokens that go through the projector (N minus LLaVA-NeXT's newline tokens).
-    tiles: vision-tower images (1; LLaVA-NeXT: base + crops).
-    vision_patches: patch tokens through the vision tower in all (Qwen: before the 2x2 merge).
-    vision_windows: Qwen window-attention segment lengths (empty for CLIP).
-    """
-
-    visual_tokens: int
-    projected_tokens: int
-    tiles: int = 1
-    vision_patches: int = 0
-    vision_windows: tuple[int, ...] = ()
-
-
-def llava_geometry(config) -> Geometry:
-    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    return Geometry(visual_tokens=patches, projected_tokens=patches, tiles=1, vision_patches=patches)
-
-
-def llava_next_geometry(config, image_hw: tuple[int, int]) -> Geometry:
-    """Anyres: the base image + the crops of the best grid pinpoint; the packed sequence is the
-    base tile, then the unpadded crop grid with one newline token closing each row (as
-    LlavaNextProcessor counts them)."""
-    height, width = image_hw
-    tile = config.vision_config.image_size
-    side = tile // config.vision_config.patch_size
-    best_h, best_w = select_best_resolution([height, width], config.image_grid_pinpoints)
-    unpadded, newlines = LlavaNextProcessor._get_unpadded_features(
-        None, height, width, side, side, best_h // tile, best_w // tile
-    )
-    tiles = 1 + (best_h // tile) * (best_w // tile)
-    return Geometry(
-        visual_tokens=side * side + unpadded + newlines,
-        projected_tokens=tiles * side * side,
-        tiles=tiles,
-        vision_patches=tiles * side * side,
-    )
-
-
-def qwen2_5_vl_geometry(config, image_hw: tuple[int, int]) -> Geometry:
-    """Qwen2.5-VL: the image is resized to multiples of 28 px (published pixel limits), cut into
-    14 px patches (one temporal step), windows of 112 px in most blocks, merged 2x2 into tokens."""
-    v = config.vision_config
-    factor = v.patch_size * v.spatial_merge_size
-    height, width = smart_resize(*image_hw, factor=factor, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
-    grid_h, grid_w = height // v.patch_size, width // v.patch_size
-    _, cu_windows = get_vision_window_index(
-        torch.tensor([[1, grid_h, grid_w]]), v.spatial_merge_size, v.window_size, v.patch_size
-    )
-    tokens = grid_h * grid_w // v.spatial_merge_size**2
-    return Geometry(
-        visual_tokens=tokens,
-        projected_tokens=tokens,
-        tiles=1,
-        vision_patches=grid_h * grid_w,
-        vision_windows=tuple(int(s) for s in cu_windows.diff() if s > 0),
-    )
-
-
-def geometry(config, image_hw: tuple[int, int] | None = None) -> Geometry:
-    """Token geometry of one image for a config (LLaVA-1.5 ignores image_hw: always one tile)."""
-    kind = config.model_type
-    if kind.endswith("llava_next"):
-        return llava_next_geometry(config, image_hw)
-    if kind.endswith("qwen2_5_vl"):
-        return qwen2_5_vl_geometry(config, image_hw)
-    if kind.endswith("llava"):
-        return llava_geometry(config)
-    raise ValueError(f"`config.model_type` must be a LLaVA, LLaVA-NeXT or Qwen2.5-VL type, got {kind!r}")
-
-
-# ----------------------------------------------------------------------------- whole prefill
-
-
-@dataclass(frozen=True)
-class PrefillFlops:
-    """FLOPs of one prefill, by part."""
-
-    vision: int
-    projector: int
-    text_tower: int
-    cues: int
-    llm: int
-    lm_length: int
-
-    @property
-    def total(self) -> int:
-        return self.vision + self.projector + self.text_tower + self.cues + self.llm
-
-
-def qwen_vision_tower(vision_config, geo: Geometry) -> int:
-    """Window blocks attend within 112 px windows, full blocks over the whole image; gated MLP."""
-    v, patches = vision_config, geo.vision_patches
-    embed = matmul(patches, v.in_channels * v.temporal_patch_size * v.patch_size**2, v.hidden_size)
-    blocks = 0
-    for index in range(v.depth):
-        segments = [patches] if index in v.fullatt_block_indexes else list(geo.vision_windows)
-        blocks += transformer_layer(
-            patches, segments, v.hidden_size, v.hidden_size, v.hidden_size, v.intermediate_size, gated=True
-        )
-    return embed + blocks
-
-
-def prefill_flops(
-    config,
-    text_tokens: int,
-    kept: int | None = None,
-    image_hw: tuple[int, int] | None = None,
-    clip_text_config=None,
-    clip_text_segments: int = 1,
-) -> PrefillFlops:
-    """One image + `text_tokens` prompt tokens. kept=None: the unpruned stock prefill (no cues);
-    else `kept` visual tokens reach the LLM and the cues are counted: [CLS] attention row (CLIP)
-    or attention received in the last full block (Qwen), uniqueness, relevance (the CLIP text
-    tower when `clip_text_config` is given, else LLM-space)."""
-    geo = geometry(config, image_hw)
-    text = config.text_config
-    if kind_is_qwen(config):
-        v = config.vision_config
-        vision = qwen_vision_tower(v, geo)
-        merged_width = v.hidden_size * v.spatial_merge_size**2
-        projector = matmul(geo.projected_tokens, merged_width, merged_width) + matmul(
-            geo.projected_tokens, merged_width, v.out_hidden_size
-        )
-        attention_cue = matmul(geo.vision_patches, v.hidden_size, geo.vision_patches)  # Q K^T, column sums
-        vision_hidden = v.hidden_size
-    else:
-        v = config.vision_config
-        vision = clip_vision_tower(v, geo.tiles)
-        projector = matmul(geo.projected_tokens, v.hidden_size, text.hidden_size) + matmul(
-            geo.projected_tokens, text.hidden_size, text.hidden_size
-        )
-        tile_tokens = geo.vision_patches + geo.tiles  # + one [CLS] per tile
-        attention_cue = matmul(tile_tokens, v.hidden_size, 1)  # the [CLS] query row only
-        vision_hidden = v.hidden_size
-    if kept is None:
-        return PrefillFlops(vision, projector, 0, 0, language_model(text, text_tokens + geo.visual_tokens),
-                            text_tokens + geo.visual_tokens)
-    n = geo.visual_tokens
-    uniqueness_cue = matmul(n, text.hidden_size, 1)  # x_i . s
-    if clip_text_config is not None:
-        text_tower = clip_text_tower(clip_text_config, clip_text_segments, geo.projected_tokens, vision_hidden)
-        relevance_cue = matmul(n, clip_text_config.projection_dim, clip_text_segments)
-    else:
-        text_tower = 0
-        relevance_cue = matmul(n, text.hidden_size, 1)
-    cues = attention_cue + uniqueness_cue + relevance_cue
-    return PrefillFlops(vision, projector, text_tower, cues, language_model(text, text_tokens + kept), text_tokens + kept)
-
-
-def kind_is_qwen(config) -> bool:
-    return config.model_type.endswith("qwen2_5_vl")
-
-
-# ----------------------------------------------------------------------------- the real models
-
-
-@dataclass(frozen=True)
-class RealModel:
-    name: str
-    config: object
-    image_hw: tuple[int, int] | None
-    budgets: tuple  # ("192", {"budget": 192}) or ("22.2%", {"ratio": 0.222})
-    clip_text: bool  # the paper's relevance cue uses the CLIP text tower
-    note: str
-
-
-LLAVA_BUDGETS = tuple((str(k), {"budget": k}) for k in (192, 128, 64, 32))
-# 192 / 128 / 64 / 32 of 576, as ratios (the paper's LLaVA-NeXT settings are the last three).
-RATIO_BUDGETS = tuple((f"{100 * r:.1f}%", {"ratio": r}) for r in (0.333, 0.222, 0.111, 0.056))
-# The paper's Qwen2.5-VL settings: prune 55.5% / 66.7% / 77.8%.
-QWEN_BUDGETS = tuple((f"{100 * r:.1f}%", {"ratio": r}) for r in (0.445, 0.333, 0.222))
 TEXT_TOKENS = 60  # a LLaVA-1.5 prompt: system line + question + template
 
 
-def real_models() -> list[RealModel]:
-    return [
-        RealModel("LLaVA-1.5-7B", model_sizes.llava_1_5_7b(), None, LLAVA_BUDGETS, True, "336 px, 576 tokens"),
-        RealModel("LLaVA-1.5-13B", model_sizes.llava_1_5_13b(), None, LLAVA_BUDGETS, True, "336 px, 576 tokens"),
-        RealModel(
-            "LLaVA-1.6-vicuna-7B", model_sizes.llava_1_6_vicuna_7b(), (672, 672), RATIO_BUDGETS, True,
-            "672x672 image: 5 tiles, 2,880 patch + 48 newline tokens",
-        ),
-        RealModel("Qwen2.5-VL-7B", model_sizes.qwen2_5_vl_7b(), (1024, 1024), QWEN_BUDGETS, False,
-                  "1024x1024 image (resized to 1036x1036)"),
-    ]
+def real_models() -> list[tuple]:
+    """(family, real model) pairs of the registry, in its order."""
+    return [(family, model) for family in FAMILIES.values() for model in family.real_models]
 
 
 def kept_tokens(all_tokens: int, budget: dict) -> int:
     return resolve_budget(all_tokens, budget.get("budget"), budget.get("ratio"))
 
 
-def real_model_rows(models: list[RealModel], text_tokens: int = TEXT_TOKENS) -> list[dict]:
-    """One row per (model, budget), the unpruned prefill first."""
+def real_model_rows(models: list[tuple], text_tokens: int = TEXT_TOKENS) -> list[dict]:
+    """One row per (model, budget), the unpruned prefill first. models: (family, real model) pairs."""
     rows = []
-    for model in models:
-        config, text = model.config, model.config.text_config
+    for family, model in models:
+        config = model.config()
+        text = config.text_config
         n = geometry(config, model.image_hw).visual_tokens
         clip_text = model_sizes.clip_text_l() if model.clip_text else None
         full = prefill_flops(config, text_tokens, None, model.image_hw)
         rows.append(dict(model=model.name, note=model.note, setting="unpruned", kept=n, all=n, fastv=0.0,
                          flops=full, reduction=0.0, speedup=1.0))
-        for label, budget in model.budgets:
+        for label, budget in family.flops_budgets:
             k = kept_tokens(n, budget)
             pruned = prefill_flops(config, text_tokens, k, model.image_hw, clip_text_config=clip_text)
             rows.append(dict(
@@ -366,7 +85,7 @@ def main(argv=None):
         with open(args.output, "w") as handle:
             handle.write("# Prefill FLOPs of the real models (`python -m tools.flops`)\n\n" + table + "\n")
     if args.docs:
-        from tools.bench_utils import write_between_markers
+        from mfpruner_lib.bench_utils import write_between_markers
 
         write_between_markers(args.docs, "flops", table)
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from mfpruner_lib.families import FAMILIES
+
 PAPER_SPEEDUP_32 = 3.42  # the paper's LLaVA-1.5-7B prefill speed-up at 32 of 576 tokens
 VISION_PARTS = ("vision", "visual", "projector", "image_newline")  # submodule names that form the vision side
 
@@ -216,7 +218,7 @@ def summary_main(args) -> int:
 
 
 def docs_main(args) -> int:
-    from tools.bench_utils import write_between_markers
+    from mfpruner_lib.bench_utils import write_between_markers
 
     results = Path(args.results)
     written = 0
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
     device_map.add_argument("--out", required=True)
     device_map.add_argument("--size", default="cpu", choices=("smoke", "cpu"))
     device_map.add_argument("--device", default="cuda", help="the GPU ('cpu' only to dry-run the script)")
-    device_map.add_argument("--family", action="append", help="repeatable; default: llava-1.5, llava-next, qwen2.5-vl")
+    device_map.add_argument("--family", action="append", choices=sorted(FAMILIES), help="repeatable; default: every family of mfpruner_lib.families")
     kernels = commands.add_parser("kernels", help="attention_with_received vs the exact map on the device")
     kernels.add_argument("--device", default="cuda")
     kernels.add_argument("--append", help="append the markdown table to this file")
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     summary.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "device-map":
-        args.family = args.family or ["llava-1.5", "llava-next", "qwen2.5-vl"]
+        args.family = args.family or list(FAMILIES)
         return device_map_main(args)
     if args.command == "docs":
         return docs_main(args)

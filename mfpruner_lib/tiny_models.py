@@ -1,14 +1,19 @@
-"""Tiny MFPruner models with random weights, built locally (no download), saved as complete
-remote-code model folders: config with auto_map, weights, the custom code, a processor.
+"""Tiny models of every family with random weights, built locally (no download), saved as
+complete folders: an MFPruner remote-code repo (config with auto_map, weights, the custom code, a
+processor) or a stock checkpoint of the same family (stock=True, the export's input).
 
-Tests and the demo's default model use them. The geometry is a scaled-down LLaVA-1.5:
-a CLIP vision tower on 84 px images with 14 px patches (6 x 6 = 36 visual tokens), a
-two-layer MLP projector, and a small Llama.
+Tests, the benchmarks and the demo's default model use them. Each is its family at toy width:
+  LLaVA-1.5   a CLIP vision tower on 84 px images, 14 px patches (6 x 6 = 36 visual tokens), a
+              two-layer MLP projector and a small Llama (`build_tiny_llava`)
+  LLaVA-NeXT  the same towers on 56 px anyres tiles, up to a 2 x 2 grid (`build_tiny_llava_next`)
+  Qwen2.5-VL  4 vision blocks (windowed and full attention), 2 x 2 merge, a 2-layer M-RoPE text
+              model; `qwen_inputs` stands in for its processor (`build_tiny_qwen2_5_vl`)
+A tiny CLIP checkpoint (the paper's text tower) and the hub's older LLaVA layout are here too, for
+the export's tests. Command line: `python -m tools.build_tiny`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -434,20 +439,6 @@ def build_tiny_qwen2_5_vl(
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     return path
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="output folder (replaced)")
-    parser.add_argument("--stock", action="store_true", help="a stock LlavaForConditionalGeneration checkpoint")
-    parser.add_argument("--clip-text", action="store_true", help="add a tiny CLIP text tower")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(build_tiny_llava(args.path, stock=args.stock, clip_text=args.clip_text, seed=args.seed))
-
-
-if __name__ == "__main__":
-    main()
 
 
 # ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)
