@@ -53,7 +53,7 @@ class KeptPlaceholdersMixin:
         tokens = self.visual_tokens_per_image(outputs)
         budget, ratio = hf_kwargs[KEEP]
         outputs[TEXT_IDS] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * len(tokens), dtype=torch.long).view(len(tokens), -1)
-        outputs[KEEP] = torch.tensor([kept_count(n, budget, ratio) + fixed for n, fixed in tokens], dtype=torch.long)
+        outputs[KEEP] = torch.tensor([resolve_budget(n, budget, ratio) + fixed for n, fixed in tokens], dtype=torch.long)
         return outputs
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -114,10 +114,6 @@ def request_budget(config, mm_kwargs) -> tuple[int | None, float | None]:
         mm_kwargs.get("visual_token_budget"),
         mm_kwargs.get("visual_token_ratio"),
     )
-
-
-def kept_count(num_tokens: int, budget, ratio) -> int:
-    return resolve_budget(num_tokens, budget, ratio)
 
 
 def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=None):

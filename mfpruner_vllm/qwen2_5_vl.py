@@ -11,7 +11,7 @@
              runner has no post-encoder position hook (EVS's recompute_mrope_positions runs on the
              GPU runner only), so this runs the same selection for the request's images there:
              the vision tower runs twice per image (deterministic: the same kept indices).
-Videos are not served yet (the processor accepts images only).
+Videos are not served yet: a request with a video fails (`validate_num_items`), the engine keeps serving.
 """
 
 from __future__ import annotations
