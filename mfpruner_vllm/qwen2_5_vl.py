@@ -26,6 +26,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from mfpruner_core import MFPrunerResult, attention_with_received
@@ -103,6 +104,11 @@ def install_received_capture(visual) -> ReceivedAttentionCapture:
     with the same settings (this model instance only; the kernel holds no weights)."""
     attn = visual.blocks[last_full_attention_block(visual)].attn
     stock = attn.attn
+    if stock.attn_backend == AttentionBackendEnum.FLASHINFER:  # its cu_seqlens count elements, padded
+        raise ValueError(
+            "mfpruner_vllm: the FLASHINFER vision attention backend is not supported for Qwen2.5-VL; "
+            "serve with mm_encoder_attn_backend='FLASH_ATTN' or 'TORCH_SDPA'"
+        )
     attn.attn = ReceivedAttentionCapture(
         num_heads=stock.num_heads, head_size=stock.head_size, scale=stock.scale,
         num_kv_heads=stock.num_kv_heads, prefix=stock.layer_name,
@@ -138,6 +144,11 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         check_supported(vllm_config, "Qwen2.5-VL")
         if vllm_config.model_config.get_multimodal_config().mm_encoder_tp_mode == "data":
             raise ValueError("mfpruner_vllm: mm_encoder_tp_mode='data' is not supported for Qwen2.5-VL yet")
+        if getattr(vllm_config.compilation_config, "compile_mm_encoder", False):
+            raise ValueError(
+                "mfpruner_vllm: compilation_config.compile_mm_encoder=True compiles the vision blocks, where the "
+                "Qwen2.5-VL plugin captures cue A from the last full-attention block's kernel; leave it off"
+            )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.received_capture = install_received_capture(self.visual)
         self.last_pruning: MFPrunerResult | None = None
