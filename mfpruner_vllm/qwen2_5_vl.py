@@ -48,7 +48,7 @@ class MFPrunerQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return {"image": None}  # videos: not served by the plugin yet
 
     def validate_num_items(self, modality: str, num_items: int) -> None:
-        # vLLM checks each request's items here: a video fails that request (HTTP 400), with what is served.
+        # vLLM checks each request's items here: a video fails that request alone, saying what is served.
         if modality != "image" and num_items > 0:
             raise ValueError(
                 f"mfpruner_vllm serves Qwen2.5-VL images only; this request has {num_items} {modality}(s). "
