@@ -273,6 +273,38 @@ def llm_relevance(
     return dots / (v.norm(dim=-1).clamp(min=EPS) * instruction.norm(dim=-1).clamp(min=EPS))
 
 
+def image_cues(
+    cue_names: Sequence[str],
+    attention: torch.Tensor | None,
+    tokens: torch.Tensor,
+    text_embeds: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    relevance: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The named cues of one image (or video) over its n candidate tokens: {name: (n,)} float32.
+
+    attention: (n,) raw vision attention (cue A, None when not configured); tokens: (n, D)
+    projected visual tokens; text_embeds: (T, D) LLM input embeddings of the prompt, text_mask:
+    (T,) bool its real non-image tokens (None: all T). relevance: (n,) an already computed cue C
+    (the CLIP text tower's), used instead of the LLM-space one. Scores are on the tokens' device.
+    """
+    cues = {}
+    for name in cue_names:
+        if name == "attention":
+            cues[name] = min_max_normalize(attention[None])[0]
+        elif name == "uniqueness":
+            cues[name] = uniqueness(tokens[None])[0]
+        elif name == "relevance" and relevance is not None:
+            cues[name] = relevance.to(tokens.device)
+        elif name == "relevance":
+            if text_mask is None:
+                text_mask = torch.ones(text_embeds.shape[0], dtype=torch.bool)
+            cues[name] = llm_relevance(tokens[None], text_embeds[None].to(tokens.device), text_mask[None].to(tokens.device))[0]
+        else:
+            raise ValueError(f"unknown cue {name!r}; the cues are {CUE_NAMES}")
+    return cues
+
+
 # ----------------------------------------------------------------------------- vote
 
 

@@ -51,11 +51,9 @@ if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's 
         call_min_votes,
         clip_text_relevance,
         compact_rows,
+        image_cues,
         keep_mask_for_images,
-        llm_relevance,
-        min_max_normalize,
         restore_prompt,
-        uniqueness,
         vote_candidates,
     )
 else:  # a top-level module of a checkout (tests, tools, app.py). By module name: transformers' remote-code
@@ -69,8 +67,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
     MFPrunerResult, auto_map_with_auto_model = _core.MFPrunerResult, _core.auto_map_with_auto_model
     call_budget, call_min_votes = _core.call_budget, _core.call_min_votes
     clip_text_relevance, compact_rows = _core.clip_text_relevance, _core.compact_rows
-    keep_mask_for_images, llm_relevance = _core.keep_mask_for_images, _core.llm_relevance
-    min_max_normalize, restore_prompt, uniqueness = _core.min_max_normalize, _core.restore_prompt, _core.uniqueness
+    image_cues, keep_mask_for_images, restore_prompt = _core.image_cues, _core.keep_mask_for_images, _core.restore_prompt
     vote_candidates = _core.vote_candidates
 
 logger = logging.getLogger(__name__)
@@ -311,25 +308,18 @@ class MFPrunerPipelineMixin:
     def item_cues(self, item: VisualItem, inputs_embeds, text_mask, clip_text) -> dict[str, torch.Tensor]:
         """Item's cues over its candidate tokens: {name: (n,)}, on the device of its tokens."""
         candidates = item.candidates
-        visual = item.tokens[candidates][None]  # (1, n, D)
-        device = visual.device
-        cues = {}
-        for name in self.config.mfpruner_cues:
-            if name == "attention":
-                cues[name] = min_max_normalize(item.attention[candidates][None])[0]
-            elif name == "uniqueness":
-                cues[name] = uniqueness(visual)[0]
-            elif clip_text is not None:
-                text, segment_mask = clip_text
-                image = self.clip_image_embeddings(item.select_features[candidates])  # (n, E)
-                cues[name] = clip_text_relevance(
-                    image[None], text[item.row][None].to(image.device, image.dtype), segment_mask[item.row][None].to(image.device)
-                )[0].to(device)
-            else:
-                cues[name] = llm_relevance(
-                    visual, inputs_embeds[item.row][None].to(device), text_mask[item.row][None].to(device)
-                )[0]
-        return cues
+        visual = item.tokens[candidates]  # (n, D)
+        attention = item.attention[candidates] if item.attention is not None else None
+        relevance = None
+        if clip_text is not None and "relevance" in self.config.mfpruner_cues:
+            text, segment_mask = clip_text
+            image = self.clip_image_embeddings(item.select_features[candidates])  # (n, E)
+            relevance = clip_text_relevance(
+                image[None], text[item.row][None].to(image.device, image.dtype), segment_mask[item.row][None].to(image.device)
+            )[0]
+        return image_cues(
+            self.config.mfpruner_cues, attention, visual, inputs_embeds[item.row], text_mask[item.row], relevance
+        )
 
     # -- the pruning step -------------------------------------------------------------------
 

@@ -450,11 +450,12 @@ NEXT_GRID_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 
 
 def tiny_llava_next_config(vocab_size: int, image_token_id: int, *, tile_size: int = NEXT_TILE_SIZE,
-                           grid_pinpoints=NEXT_GRID_PINPOINTS, mfpruner: bool = False, **config_overrides):
+                           grid_pinpoints=NEXT_GRID_PINPOINTS, mfpruner: bool = False, text_heads: int = 4,
+                           **config_overrides):
     """A scaled-down LLaVA-1.6: the tiny LLaVA-1.5 towers on `tile_size` tiles, anyres pinpoints."""
     from transformers import LlavaNextConfig
 
-    base = tiny_llava_config(vocab_size, image_token_id, image_size=tile_size)
+    base = tiny_llava_config(vocab_size, image_token_id, image_size=tile_size, text_heads=text_heads)
     kwargs = dict(
         vision_config=base.vision_config,
         text_config=base.text_config,
@@ -494,12 +495,14 @@ def build_tiny_llava_next(
     clip_text: bool = False,
     tile_size: int = NEXT_TILE_SIZE,
     grid_pinpoints=NEXT_GRID_PINPOINTS,
+    text_heads: int = 4,
     **overrides,
 ) -> Path:
     """Writes a tiny LLaVA-1.6 (LLaVA-NeXT) folder. stock=True: a plain
     `LlavaNextForConditionalGeneration` checkpoint; else an MFPruner remote-code repo.
     hub_layout=True rewrites the weight names the way llava-hf's hub checkpoints store them.
-    `overrides` go to the config (MFPruner settings, or stock LlavaNextConfig fields)."""
+    `overrides` go to the config (MFPruner settings, or stock LlavaNextConfig fields). text_heads=2
+    gives the language model 32-wide heads (vLLM's CPU attention runs float32 only from 32 up)."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
@@ -510,7 +513,9 @@ def build_tiny_llava_next(
     if stock:
         from transformers import LlavaNextForConditionalGeneration
 
-        config = tiny_llava_next_config(vocab_size, image_token_id, tile_size=tile_size, grid_pinpoints=grid_pinpoints, **overrides)
+        config = tiny_llava_next_config(
+            vocab_size, image_token_id, tile_size=tile_size, grid_pinpoints=grid_pinpoints, text_heads=text_heads, **overrides
+        )
         model = LlavaNextForConditionalGeneration(config)
     else:
         from modeling_mfpruner_llava import MFPrunerLlavaNextForConditionalGeneration
@@ -518,7 +523,8 @@ def build_tiny_llava_next(
         if clip_text:
             overrides["clip_text_config"] = tiny_clip_text_config(vocab_size)
         config = tiny_llava_next_config(
-            vocab_size, image_token_id, tile_size=tile_size, grid_pinpoints=grid_pinpoints, mfpruner=True, **overrides
+            vocab_size, image_token_id, tile_size=tile_size, grid_pinpoints=grid_pinpoints, mfpruner=True,
+            text_heads=text_heads, **overrides
         )
         model = MFPrunerLlavaNextForConditionalGeneration(config)
     model.generation_config.pad_token_id = 3

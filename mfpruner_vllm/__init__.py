@@ -1,4 +1,4 @@
-"""MFPruner for vLLM: serve exported MFPruner repos with pruning (LLaVA-1.5 and Qwen2.5-VL).
+"""MFPruner for vLLM: serve exported MFPruner repos with pruning (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL).
 
 vLLM loads this package through the `vllm.general_plugins` entry point (pyproject.toml) and calls
 `register()` in every process: it registers the MFPruner configs with transformers' AutoConfig
@@ -22,7 +22,7 @@ SUPPORTED_VLLM = ("0.32", "0.33")
 ARCHITECTURES = {
     "MFPrunerLlavaForConditionalGeneration": "mfpruner_vllm.llava:MFPrunerLlavaForConditionalGeneration",
     "MFPrunerQwen2_5_VLForConditionalGeneration": "mfpruner_vllm.qwen2_5_vl:MFPrunerQwen2_5_VLForConditionalGeneration",
-    "MFPrunerLlavaNextForConditionalGeneration": "mfpruner_vllm.unsupported:MFPrunerLlavaNextForConditionalGeneration",
+    "MFPrunerLlavaNextForConditionalGeneration": "mfpruner_vllm.llava:MFPrunerLlavaNextForConditionalGeneration",
 }
 
 

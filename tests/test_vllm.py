@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, random_image
+from mfpruner_core import LAYOUT_NEWLINE
 
 VENV_PYTHON = Path(os.environ.get("MFPRUNER_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 STEPS = 4
@@ -91,13 +92,15 @@ def reference_generation(model, inputs, mm_kwargs, visual_token_ids):
     }
 
 
-def collect_runs(folder, repo, cases, batch, reference):
-    """Writes the images, computes every reference, runs vLLM once on all cases."""
+def collect_runs(folder, repo, cases, batch, reference, unreferenced=()):
+    """Writes the images, computes every reference, runs vLLM once on all cases (then the
+    `unreferenced` worker specs, then the batch)."""
     specs, references = [], {}
     for name, prompt, sizes, mm_kwargs, seed in cases:
         paths = save_images(folder, sizes, seed)
         specs.append({"name": name, "requests": [{"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs}], "steps": STEPS})
         references[name] = [reference(prompt, paths, mm_kwargs)]
+    specs.extend(unreferenced)
     requests = []
     for j, (prompt, sizes, mm_kwargs) in enumerate(batch):
         requests.append({"prompt": prompt, "images": save_images(folder, sizes, seed=100 + 10 * j), "mm_processor_kwargs": mm_kwargs})
@@ -122,21 +125,32 @@ def llava_hub_repo(tiny_dir):
     return build_tiny_llava(tiny_dir / "mfpruner-llava-hub", hub_layout=True, text_heads=2, visual_token_budget=8)
 
 
-@pytest.fixture(scope="session")
-def llava_runs(llava_hub_repo, tmp_path_factory):
-    """(vLLM results, transformers references) for every LLaVA case, vLLM loaded once."""
+def llava_family_runs(repo, folder, cases, batch):
+    """(vLLM results, transformers references) of a LLaVA-1.5 or LLaVA-NeXT repo, vLLM loaded once.
+    A reference also counts each image's image-newline tokens and candidates (the others)."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(llava_hub_repo, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(llava_hub_repo, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 
     def reference(prompt, paths, mm_kwargs):
         images = [Image.open(p).convert("RGB") for p in paths]
         inputs = processor(images=images, text=prompt, return_tensors="pt")
-        return or_error(lambda: reference_generation(model, inputs, mm_kwargs, [model.config.image_token_id]))
+        result = or_error(lambda: reference_generation(model, inputs, mm_kwargs, [model.config.image_token_id]))
+        if "error" not in result:
+            pruning = model.last_pruning
+            result["newlines"] = [int((layout[:, 0] == LAYOUT_NEWLINE).sum()) for layout in pruning.layouts]
+            result["candidates"] = [n - newlines for n, newlines in zip(pruning.num_visual_tokens, result["newlines"])]
+        return result
 
-    return collect_runs(tmp_path_factory.mktemp("vllm-llava"), llava_hub_repo, LLAVA_CASES, LLAVA_BATCH, reference)
+    return collect_runs(folder, repo, cases, batch, reference)
+
+
+@pytest.fixture(scope="session")
+def llava_runs(llava_hub_repo, tmp_path_factory):
+    """(vLLM results, transformers references) for every LLaVA case, vLLM loaded once."""
+    return llava_family_runs(llava_hub_repo, tmp_path_factory.mktemp("vllm-llava"), LLAVA_CASES, LLAVA_BATCH)
 
 
 def assert_same_generation(ours: dict, reference: dict):
@@ -170,17 +184,9 @@ def test_llava_instruction_is_part_of_the_encoder_cache_key(llava_runs):
     assert results["single"]["keep_indices"] != results["same-image-other-prompt"]["keep_indices"]
 
 
-def test_llava_batch_of_different_sizes_and_budgets(llava_runs):
-    results, references = llava_runs
-    assert len(results["batch"]["requests"]) == len(LLAVA_BATCH)
-    for ours, reference in zip(results["batch"]["requests"], references["batch"]):
-        assert_same_generation(ours, reference)
-
-
-def test_llava_bad_budget_is_a_clear_error_and_the_engine_keeps_serving(llava_runs):
-    results, references = llava_runs
-    assert "visual_token_budget" in results["bad-budget"]["error"]
-    assert "visual_token_budget" in references["bad-budget"][0]["error"]
+def test_llava_engine_keeps_serving_after_a_bad_budget(llava_runs):
+    results, _ = llava_runs
+    assert "error" in results["bad-budget"]
     assert results["after-bad-budget"]["requests"][0]["token_ids"]
 
 
@@ -200,6 +206,13 @@ QWEN_CASES = [
     ("two-images", qwen_prompt("How many people are there?", images=2), [(64, 96), (140, 70)], None, 40),
     ("bad-ratio", qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_ratio": 1.5}, 0),
 ]
+QWEN_VIDEO_PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n<|im_start|>assistant\n"
+# A video request (not served yet): fails alone, before the batch that follows it.
+QWEN_VIDEO_REQUEST = {
+    "name": "video",
+    "requests": [{"prompt": QWEN_VIDEO_PROMPT, "images": [], "mm_processor_kwargs": None, "video_frames": [4, 56, 56]}],
+    "steps": STEPS,
+}
 QWEN_BATCH = [
     (qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_budget": 2}),
     (qwen_prompt("What color is the car?"), [(150, 60)], None),
@@ -247,7 +260,9 @@ def qwen_runs(qwen_vllm_repo, tmp_path_factory):
         ids = [model.config.image_token_id]
         return or_error(lambda: reference_generation(model, inputs, mm_kwargs, ids))
 
-    return collect_runs(tmp_path_factory.mktemp("vllm-qwen"), qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference)
+    return collect_runs(
+        tmp_path_factory.mktemp("vllm-qwen"), qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference, [QWEN_VIDEO_REQUEST]
+    )
 
 
 @pytest.mark.parametrize("name", ["single", "budget-override", "tall-image", "two-images"])
@@ -260,16 +275,94 @@ def test_qwen_keeps_the_transformers_tokens_and_generates_the_same(qwen_runs, na
     assert_same_generation(ours["requests"][0], reference)
 
 
-def test_qwen_batch_of_different_sizes_and_budgets(qwen_runs):
-    results, references = qwen_runs
+def test_qwen_video_request_fails_alone_with_a_clear_error(qwen_runs):
+    """Videos are not served yet: the request fails naming what is supported; the batch after it runs."""
+    results, _ = qwen_runs
+    assert "error" in results["video"], results["video"]
+    assert "video" in results["video"]["error"] and "images only" in results["video"]["error"]
+    assert len(results["batch"]["requests"]) == len(QWEN_BATCH)
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)
+
+# The tiny NeXT tiles are 56 px (16 patch tokens each), pinpoints up to 2 x 2 tiles: the number of
+# visual tokens, newlines and kept tokens depends on each image's size.
+LLAVA_NEXT_CASES = [
+    ("single", PROMPT, [(96, 80)], None, 0),
+    ("budget-override", PROMPT, [(96, 80)], {"visual_token_budget": 5}, 0),
+    ("ratio-override", PROMPT, [(60, 150)], {"visual_token_ratio": 0.5}, 20),
+    ("two-images", "USER: <image>\n<image>\nHow many people are there? ASSISTANT:", [(64, 96), (150, 60)], None, 40),
+    ("bad-budget", PROMPT, [(96, 80)], {"visual_token_budget": 0}, 0),
+]
+LLAVA_NEXT_BATCH = [
+    (PROMPT, [(96, 80)], {"visual_token_budget": 2}),
+    ("USER: <image>\nWhat color is the car? ASSISTANT:", [(150, 60)], None),
+    ("USER: <image>\n<image>\nIs there a dog? ASSISTANT:", [(84, 84), (40, 120)], {"visual_token_ratio": 0.5}),
+]
+
+
+@pytest.fixture(scope="session")
+def llava_next_hub_repo(tiny_dir):
+    """A tiny MFPruner LLaVA-NeXT repo in the hub key layout, 32-wide text heads."""
+    from mfpruner_lib.tiny_models import build_tiny_llava_next
+
+    return build_tiny_llava_next(tiny_dir / "mfpruner-llava-next-vllm", hub_layout=True, text_heads=2)
+
+
+@pytest.fixture(scope="session")
+def llava_next_runs(llava_next_hub_repo, tmp_path_factory):
+    """(vLLM results, transformers references) for every LLaVA-NeXT case, vLLM loaded once."""
+    folder = tmp_path_factory.mktemp("vllm-llava-next")
+    return llava_family_runs(llava_next_hub_repo, folder, LLAVA_NEXT_CASES, LLAVA_NEXT_BATCH)
+
+
+@pytest.mark.parametrize("name", ["single", "budget-override", "ratio-override", "two-images"])
+def test_llava_next_keeps_the_transformers_tokens_and_generates_the_same(llava_next_runs, name):
+    """Anyres: base tile + unpadded grid tiles + newlines; the same kept indices (into each image's
+    packed sequence, newlines included) and the same generation as the transformers class."""
+    results, references = llava_next_runs
+    ours, reference = results[name], references[name][0]
+    assert "error" not in ours, ours.get("error")
+    assert ours["keep_indices"] == reference["keep_indices"]
+    assert_same_generation(ours["requests"][0], reference)
+
+
+def test_llava_next_placeholders_are_the_kept_patches_plus_every_newline(llava_next_runs, llava_next_hub_repo):
+    """Per image: resolve_budget over its patch tokens (which depend on its size), plus all its
+    image-newline tokens, outside the budget."""
+    from mfpruner_core import resolve_budget
+
+    results, references = llava_next_runs
+    repo_ratio = json.loads((llava_next_hub_repo / "config.json").read_text())["visual_token_ratio"]
+    settings = [("single", None, repo_ratio), ("budget-override", 5, None), ("ratio-override", None, 0.5), ("two-images", None, repo_ratio)]
+    for name, budget, ratio in settings:
+        reference = references[name][0]
+        expected = [resolve_budget(n, budget, ratio) + newlines for n, newlines in zip(reference["candidates"], reference["newlines"])]
+        assert [len(i) for i in results[name]["keep_indices"]] == expected, name
+    assert len(set(references["two-images"][0]["candidates"])) == 2  # two sizes, two token counts
+
+
+# ----------------------------------------------------------------------------- every family
+
+
+@pytest.mark.parametrize("runs, batch", [("llava_runs", LLAVA_BATCH), ("llava_next_runs", LLAVA_NEXT_BATCH), ("qwen_runs", QWEN_BATCH)])
+def test_batch_of_different_sizes_and_budgets(request, runs, batch):
+    """Several requests in one generate call, each with its own images, sizes and budget."""
+    results, references = request.getfixturevalue(runs)
+    assert len(results["batch"]["requests"]) == len(batch)
     for ours, reference in zip(results["batch"]["requests"], references["batch"]):
         assert_same_generation(ours, reference)
 
 
-def test_qwen_bad_ratio_is_a_clear_error(qwen_runs):
-    results, references = qwen_runs
-    assert "visual_token_ratio" in results["bad-ratio"]["error"]
-    assert "visual_token_ratio" in references["bad-ratio"][0]["error"]
+@pytest.mark.parametrize(
+    "runs, case, parameter",
+    [("llava_runs", "bad-budget", "visual_token_budget"), ("llava_next_runs", "bad-budget", "visual_token_budget"),
+     ("qwen_runs", "bad-ratio", "visual_token_ratio")],
+)
+def test_bad_value_is_a_clear_error_naming_the_parameter(request, runs, case, parameter):
+    results, references = request.getfixturevalue(runs)
+    assert parameter in results[case]["error"]
+    assert parameter in references[case][0]["error"]
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible server
@@ -383,22 +476,3 @@ def test_benchmark_vllm_runs_both_variants(llava_hub_repo, tmp_path):
     assert stock["mean_prompt_tokens"] - pruned["mean_prompt_tokens"] == 36 - 8  # the repo keeps 8 of 36
     assert all(r["requests_per_s"] > 0 and r["median_ttft_s"] > 0 for r in (stock, pruned))
     assert "| mfpruner |" in done.stdout
-
-
-# ----------------------------------------------------------------------------- unsupported families
-
-
-def test_llava_next_repo_fails_at_load_saying_what_is_supported(tiny_dir):
-    from mfpruner_lib.tiny_models import build_tiny_llava_next
-
-    repo = build_tiny_llava_next(tiny_dir / "mfpruner-llava-next-vllm", hub_layout=True)
-    script = (
-        "import os; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
-        "from vllm import LLM\n"
-        f"LLM(model={str(repo)!r}, dtype='float32', enforce_eager=True, max_model_len=256)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    done = subprocess.run([str(VENV_PYTHON), "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0
-    assert "does not serve LLaVA-1.6 / LLaVA-NeXT" in done.stderr
-    assert "MFPrunerQwen2_5_VLForConditionalGeneration" in done.stderr

@@ -3,10 +3,11 @@
     python tests/vllm_worker.py SPEC.json OUT.json
 
 SPEC: {"repo": path, "cases": [{"name", "requests": [{"prompt", "images": [png paths],
-"mm_processor_kwargs": {...} or null}], "steps"}]}. Loads the repo once with vLLM (one process,
-float32, greedy) and writes per case and request: the prompt token ids vLLM built, the generated
-ids, each step's log-probability of the chosen token, and (single-request cases) the kept indices
-of the last encoder call (`model.last_pruning`), or the error text of a rejected request.
+"mm_processor_kwargs": {...} or null, optional "video_frames": [frames, height, width] (a random
+video)}], "steps"}]}. Loads the repo once with vLLM (one process, float32, greedy) and writes
+per case and request: the prompt token ids vLLM built, the generated ids, each step's
+log-probability of the chosen token, and (single-request cases) the kept indices of the last
+encoder call (`model.last_pruning`), or the error text of a rejected request.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def main(spec_path: str, out_path: str) -> None:
+    import numpy as np
     from PIL import Image
     from vllm import LLM, SamplingParams
 
@@ -40,7 +42,13 @@ def main(spec_path: str, out_path: str) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=case["steps"], logprobs=0, ignore_eos=True)
         requests = []
         for request in case["requests"]:
-            data = {"prompt": request["prompt"], "multi_modal_data": {"image": [Image.open(p).convert("RGB") for p in request["images"]]}}
+            media = {"image": [Image.open(p).convert("RGB") for p in request["images"]]}
+            if request.get("video_frames"):  # [frames, height, width] of a random RGB video
+                frames, height, width = request["video_frames"]
+                pixels = np.random.default_rng(0).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+                metadata = {"total_num_frames": frames, "fps": 2.0, "duration": frames / 2.0, "frames_indices": list(range(frames))}
+                media["video"] = (pixels, metadata)  # decoded frames with their metadata, as vLLM's loader gives them
+            data = {"prompt": request["prompt"], "multi_modal_data": media}
             if request.get("mm_processor_kwargs") is not None:
                 data["mm_processor_kwargs"] = request["mm_processor_kwargs"]
             requests.append(data)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 STOCK = {
     "MFPrunerLlavaForConditionalGeneration": "LlavaForConditionalGeneration",
+    "MFPrunerLlavaNextForConditionalGeneration": "LlavaNextForConditionalGeneration",
     "MFPrunerQwen2_5_VLForConditionalGeneration": "Qwen2_5_VLForConditionalGeneration",
 }
 QUESTIONS = ["What is in the image?", "Describe the picture in detail.", "What color is the car?", "Is there a dog?"]
