@@ -298,7 +298,7 @@ def image_cues(
             cues[name] = relevance.to(tokens.device)
         elif name == "relevance":
             if text_mask is None:
-                text_mask = torch.ones(text_embeds.shape[0], dtype=torch.bool)
+                text_mask = torch.ones(text_embeds.shape[0], dtype=torch.bool, device=tokens.device)
             cues[name] = llm_relevance(tokens[None], text_embeds[None].to(tokens.device), text_mask[None].to(tokens.device))[0]
         else:
             raise ValueError(f"unknown cue {name!r}; the cues are {CUE_NAMES}")

@@ -114,16 +114,27 @@ class MachineLoad:
     busy: str | None = None  # why the run counts as busy, None when quiet
 
 
+def cpu_snapshot() -> tuple[float, float | None, float]:
+    """(wall clock, all processes' busy CPU seconds or None off Linux, this process's CPU seconds)."""
+    return time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
+
+
+def other_cores_since(start: tuple[float, float | None, float]) -> tuple[float, float | None]:
+    """(wall seconds since the `cpu_snapshot` `start`, the mean number of CPU cores OTHER processes
+    kept busy meanwhile: None off Linux or when no time passed)."""
+    wall, busy, own = cpu_snapshot()
+    elapsed = wall - start[0]
+    if busy is None or start[1] is None or elapsed <= 0:
+        return elapsed, None
+    return elapsed, max(0.0, ((busy - start[1]) - (own - start[2])) / elapsed)
+
+
 def other_cores_now(sample_s: float) -> float | None:
     """Mean CPU cores that other processes keep busy over the next `sample_s` seconds (this process
     sleeps meanwhile); None off Linux."""
-    start, own_start = cpu_busy_seconds(), own_cpu_seconds()
-    wall_start = time.perf_counter()
+    start = cpu_snapshot()
     time.sleep(sample_s)
-    busy, own = cpu_busy_seconds(), own_cpu_seconds()
-    if start is None or busy is None:
-        return None
-    return max(0.0, ((busy - start) - (own - own_start)) / (time.perf_counter() - wall_start))
+    return other_cores_since(start)[1]
 
 
 class LoadMonitor:
@@ -141,16 +152,12 @@ class LoadMonitor:
         self.load = MachineLoad(load_before=os.getloadavg()[0])
         if self.sample_s > 0:
             self.load.other_cores_before = other_cores_now(self.sample_s)
-        self._start = (time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds())
+        self._start = cpu_snapshot()
         return self.load
 
     def __exit__(self, *exc) -> None:
-        wall, busy, own = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
-        self.load.wall_s = wall - self._start[0]
+        self.load.wall_s, self.load.other_cores = other_cores_since(self._start)
         self.load.load_after = os.getloadavg()[0]
-        if busy is not None and self._start[1] is not None and self.load.wall_s > 0:
-            others = (busy - self._start[1]) - (own - self._start[2])
-            self.load.other_cores = max(0.0, others / self.load.wall_s)
 
 
 DEFAULT_MAX_OTHER_CORES = 0.25
@@ -224,6 +231,20 @@ def add_load_arguments(parser) -> None:
     parser.add_argument("--max-other-cores", type=float, default=DEFAULT_MAX_OTHER_CORES,
                         help="busy when other processes used more CPU cores than this right before (a 2 s "
                              "sample) or during the run")
+
+
+# ----------------------------------------------------------------------------- random model inputs
+
+
+def vision_attention_inputs(attn, length: int, generator, device, dtype: torch.dtype):
+    """Random inputs of one Qwen2.5-VL vision attention module `attn` over `length` patches in one
+    segment: hidden states (S, C) in `dtype`, cu_seqlens [0, S] and rotary (cos, sin), each
+    (S, Dh). For timing: the cost does not depend on the values."""
+    hidden = torch.randn(length, attn.dim, generator=generator).to(device, dtype)
+    angles = torch.rand(length, attn.head_dim // 2, generator=generator) * length**0.5
+    emb = torch.cat([angles, angles], dim=-1).to(device)
+    cu_seqlens = torch.tensor([0, length], dtype=torch.int32, device=device)
+    return hidden, cu_seqlens, (emb.cos(), emb.sin())
 
 
 # ----------------------------------------------------------------------------- generated docs sections

@@ -122,8 +122,8 @@ LLAVA_BUDGETS = tuple((str(k), {"budget": k}) for k in (192, 128, 64, 32))
 RATIO_BUDGETS = tuple((f"{100 * r:.1f}%", {"ratio": r}) for r in (0.333, 0.222, 0.111, 0.056))
 QWEN_BUDGETS = tuple((f"{100 * r:.1f}%", {"ratio": r}) for r in (0.445, 0.333, 0.222))
 
-FAMILIES = {
-    "llava-1.5": Family(
+FAMILIES = {family.key: family for family in (  # keyed by Family.key
+    Family(
         key="llava-1.5",
         name="LLaVA-1.5",
         model_type="llava",
@@ -147,7 +147,7 @@ FAMILIES = {
         demo_tiny=demo_tiny_llava,
         demo_geometry="LLaVA-1.5 geometry: 576 visual tokens",
     ),
-    "llava-next": Family(
+    Family(
         key="llava-next",
         name="LLaVA-NeXT",
         model_type="llava_next",
@@ -176,7 +176,7 @@ FAMILIES = {
         demo_geometry="LLaVA-1.6 anyres tiles: up to 2,928 visual tokens",
         anyres=True,
     ),
-    "qwen2.5-vl": Family(
+    Family(
         key="qwen2.5-vl",
         name="Qwen2.5-VL",
         model_type="qwen2_5_vl",
@@ -207,7 +207,7 @@ FAMILIES = {
         demo_geometry="Qwen2.5-VL geometry: 28 px per visual token, up to 1,024",
         processor_stand_in=True,
     ),
-}
+)}
 
 
 def by_model_type(model_type: str) -> Family | None:

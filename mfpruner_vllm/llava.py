@@ -30,17 +30,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from mfpruner_core import MFPrunerResult, attention_from_query
 
-from .pruning import (
-    KEEP,
-    TEXT_IDS,
-    KeptPlaceholdersMixin,
-    check_supported,
-    head_mean,
-    new_result,
-    per_item,
-    prune_image,
-    record_image,
-)
+from .pruning import KeptPlaceholdersMixin, check_supported, head_mean, pop_pixel_input, prune_images
 
 
 class MFPrunerLlavaMultiModalProcessor(KeptPlaceholdersMixin, LlavaMultiModalProcessor):
@@ -125,25 +115,10 @@ class MFPrunerLlavaMixin:
         unused = ("clip_text_model.", "clip_visual_projection.")
         return super().load_weights((name, w) for name, w in weights if not name.startswith(unused))
 
-    def pixel_input(self, kwargs: dict):
-        """(parsed image input or None, text ids, kept counts): the plugin's per-image inputs popped."""
-        text_ids, keep = kwargs.pop(TEXT_IDS, None), kwargs.pop(KEEP, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is not None and image_input["type"] != "pixel_values":
-            raise ValueError("MFPruner needs the images' pixels to prune; `image_embeds` inputs are not supported")
-        return image_input, text_ids, keep
-
     def prune(self, images, text_ids, keep) -> list[torch.Tensor]:
         """images: per image (tokens (N, D), raw [CLS] attention (N,), candidates (N,) bool or None)
         -> the kept rows of each image; sets `last_pruning`."""
-        kept, result = [], new_result(self.config)
-        text_ids, keep = per_item(text_ids, len(images)), per_item(keep, len(images))
-        for (tokens, attention, candidates), ids, k in zip(images, text_ids, keep):
-            text_embeds = self.language_model.embed_input_ids(ids.to(tokens.device).view(-1))
-            indices, scores = prune_image(self.config, tokens, attention, text_embeds, int(k), candidates)
-            kept.append(tokens[indices])
-            record_image(result, indices, scores, len(tokens))
-        self.last_pruning = result
+        kept, self.last_pruning = prune_images(self, images, text_ids, keep)
         return kept
 
 
@@ -157,7 +132,7 @@ class MFPrunerLlavaForConditionalGeneration(MFPrunerLlavaMixin, LlavaForConditio
     family = "LLaVA-1.5"
 
     def embed_multimodal(self, **kwargs):
-        image_input, text_ids, keep = self.pixel_input(kwargs)
+        image_input, text_ids, keep = pop_pixel_input(self, kwargs)
         if image_input is None:
             return []
         with capture_cls_attention(self.vision_tower) as captured:
@@ -178,7 +153,7 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerLlavaMixin, LlavaNextFor
     family = "LLaVA-NeXT"
 
     def embed_multimodal(self, **kwargs):
-        image_input, text_ids, keep = self.pixel_input(kwargs)
+        image_input, text_ids, keep = pop_pixel_input(self, kwargs)
         if image_input is None:
             return []
         tiles = list(image_input["pixel_values"])  # per image (tiles, 3, h, w)
@@ -190,8 +165,8 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerLlavaMixin, LlavaNextFor
         images = []
         for size, tokens, attention in zip(image_input["image_sizes"], tile_tokens.split(counts), tile_attention.split(counts)):
             positions = packed_tile_positions(size.tolist(), self.config).to(tokens.device)  # (N,)
-            is_patch = positions >= 0
-            gathered = tokens.flatten(0, 1)[positions.clamp(min=0)]  # (N, D)
+            is_patch, source = positions >= 0, positions.clamp(min=0)  # newlines read patch 0, replaced below
+            gathered = tokens.flatten(0, 1)[source]  # (N, D)
             packed = torch.where(is_patch[:, None], gathered, self.image_newline.to(gathered.dtype))
-            images.append((packed, attention.flatten()[positions.clamp(min=0)], is_patch))
+            images.append((packed, attention.flatten()[source], is_patch))
         return self.prune(images, text_ids, keep)

@@ -137,16 +137,34 @@ def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=No
     return indices, full
 
 
-def new_result(config) -> MFPrunerResult:
-    """An empty `last_pruning` record, filled by `record_image` in image order."""
-    return MFPrunerResult([], {name: [] for name in config.mfpruner_cues}, [], [], 0)
+def prune_images(model, images, text_ids, keep) -> tuple[list[torch.Tensor], MFPrunerResult]:
+    """Every image of one encoder call, in order (each family's embed_multimodal ends here).
+
+    images: per image (tokens (N, D), raw vision attention (N,) or None, candidates (N,) bool or
+    None); text_ids / keep: the processor's per-image inputs (the prompt's non-image token ids,
+    embedded by the model's language model, and the placeholder count). Returns (the kept rows of
+    each image, the call's `MFPrunerResult`: kept indices and cue scores per image, on the CPU)."""
+    kept, result = [], MFPrunerResult([], {name: [] for name in model.config.mfpruner_cues}, [], [], 0)
+    text_ids, keep = per_item(text_ids, len(images)), per_item(keep, len(images))
+    for (tokens, attention, candidates), ids, k in zip(images, text_ids, keep):
+        text_embeds = model.language_model.embed_input_ids(ids.to(tokens.device).view(-1))
+        indices, scores = prune_image(model.config, tokens, attention, text_embeds, int(k), candidates)
+        kept.append(tokens[indices])
+        result.keep_indices.append(indices.cpu())
+        result.num_visual_tokens.append(len(tokens))
+        for name, score in scores.items():
+            result.cue_scores[name].append(score.cpu())
+    return kept, result
 
 
-def record_image(result: MFPrunerResult, indices, scores: dict, num_tokens: int) -> None:
-    result.keep_indices.append(indices.cpu())
-    result.num_visual_tokens.append(num_tokens)
-    for name, score in scores.items():
-        result.cue_scores[name].append(score.cpu())
+def pop_pixel_input(model, kwargs: dict):
+    """(the model's parsed image input or None, text ids, kept counts): the plugin's per-image
+    inputs popped from embed_multimodal's kwargs; image embeddings are refused (no pixels, no cues)."""
+    text_ids, keep = kwargs.pop(TEXT_IDS, None), kwargs.pop(KEEP, None)
+    image_input = model._parse_and_validate_image_input(**kwargs)
+    if image_input is not None and image_input["type"] != "pixel_values":
+        raise ValueError("MFPruner needs the images' pixels to prune; `image_embeds` inputs are not supported")
+    return image_input, text_ids, keep
 
 
 def per_item(value, count: int) -> list:

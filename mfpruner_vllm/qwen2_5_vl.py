@@ -31,17 +31,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from mfpruner_core import MFPrunerResult, attention_with_received
 
-from .pruning import (
-    KEEP,
-    TEXT_IDS,
-    KeptPlaceholdersMixin,
-    check_supported,
-    head_mean,
-    new_result,
-    per_item,
-    prune_image,
-    record_image,
-)
+from .pruning import KEEP, TEXT_IDS, KeptPlaceholdersMixin, check_supported, head_mean, pop_pixel_input, prune_images
 
 class MFPrunerQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
     def get_supported_mm_limits(self):
@@ -164,23 +154,14 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         reverse = visual.prepare_encoder_metadata(grids)["reverse_indices"].to(features.device)
         attention = captured["received"].view(-1, unit).mean(dim=-1)[reverse]  # (sum N,) raster order
         sizes = (grid_thw.prod(-1) // unit).tolist()
-        text_ids, keep = per_item(text_ids, len(sizes)), per_item(keep, len(sizes))
-        result, kept = new_result(self.config), []
-        for i, (tokens, scores) in enumerate(zip(features.split(sizes), attention.split(sizes))):
-            text_embeds = self.language_model.embed_input_ids(text_ids[i].to(tokens.device).view(-1))
-            indices, cues = prune_image(self.config, tokens, scores, text_embeds, int(keep[i]))
-            kept.append(tokens[indices])
-            record_image(result, indices, cues, len(tokens))
-        self.last_pruning = result
-        return kept, list(result.keep_indices)
+        images = [(tokens, scores, None) for tokens, scores in zip(features.split(sizes), attention.split(sizes))]
+        kept, self.last_pruning = prune_images(self, images, text_ids, keep)
+        return kept, list(self.last_pruning.keep_indices)
 
     def embed_multimodal(self, **kwargs):
-        text_ids, keep = kwargs.pop(TEXT_IDS, None), kwargs.pop(KEEP, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, text_ids, keep = pop_pixel_input(self, kwargs)
         if image_input is None:
             return []
-        if image_input["type"] != "pixel_values":
-            raise ValueError("MFPruner needs the images' pixels to prune; `image_embeds` inputs are not supported")
         kept, _ = self.select_images(image_input["pixel_values"], image_input["image_grid_thw"], text_ids, keep)
         return kept
 

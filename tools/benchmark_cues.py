@@ -171,11 +171,7 @@ def block_inputs(block, length: int, generator, device: str, dtype: torch.dtype)
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     attn = block.attn
-    hidden = torch.randn(length, attn.dim, generator=generator).to(device, dtype)
-    angles = torch.rand(length, attn.head_dim // 2, generator=generator) * length**0.5
-    emb = torch.cat([angles, angles], dim=-1).to(device)
-    rotary = (emb.cos(), emb.sin())
-    cu_seqlens = torch.tensor([0, length], dtype=torch.int32, device=device)
+    hidden, cu_seqlens, rotary = bench_utils.vision_attention_inputs(attn, length, generator, device, dtype)
     q, k, v = attn.qkv(block.norm1(hidden)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
     q, k, v = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))

@@ -362,13 +362,10 @@ def qwen_cue_attention(model, inputs) -> dict:
     visual = model.model.visual
     attn = visual.blocks[last_full_attention_block(visual)].attn
     length = int(inputs["image_grid_thw"].prod(-1).sum())  # patches before the 2x2 merge
-    generator = torch.Generator().manual_seed(0)
     parameter = next(attn.parameters())
-    hidden = torch.randn(length, attn.dim, generator=generator).to(parameter)
-    angles = torch.rand(length, attn.head_dim // 2, generator=generator) * length**0.5
-    emb = torch.cat([angles, angles], dim=-1).to(parameter.device)
-    rotary = (emb.cos(), emb.sin())
-    cu_seqlens = torch.tensor([0, length], dtype=torch.int32, device=parameter.device)
+    hidden, cu_seqlens, rotary = bench_utils.vision_attention_inputs(
+        attn, length, torch.Generator().manual_seed(0), parameter.device, parameter.dtype
+    )
     chunk = model.config.attention_query_chunk
     return {
         "stock": lambda: attn(hidden, cu_seqlens, position_embeddings=rotary),
@@ -510,10 +507,9 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
                 calls[f"prune/{label}"] = lambda b=budget: family.prune(model, inputs, b)
             model(**inputs, **budget, use_cache=True, logits_to_keep=1)
             lengths[label] = lm_input_length(model, inputs, budget)
-        if family.cue_attention is not None:  # paired in every round: capture minus stock
-            cue_attention = family.cue_attention(model, inputs)
-            calls["cue-attention/stock"], calls["cue-attention/capture"] = cue_attention["stock"], cue_attention["capture"]
-            cue_patches = cue_attention["patches"]
+        cue_pair = None if family.cue_attention is None else family.cue_attention(model, inputs)
+        if cue_pair is not None:  # paired in every round: capture minus stock
+            calls["cue-attention/stock"], calls["cue-attention/capture"] = cue_pair["stock"], cue_pair["capture"]
         for recorded in stages.values():
             recorded.clear()  # keep the timed rounds' stage timings only
         samples = bench_utils.time_interleaved(calls, repeats + warmup, 0, device)
@@ -537,11 +533,17 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
     capture_pairs = None
     if "cue-attention/capture" in samples:
         capture_pairs = [c - s for c, s in zip(samples["cue-attention/capture"], samples["cue-attention/stock"])]
+        paired_capture = bench_utils.median(capture_pairs)
     rows = []
     for label, _ in settings:
         pruned_flops = full_flops if label == "unpruned" else family.prefill_flops(model.config, size, text_tokens, kept[label])
         prefill, lm = times[f"prefill/{label}"], times[f"lm/{label}"]
         overhead, overhead_source, stage_s = None, None, stage_medians(stages[label])
+        capture, capture_source = None, None
+        if label != "unpruned" and capture_pairs is not None:  # cue A timed at its block, the same every setting
+            capture, capture_source = paired_capture, "paired block"
+        elif label != "unpruned" and "vision" in stage_s:
+            capture, capture_source = stage_s["vision"] - times[f"encode/{label}"], "vision stage"
         if label != "unpruned" and stage_s:  # timers inside the pruned call itself
             overhead, overhead_source = sum(stage_s.get(key, 0.0) for key in CUE_STAGES), "in-call timers"
         elif label != "unpruned":  # fallback: median of the per-round differences of adjacent calls
@@ -564,22 +566,15 @@ def run_family(family: Family, size: str, repeats: int, warmup: int, decode_step
             cue_overhead_pct=None if overhead is None else 100.0 * overhead / prefill,
             cue_overhead_source=overhead_source,
             stage_s=stage_s,
-            capture_overhead_s=(
-                None if label == "unpruned"
-                else bench_utils.median(capture_pairs) if capture_pairs is not None
-                else (stage_s["vision"] - times[f"encode/{label}"]) if "vision" in stage_s else None
-            ),
-            capture_source=(
-                None if label == "unpruned" else "paired block" if capture_pairs is not None
-                else "vision stage" if "vision" in stage_s else None
-            ),
+            capture_overhead_s=capture,
+            capture_source=capture_source,
             peak_bytes=peak[label],
             decode_tokens_per_s=decode[label],
             prefill_tflops=pruned_flops.total / 1e12,
         ))
     cue_attention = None
     if capture_pairs is not None:
-        cue_attention = dict(patches=cue_patches, stock_s=times["cue-attention/stock"], capture_s=times["cue-attention/capture"],
+        cue_attention = dict(patches=cue_pair["patches"], stock_s=times["cue-attention/stock"], capture_s=times["cue-attention/capture"],
                              extra_spread_s=bench_utils.spread(capture_pairs))
     return dict(
         family=family.name, size=size, model=family.note.get(size, ""), text_tokens=text_tokens,
@@ -603,8 +598,9 @@ def lm_time_fit(rows: list[dict]) -> tuple[float, float, float, float]:
     lengths = torch.tensor([float(r["lm_length"]) for r in rows], dtype=torch.float64)
     seconds = torch.tensor([r["lm_prefill_s"] for r in rows], dtype=torch.float64)
     design = torch.stack([torch.ones_like(lengths), lengths, lengths**2], dim=1)  # (settings, 3)
-    fixed, per_row, per_pair = torch.linalg.lstsq(design, seconds[:, None]).solution.flatten().tolist()
-    residual = float(((design @ torch.tensor([fixed, per_row, per_pair], dtype=torch.float64)) - seconds).abs().div(seconds).max())
+    solution = torch.linalg.lstsq(design, seconds[:, None]).solution.flatten()  # (3,)
+    residual = float((design @ solution - seconds).abs().div(seconds).max())
+    fixed, per_row, per_pair = solution.tolist()
     return fixed, per_row, per_pair, residual
 
 
@@ -630,8 +626,10 @@ def lm_fit_note(result: dict) -> str:
         f"a x L + b x L^2, largest residual {100 * residual:.1f}%): fixed {1e3 * fixed:.1f} ms per forward, "
         f"{100 * fixed / shortest['lm_prefill_s']:.0f}% of the LLM time at L = {shortest['lm_length']}, "
         f"a = {1e3 * per_row:.3f} ms per row. The fixed part does not shrink with pruning and FLOPs do not count it"
-        + (f" (the LLM's {bench_utils.megabytes(weights)} MB of weights are read in every forward" if weights else "")
-        + (f"; one 1-row decode step takes {1e3 / rows[0]['decode_tokens_per_s']:.1f} ms)" if weights else "")
+        + (
+            f" (the LLM's {bench_utils.megabytes(weights)} MB of weights are read in every forward; one 1-row "
+            f"decode step takes {1e3 / rows[0]['decode_tokens_per_s']:.1f} ms)" if weights else ""
+        )
         + ".\n"
     )
 
