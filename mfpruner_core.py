@@ -130,22 +130,25 @@ def attention_with_received(
     raise ValueError(f"`method` must be 'auto', 'chunked' or 'fused', got {method!r}")
 
 
-CPU_BLOCK_FLOATS = 2**21  # 8 MiB of float32: the largest (B * H, chunk, S) block on CPU
+CPU_BLOCK_FLOATS = 2**22  # 16 MiB of float32: the largest (B * H, chunk, S) block on CPU
 
 
 def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int):
     """The "chunked" method of `attention_with_received` (v=None: the column sums only, out=None).
 
-    Per chunk of C queries: e = exp(logits - row max) (B*H, C, S), the output rows
-    (e @ v) / rowsum and the column sums (1 / rowsum)^T @ e: one QK^T, no normalised copy.
-    The logits (which decide the cue) are float32: q and k are converted once, not per chunk. The
-    e @ v matmul runs in v's dtype (float32 accumulation), in float32 on CPU (no fast 16-bit
-    matmuls there). On CPU the chunk is also capped so that one block stays within CPU_BLOCK_FLOATS.
+    Per chunk of C queries: p = softmax(logits) (B*H, C, S), then the output rows p @ v and the
+    column sums 1^T @ p: one QK^T. The softmax is torch's fused kernel (max, exp, sum and divide
+    row by row while the row is in cache), faster on CPU than separate passes over the block.
+    The logits and probabilities (which decide the cue) are float32: q and k are converted once,
+    not per chunk. The p @ v matmul runs in v's dtype (float32 accumulation), in float32 on CPU
+    (no fast 16-bit matmuls there). On CPU the chunk is also capped so that one block stays within
+    CPU_BLOCK_FLOATS: fewer, larger matmuls ran faster up to there, and blocks much larger were
+    slower (each is fresh memory from the OS).
     """
     if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
         raise ValueError(f"`query_chunk` must be a positive int (queries per step), got {query_chunk!r}")
     batch, heads, length, head_dim = q.shape
-    if q.device.type == "cpu":  # cache-sized blocks ran faster on CPU (fewer passes through main memory)
+    if q.device.type == "cpu":
         query_chunk = min(query_chunk, max(16, CPU_BLOCK_FLOATS // (batch * heads * length)))
     queries = q.reshape(batch * heads, length, head_dim).float() * scale  # (BH, S, Dh), scaled once
     keys_t = k.reshape(batch * heads, length, head_dim).float().transpose(1, 2)  # (BH, Dh, S)
@@ -155,14 +158,13 @@ def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int):
         values = v.reshape(batch * heads, length, v.shape[-1]).to(work)
         out = torch.empty_like(values)
     received = torch.zeros(batch * heads, 1, length, dtype=torch.float32, device=q.device)
+    ones = torch.ones(batch * heads, 1, query_chunk, dtype=torch.float32, device=q.device)
     for start in range(0, length, query_chunk):
-        e = torch.bmm(queries[:, start : start + query_chunk], keys_t)  # (BH, C, S) float32 logits
-        e.sub_(e.amax(dim=-1, keepdim=True)).exp_()
-        inverse_rowsum = e.sum(dim=-1, keepdim=True).reciprocal_()  # (BH, C, 1)
-        received.baddbmm_(inverse_rowsum.transpose(1, 2), e)  # += column sums of the softmax
+        probs = torch.bmm(queries[:, start : start + query_chunk], keys_t).softmax(dim=-1)  # (BH, C, S)
+        received.baddbmm_(ones[:, :, : probs.shape[1]], probs)  # += column sums (a matmul: one fast pass)
         if values is not None:
-            rows = torch.bmm(e.to(values.dtype), values)  # (BH, C, Dv)
-            out[:, start : start + query_chunk] = rows.mul_(inverse_rowsum.to(values.dtype))
+            out[:, start : start + query_chunk] = torch.bmm(probs.to(values.dtype), values)  # (BH, C, Dv)
+        del probs  # at most two blocks alive: the next logits and their softmax
     received = received.view(batch, heads, length).mean(dim=1)
     if out is None:
         return None, received
