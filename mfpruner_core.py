@@ -130,26 +130,37 @@ def attention_with_received(
     raise ValueError(f"`method` must be 'auto', 'chunked' or 'fused', got {method!r}")
 
 
-CPU_BLOCK_FLOATS = 2**22  # 16 MiB of float32: the largest (B * H, chunk, S) block on CPU
+CPU_HEAD_BLOCK_FLOATS = 2**21  # 8 MiB of float32: the largest (chunk, S) block per head on CPU
 
 
-def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int):
+def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int, heads_per_block: int | None = None):
     """The "chunked" method of `attention_with_received` (v=None: the column sums only, out=None).
 
-    Per chunk of C queries: p = softmax(logits) (B*H, C, S), then the output rows p @ v and the
-    column sums 1^T @ p: one QK^T. The softmax is torch's fused kernel (max, exp, sum and divide
-    row by row while the row is in cache), faster on CPU than separate passes over the block.
-    The logits and probabilities (which decide the cue) are float32: q and k are converted once,
-    not per chunk. The p @ v matmul runs in v's dtype (float32 accumulation), in float32 on CPU
-    (no fast 16-bit matmuls there). On CPU the chunk is also capped so that one block stays within
-    CPU_BLOCK_FLOATS: fewer, larger matmuls ran faster up to there, and blocks much larger were
-    slower (each is fresh memory from the OS).
+    Per block of h heads x C queries: p = softmax(logits) (h, C, S), then the output rows p @ v and
+    the column sums 1^T @ p: one QK^T. The softmax is torch's fused kernel (max, exp, sum and
+    divide row by row while the row is in cache). The logits and probabilities (which decide the
+    cue) are float32: q and k are converted once, not per chunk. The p @ v matmul runs in v's dtype
+    (float32 accumulation), in float32 on CPU (no fast 16-bit matmuls there). The two blocks are
+    allocated once per call and reused: fresh multi-MiB blocks per chunk cost page faults on CPU.
+
+    heads_per_block (h): None = torch's CPU thread count on CPU (each thread multiplies one head's
+    block: fewer, taller matmuls ran much faster there than all heads' short ones), all B * H
+    elsewhere. On CPU C is also capped at CPU_HEAD_BLOCK_FLOATS / S.
     """
     if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
         raise ValueError(f"`query_chunk` must be a positive int (queries per step), got {query_chunk!r}")
+    if heads_per_block is not None and (
+        isinstance(heads_per_block, bool) or not isinstance(heads_per_block, int) or heads_per_block < 1
+    ):
+        raise ValueError(f"`heads_per_block` must be a positive int or None, got {heads_per_block!r}")
     batch, heads, length, head_dim = q.shape
-    if q.device.type == "cpu":
-        query_chunk = min(query_chunk, max(16, CPU_BLOCK_FLOATS // (batch * heads * length)))
+    on_cpu = q.device.type == "cpu"
+    if heads_per_block is None:
+        heads_per_block = torch.get_num_threads() if on_cpu else batch * heads
+    heads_per_block = min(heads_per_block, batch * heads)
+    if on_cpu:
+        query_chunk = min(query_chunk, max(16, CPU_HEAD_BLOCK_FLOATS // length))
+    query_chunk = min(query_chunk, length)
     queries = q.reshape(batch * heads, length, head_dim).float() * scale  # (BH, S, Dh), scaled once
     keys_t = k.reshape(batch * heads, length, head_dim).float().transpose(1, 2)  # (BH, Dh, S)
     values, out = None, None
@@ -158,13 +169,22 @@ def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int):
         values = v.reshape(batch * heads, length, v.shape[-1]).to(work)
         out = torch.empty_like(values)
     received = torch.zeros(batch * heads, 1, length, dtype=torch.float32, device=q.device)
-    ones = torch.ones(batch * heads, 1, query_chunk, dtype=torch.float32, device=q.device)
-    for start in range(0, length, query_chunk):
-        probs = torch.bmm(queries[:, start : start + query_chunk], keys_t).softmax(dim=-1)  # (BH, C, S)
-        received.baddbmm_(ones[:, :, : probs.shape[1]], probs)  # += column sums (a matmul: one fast pass)
-        if values is not None:
-            out[:, start : start + query_chunk] = torch.bmm(probs.to(values.dtype), values)  # (BH, C, Dv)
-        del probs  # at most two blocks alive: the next logits and their softmax
+    ones = torch.ones(heads_per_block, 1, query_chunk, dtype=torch.float32, device=q.device)
+    block = heads_per_block * query_chunk * length
+    logits_buffer = torch.empty(block, dtype=torch.float32, device=q.device)
+    probs_buffer = torch.empty(block, dtype=torch.float32, device=q.device)
+    for first in range(0, batch * heads, heads_per_block):
+        h = slice(first, first + heads_per_block)
+        for start in range(0, length, query_chunk):
+            rows = slice(start, start + query_chunk)
+            chunk = queries[h, rows]  # (h, C, Dh); the last block of either loop may be smaller
+            shape = (chunk.shape[0], chunk.shape[1], length)
+            size = shape[0] * shape[1] * length
+            logits = torch.bmm(chunk, keys_t[h], out=logits_buffer[:size].view(shape))  # (h, C, S)
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=probs_buffer[:size].view(shape))
+            received[h].baddbmm_(ones[: shape[0], :, : shape[1]], probs)  # += column sums (a matmul: one fast pass)
+            if values is not None:
+                out[h, rows] = torch.bmm(probs.to(values.dtype), values[h])  # (h, C, Dv)
     received = received.view(batch, heads, length).mean(dim=1)
     if out is None:
         return None, received

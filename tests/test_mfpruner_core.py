@@ -192,6 +192,17 @@ def test_attention_with_received_matches_sdpa_and_the_materialised_map(method, d
     assert torch.allclose(received.sum(dim=-1), torch.full((shape[0],), float(shape[2])), rtol=1e-4)  # rows sum to 1
 
 
+@pytest.mark.parametrize("heads_per_block", [None, 1, 2, 6, 100])
+def test_chunked_attention_is_exact_for_any_heads_per_block(heads_per_block):
+    # None: one head per block on CPU; all B * H heads per block is what other devices run.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 8) for _ in range(3))
+    out, received = core.chunked_attention_with_received(q, k, v, 8**-0.5, 16, heads_per_block)
+    exact_out, exact_received = materialised_attention(q, k, v, 8**-0.5)
+    torch.testing.assert_close(out.double(), exact_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(received.double(), exact_received, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_received_is_attention_with_received_without_values():
     q, k = torch.randn(3, 40, 8), torch.randn(3, 40, 8)
     _, received = core.attention_with_received(q[None], k[None], torch.randn(1, 3, 40, 8), 0.3, 16, "chunked")
@@ -230,7 +241,7 @@ def test_attention_with_received_memory_grows_linearly_never_heads_x_s_x_s(metho
     full_map = heads * 2048 * 2048 * 4  # one float32 (H, S, S) map at S = 2048: 64 MiB
     assert 0 < peaks[2048] < full_map / 8
     assert peaks[2048] < 2.5 * peaks[1024]  # linear in S (an S x S temporary would make it 4x)
-    if method == "chunked":  # two (H, chunk, S) float32 blocks (logits, softmax; 2 MiB each), plus copies of q, k, v, out
+    if method == "chunked":  # two (h, chunk, S) float32 blocks (logits, softmax; at most 2 MiB each), plus copies of q, k, v, out
         assert peaks[2048] < 2 * heads * chunk * 2048 * 4 + 6 * heads * 2048 * head_dim * 4
 
 
@@ -261,6 +272,9 @@ def test_attention_with_received_rejects_bad_arguments():
         core.attention_with_received(q, q, q, 0.5, method="flash")
     with pytest.raises(ValueError, match="query_chunk"):
         core.attention_with_received(q, q, q, 0.5, query_chunk=0, method="chunked")
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="heads_per_block"):
+            core.chunked_attention_with_received(q, q, q, 0.5, 4, bad)
 
 
 def test_min_max_normalize_formula_and_constant_guard():
