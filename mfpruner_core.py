@@ -130,7 +130,10 @@ def attention_with_received(
     raise ValueError(f"`method` must be 'auto', 'chunked' or 'fused', got {method!r}")
 
 
-CPU_HEAD_BLOCK_FLOATS = 2**21  # 8 MiB of float32: the largest (chunk, S) block per head on CPU
+# Queries per head block on CPU. Measured on a 2-core Xeon (2 MiB L2 per core): 64-256 rows were
+# within noise of each other at 5,476 patches, 383 cost 1.8x the extra time of 96, and 24 (short
+# matmuls) 1.6x at 21,316 patches.
+CPU_QUERY_CHUNK = 96
 
 
 def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int, heads_per_block: int | None = None):
@@ -138,14 +141,15 @@ def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int, hea
 
     Per block of h heads x C queries: p = softmax(logits) (h, C, S), then the output rows p @ v and
     the column sums 1^T @ p: one QK^T. The softmax is torch's fused kernel (max, exp, sum and
-    divide row by row while the row is in cache). The logits and probabilities (which decide the
-    cue) are float32: q and k are converted once, not per chunk. The p @ v matmul runs in v's dtype
-    (float32 accumulation), in float32 on CPU (no fast 16-bit matmuls there). The two blocks are
+    divide row by row while the row is in cache), run in place on the logits (each element is
+    written after it is read: bit-identical, tested). The logits and probabilities (which decide
+    the cue) are float32: q and k are converted once, not per chunk. The p @ v matmul runs in v's
+    dtype (float32 accumulation), in float32 on CPU (no fast 16-bit matmuls there). The block is
     allocated once per call and reused: fresh multi-MiB blocks per chunk cost page faults on CPU.
 
     heads_per_block (h): None = torch's CPU thread count on CPU (each thread multiplies one head's
     block: fewer, taller matmuls ran much faster there than all heads' short ones), all B * H
-    elsewhere. On CPU C is also capped at CPU_HEAD_BLOCK_FLOATS / S.
+    elsewhere. On CPU C is also capped at CPU_QUERY_CHUNK.
     """
     if isinstance(query_chunk, bool) or not isinstance(query_chunk, int) or query_chunk < 1:
         raise ValueError(f"`query_chunk` must be a positive int (queries per step), got {query_chunk!r}")
@@ -159,7 +163,7 @@ def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int, hea
         heads_per_block = torch.get_num_threads() if on_cpu else batch * heads
     heads_per_block = min(heads_per_block, batch * heads)
     if on_cpu:
-        query_chunk = min(query_chunk, max(16, CPU_HEAD_BLOCK_FLOATS // length))
+        query_chunk = min(query_chunk, CPU_QUERY_CHUNK)
     query_chunk = min(query_chunk, length)
     queries = q.reshape(batch * heads, length, head_dim).float() * scale  # (BH, S, Dh), scaled once
     keys_t = k.reshape(batch * heads, length, head_dim).float().transpose(1, 2)  # (BH, Dh, S)
@@ -170,18 +174,16 @@ def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int, hea
         out = torch.empty_like(values)
     received = torch.zeros(batch * heads, 1, length, dtype=torch.float32, device=q.device)
     ones = torch.ones(heads_per_block, 1, query_chunk, dtype=torch.float32, device=q.device)
-    block = heads_per_block * query_chunk * length
-    logits_buffer = torch.empty(block, dtype=torch.float32, device=q.device)
-    probs_buffer = torch.empty(block, dtype=torch.float32, device=q.device)
+    buffer = torch.empty(heads_per_block * query_chunk * length, dtype=torch.float32, device=q.device)
     for first in range(0, batch * heads, heads_per_block):
         h = slice(first, first + heads_per_block)
         for start in range(0, length, query_chunk):
             rows = slice(start, start + query_chunk)
             chunk = queries[h, rows]  # (h, C, Dh); the last block of either loop may be smaller
             shape = (chunk.shape[0], chunk.shape[1], length)
-            size = shape[0] * shape[1] * length
-            logits = torch.bmm(chunk, keys_t[h], out=logits_buffer[:size].view(shape))  # (h, C, S)
-            probs = torch.ops.aten._softmax.out(logits, -1, False, out=probs_buffer[:size].view(shape))
+            block = buffer[: shape[0] * shape[1] * length].view(shape)
+            logits = torch.bmm(chunk, keys_t[h], out=block)  # (h, C, S)
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=block)  # in place
             received[h].baddbmm_(ones[: shape[0], :, : shape[1]], probs)  # += column sums (a matmul: one fast pass)
             if values is not None:
                 out[h, rows] = torch.bmm(probs.to(values.dtype), values[h])  # (h, C, Dv)
@@ -331,14 +333,14 @@ def image_cues(
 
 
 def rank_descending(scores: torch.Tensor) -> torch.Tensor:
-    """(B, N) -> (B, N) token indices, highest score first, ties by lower index (deterministic)."""
+    """(..., N) -> (..., N) token indices, highest score first, ties by lower index (deterministic)."""
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N) -> (B, N) bool, the k best tokens with deterministic ties."""
+    """(..., N) -> (..., N) bool, the k best tokens of each row with deterministic ties."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    return mask.scatter(-1, rank_descending(scores)[:, :k], True)
+    return mask.scatter(-1, rank_descending(scores)[..., :k], True)
 
 
 def vote(
@@ -362,12 +364,13 @@ def vote(
         raise ValueError(f"every cue score must be (B, N) with one shape, got {[tuple(s.shape) for s in scores]}")
     check_budget(budget, "budget")
     check_min_votes(min_votes)
-    fill = torch.stack(scores).sum(dim=0) if fill_score is None else fill_score.float()
-    if not bool(torch.isfinite(torch.stack([*scores, fill])).all()):  # one check (one device sync)
+    stacked = torch.stack(scores)  # (C, B, N)
+    fill = stacked.sum(dim=0) if fill_score is None else fill_score.float()
+    if not bool(torch.isfinite(stacked).all() & torch.isfinite(fill).all()):  # one check (one device sync)
         raise ValueError("cue scores must be finite (found NaN or inf)")
 
     k = min(budget, shape[1])
-    votes = torch.stack([top_k_mask(s, k) for s in scores]).sum(dim=0)  # (B, N)
+    votes = top_k_mask(stacked, k).sum(dim=0)  # (B, N): every cue's top-k in one sort
     consensus_votes = torch.where(votes >= min_votes, votes, torch.zeros_like(votes))
     # Sort key (consensus votes, fill score, -index), all descending: two stable sorts.
     by_fill = rank_descending(fill)  # (B, N)
@@ -422,17 +425,19 @@ def compact_rows(keep: torch.Tensor, tensors: dict[str, torch.Tensor], pad: dict
     slot = torch.arange(new_len, device=keep.device)[None, :]  # (1, L')
     offset = (new_len - lengths)[:, None] if left else torch.zeros_like(lengths)[:, None]
     real = (slot >= offset) & (slot < offset + lengths[:, None])  # (B, L')
-    # Integer (row, position) pairs, found once: every tensor is then a gather / scatter with no
-    # further mask-to-index conversion (each of those is a device sync on a GPU).
-    source_rows, source_cols = keep.nonzero(as_tuple=True)
-    target_rows, target_cols = real.nonzero(as_tuple=True)
+    # Flat (row * length + position) indices, found once: every tensor is then one index_select
+    # and one index_copy_ over its first two dims flattened, with no further mask-to-index
+    # conversion (each is a device sync on a GPU) and no element-wise advanced indexing (slow on CPU).
+    source = keep.flatten().nonzero()[:, 0]  # (kept,) into B * L
+    target = real.flatten().nonzero()[:, 0]  # (kept,) into B * L'
     out = {}
     for name, tensor in tensors.items():
         compact = torch.full(
             (keep.shape[0], new_len, *tensor.shape[2:]), pad[name], dtype=tensor.dtype, device=tensor.device
         )
         device = tensor.device
-        compact[target_rows.to(device), target_cols.to(device)] = tensor[source_rows.to(device), source_cols.to(device)]
+        rows = tensor.flatten(0, 1).index_select(0, source.to(device))  # (kept, ...)
+        compact.view(-1, *tensor.shape[2:]).index_copy_(0, target.to(device), rows)
         out[name] = compact
     return out, real
 
@@ -497,6 +502,12 @@ def grid_layout(rows: int, cols: int, part: int = LAYOUT_BASE, device=None) -> t
     """(rows * cols, 3) long: (part, row, col) of a raster-ordered token map."""
     index = torch.arange(rows * cols, device=device)
     return torch.stack([torch.full_like(index, part), index // cols, index % cols], dim=-1)
+
+
+def candidate_rows(x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """x[candidates] for (N, ...) x and an (N,) bool mask, as one index_select: a boolean index
+    of a (576, 1024) CPU tensor took several times longer (its gather runs element by element)."""
+    return x.index_select(0, candidates.nonzero()[:, 0].to(x.device))
 
 
 def vote_candidates(cues: dict[str, torch.Tensor], candidates: torch.Tensor, budget, ratio, min_votes, fill_by):

@@ -49,6 +49,7 @@ if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's 
         auto_map_with_auto_model,
         call_budget,
         call_min_votes,
+        candidate_rows,
         clip_text_relevance,
         compact_rows,
         image_cues,
@@ -65,7 +66,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
     validate_mfpruner_settings = _configuration.validate_mfpruner_settings
     _core = import_module("mfpruner_core")
     MFPrunerResult, auto_map_with_auto_model = _core.MFPrunerResult, _core.auto_map_with_auto_model
-    call_budget, call_min_votes = _core.call_budget, _core.call_min_votes
+    call_budget, call_min_votes, candidate_rows = _core.call_budget, _core.call_min_votes, _core.candidate_rows
     clip_text_relevance, compact_rows = _core.clip_text_relevance, _core.compact_rows
     image_cues, keep_mask_for_images, restore_prompt = _core.image_cues, _core.keep_mask_for_images, _core.restore_prompt
     vote_candidates = _core.vote_candidates
@@ -308,12 +309,12 @@ class MFPrunerPipelineMixin:
     def item_cues(self, item: VisualItem, inputs_embeds, text_mask, clip_text) -> dict[str, torch.Tensor]:
         """Item's cues over its candidate tokens: {name: (n,)}, on the device of its tokens."""
         candidates = item.candidates
-        visual = item.tokens[candidates]  # (n, D)
-        attention = item.attention[candidates] if item.attention is not None else None
+        visual = candidate_rows(item.tokens, candidates)  # (n, D)
+        attention = candidate_rows(item.attention, candidates) if item.attention is not None else None
         relevance = None
         if clip_text is not None and "relevance" in self.config.mfpruner_cues:
             text, segment_mask = clip_text
-            image = self.clip_image_embeddings(item.select_features[candidates])  # (n, E)
+            image = self.clip_image_embeddings(candidate_rows(item.select_features, candidates))  # (n, E)
             relevance = clip_text_relevance(
                 image[None], text[item.row][None].to(image.device, image.dtype), segment_mask[item.row][None].to(image.device)
             )[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mfpruner_core import MFPrunerResult, call_budget, image_cues, resolve_budget, vote_candidates
+from mfpruner_core import MFPrunerResult, call_budget, candidate_rows, image_cues, resolve_budget, vote_candidates
 
 from . import SUPPORTED_VLLM
 
@@ -129,7 +129,10 @@ def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=No
     if candidates is None:
         candidates = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
     scores = image_cues(
-        config.mfpruner_cues, None if attention is None else attention[candidates], tokens[candidates], text_embeds
+        config.mfpruner_cues,
+        None if attention is None else candidate_rows(attention, candidates),
+        candidate_rows(tokens, candidates),
+        text_embeds,
     )
     budget = keep - int((~candidates).sum())
     indices = vote_candidates(scores, candidates, budget, None, config.min_votes, config.fill_by)

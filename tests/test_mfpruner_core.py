@@ -203,6 +203,18 @@ def test_chunked_attention_is_exact_for_any_heads_per_block(heads_per_block):
     torch.testing.assert_close(received.double(), exact_received, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_attention_caps_cpu_chunks_and_stays_exact():
+    # query_chunk above CPU_QUERY_CHUNK: several capped chunks, the last one ragged, each softmax
+    # run in place in the one reused block.
+    torch.manual_seed(0)
+    length = 2 * core.CPU_QUERY_CHUNK + 5
+    q, k, v = (torch.randn(1, 2, length, 8) for _ in range(3))
+    out, received = core.chunked_attention_with_received(q, k, v, 8**-0.5, 10 * length)
+    exact_out, exact_received = materialised_attention(q, k, v, 8**-0.5)
+    torch.testing.assert_close(out.double(), exact_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(received.double(), exact_received, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_received_is_attention_with_received_without_values():
     q, k = torch.randn(3, 40, 8), torch.randn(3, 40, 8)
     _, received = core.attention_with_received(q[None], k[None], torch.randn(1, 3, 40, 8), 0.3, 16, "chunked")
@@ -378,3 +390,37 @@ def test_compact_rows_drops_positions_and_repads(left):
     rows = [[0, 2, 3, 5], [-1, -1, 8, 10]] if left else [[0, 2, 3, 5], [8, 10, -1, -1]]
     assert out["v"].tolist() == rows
     assert real.tolist() == [[v != -1 for v in row] for row in rows]
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_compact_rows_moves_whole_feature_rows_of_any_layout(left):
+    # (B, L, D) embeddings and (B, L, P) positions as sequence_last gives them (a permuted,
+    # non-contiguous view): each kept position keeps its whole trailing row.
+    keep = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 1]], dtype=torch.bool)
+    embeds = torch.randn(2, 5, 4)
+    positions = torch.arange(30).view(3, 2, 5).permute(1, 2, 0)  # (B, L, P), non-contiguous
+    out, real = core.compact_rows(keep, {"e": embeds, "p": positions}, {"e": 0.0, "p": -7}, left=left)
+    for row in range(2):
+        kept = keep[row].nonzero()[:, 0]
+        slots = real[row].nonzero()[:, 0]
+        assert torch.equal(out["e"][row, slots], embeds[row, kept])
+        assert torch.equal(out["p"][row, slots], positions[row, kept])
+        assert bool((out["e"][row, ~real[row]] == 0).all()) and bool((out["p"][row, ~real[row]] == -7).all())
+    assert real[1].tolist() == ([False, True, True] if left else [True, True, False])
+
+
+@pytest.mark.parametrize("shape", [(7,), (7, 5), (7, 2, 3)])
+def test_candidate_rows_is_boolean_indexing(shape):
+    x = torch.randn(shape)
+    candidates = torch.tensor([True, False, True, True, False, False, True])
+    assert torch.equal(core.candidate_rows(x, candidates), x[candidates])
+    assert core.candidate_rows(x, torch.zeros(7, dtype=torch.bool)).shape == (0, *shape[1:])
+
+
+def test_top_k_mask_takes_each_row_of_stacked_scores():
+    torch.manual_seed(0)
+    stacked = torch.randint(0, 4, (3, 2, 9)).float()  # many ties
+    masks = core.top_k_mask(stacked, 4)
+    for cue in range(3):
+        assert torch.equal(masks[cue], core.top_k_mask(stacked[cue], 4))
+    assert masks.sum(dim=-1).eq(4).all()
