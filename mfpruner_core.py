@@ -136,6 +136,12 @@ def attention_with_received(
 CPU_QUERY_CHUNK = 96
 
 
+def queries_per_block(query_chunk: int, device) -> int:
+    """The queries per block chunked_attention_with_received uses: query_chunk, at most
+    CPU_QUERY_CHUNK on CPU."""
+    return min(query_chunk, CPU_QUERY_CHUNK) if torch.device(device).type == "cpu" else query_chunk
+
+
 def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int, heads_per_block: int | None = None):
     """The "chunked" method of `attention_with_received` (v=None: the column sums only, out=None).
 
@@ -162,9 +168,7 @@ def chunked_attention_with_received(q, k, v, scale: float, query_chunk: int, hea
     if heads_per_block is None:
         heads_per_block = torch.get_num_threads() if on_cpu else batch * heads
     heads_per_block = min(heads_per_block, batch * heads)
-    if on_cpu:
-        query_chunk = min(query_chunk, CPU_QUERY_CHUNK)
-    query_chunk = min(query_chunk, length)
+    query_chunk = min(queries_per_block(query_chunk, q.device), length)
     queries = q.reshape(batch * heads, length, head_dim).float() * scale  # (BH, S, Dh), scaled once
     keys_t = k.reshape(batch * heads, length, head_dim).float().transpose(1, 2)  # (BH, Dh, S)
     values, out = None, None

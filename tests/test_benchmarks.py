@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import mfpruner_core as core
 from mfpruner_core import resolve_budget
 from mfpruner_lib import bench_utils
 from tools import benchmark_cues, benchmark_prefill
@@ -160,6 +161,16 @@ def test_cue_smoke_rows(cue_run):
         assert r["max_abs_diff"] < 1e-4, r  # ours computes the same cue as the straightforward version
     table = out.read_text()
     assert sum(line.startswith("|") for line in table.splitlines()) == 2 + len(rows)
+
+
+def test_cue_tables_name_the_queries_per_block_the_cue_used():
+    # On CPU the chunked cue caps its blocks at CPU_QUERY_CHUNK; the tables say so, not the flag alone.
+    cap = core.CPU_QUERY_CHUNK
+    assert benchmark_cues.chunk_note(cap + 100, "cpu") == (
+        f"query chunks of {cap:,} (`--query-chunk` {cap + 100:,}, capped at `CPU_QUERY_CHUNK` on CPU)"
+    )
+    assert benchmark_cues.chunk_note(cap - 1, "cpu") == f"query chunks of {cap - 1:,}"
+    assert benchmark_cues.chunk_note(cap + 100, "cuda") == f"query chunks of {cap + 100:,}"
 
 
 def test_cue_query_chunk_smaller_than_n(tmp_path):

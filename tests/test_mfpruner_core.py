@@ -203,6 +203,12 @@ def test_chunked_attention_is_exact_for_any_heads_per_block(heads_per_block):
     torch.testing.assert_close(received.double(), exact_received, atol=1e-5, rtol=1e-5)
 
 
+def test_queries_per_block_caps_only_cpu():
+    assert core.queries_per_block(10_000, "cpu") == core.CPU_QUERY_CHUNK
+    assert core.queries_per_block(7, torch.device("cpu")) == 7
+    assert core.queries_per_block(10_000, "cuda") == 10_000  # a device name, no GPU needed
+
+
 def test_chunked_attention_caps_cpu_chunks_and_stays_exact():
     # query_chunk above CPU_QUERY_CHUNK: several capped chunks, the last one ragged, each softmax
     # run in place in the one reused block.

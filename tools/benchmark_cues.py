@@ -30,8 +30,9 @@ a 1024x1024 (5,476 patches) and a 2048x2048 image (21,316 patches) in the full-a
 Qwen2.5-VL's own images fall in the same two regimes as the rows here: a 1024x1024 image has
 5,476 patches in the full-attention block (a (16, N, N) map of 1.9 GB still fits, like N = 2,928),
 a 2048x2048 one 21,316 (27 GB, like N = 16,384: only the chunked cue runs). `--query-chunk` sets
-the queries per step (the model's `attention_query_chunk`, 256 by default there): the largest
-temporary is heads x chunk x N floats, so a smaller chunk trades a little time for memory.
+the queries per step (the model's `attention_query_chunk`, 256 by default there; on CPU at most
+`mfpruner_core.CPU_QUERY_CHUNK`): the largest temporary is heads x chunk x N floats (on CPU one
+head per thread), so a smaller chunk trades a little time for memory.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from mfpruner_core import attention_received, attention_with_received, min_max_normalize, top_k_mask, uniqueness
+from mfpruner_core import (
+    attention_received, attention_with_received, min_max_normalize, queries_per_block, top_k_mask, uniqueness
+)
 from modeling_mfpruner_llava import capture_clip_select_layer, clip_cls_attention
 from mfpruner_lib import bench_utils
 
@@ -228,6 +231,14 @@ def run_attention_7b(patches: dict[str, int], repeats: int, warmup: int, device:
     return rows
 
 
+def chunk_note(query_chunk: int, device: str) -> str:
+    """How many queries the chunked cue takes per block, as the tables say it."""
+    used = queries_per_block(query_chunk, device)
+    if used == query_chunk:
+        return f"query chunks of {query_chunk:,}"
+    return f"query chunks of {used:,} (`--query-chunk` {query_chunk:,}, capped at `CPU_QUERY_CHUNK` on CPU)"
+
+
 def attention_7b_report(rows: list[dict], machine: str, device: str, dtype: torch.dtype, query_chunk: int,
                         width: int, heads: int) -> str:
     header = (
@@ -235,8 +246,8 @@ def attention_7b_report(rows: list[dict], machine: str, device: str, dtype: torc
         f"{str(dtype).removeprefix('torch.')}\n\n"
         f"Machine: {machine}. Times: median (min-max) of interleaved rounds (rounds per row). cue cost = the "
         "method's time minus the stock attention's (medians); target: <= one block forward. two-pass = the "
-        "stock attention + `attention_received` (query chunks of "
-        f"{query_chunk:,}), what the model does without the one-pass function. Diffs: output vs SDPA (max abs), "
+        f"stock attention + `attention_received` ({chunk_note(query_chunk, device)}), what the model does "
+        "without the one-pass function. Diffs: output vs SDPA (max abs), "
         "received vs the two-pass cue (max relative), and whether the top 22.2% tokens agree.\n"
     )
     headers = ["image (patches)", "method", "ms", "cue cost ms", "cue cost / block forward", "peak MB",
@@ -334,7 +345,7 @@ def run_case(case: Case, repeats: int, warmup: int, max_naive_bytes: int, device
 
 
 def markdown_report(rows: list[dict], cases, machine: str, repeats: int, warmup: int, max_naive_gb: float,
-                    query_chunk: int = 1024) -> str:
+                    query_chunk: int = 1024, device: str = "cpu") -> str:
     c = cases[0]
     header = (
         "### Cues: ours vs straightforward\n\n"
@@ -345,7 +356,7 @@ def markdown_report(rows: list[dict], cases, machine: str, repeats: int, warmup:
         f"({(c.image_size // 14) ** 2} patches each; N = tiles x patches, so 2,928 -> 5 tiles = 2,880, "
         "16,384 -> 28 tiles = 16,128); output_attentions keeps every layer's maps, x24 for ViT-L. "
         f"Attention received with {c.qwen_heads} heads x {c.qwen_head_dim} (Qwen2.5-VL's vision attention), "
-        f"query chunks of {query_chunk:,}. Straightforward versions predicted above {max_naive_gb:g} GB are not run "
+        f"{chunk_note(query_chunk, device)}. Straightforward versions predicted above {max_naive_gb:g} GB are not run "
         "(predicted lower bound shown)."
         + "".join(f" {c.label}: {c.rounds[0]} round(s), {c.rounds[1]} warm-up." for c in cases if c.rounds)
         + "\n"
@@ -409,7 +420,7 @@ def main(argv=None) -> list[dict]:
                                  args.query_chunk)
             rows.sort(key=lambda r: (r["cue"], r["n"]))
             reports[f"cues {device}"] = markdown_report(rows, cases, machine, args.repeats, args.warmup,
-                                                        args.max_naive_gb, args.query_chunk)
+                                                        args.max_naive_gb, args.query_chunk, device)
             all_rows += rows
         if "attention-7b" in sections:
             dtype = DTYPES[args.dtype]
