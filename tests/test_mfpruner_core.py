@@ -259,7 +259,7 @@ def test_attention_with_received_memory_grows_linearly_never_heads_x_s_x_s(metho
     full_map = heads * 2048 * 2048 * 4  # one float32 (H, S, S) map at S = 2048: 64 MiB
     assert 0 < peaks[2048] < full_map / 8
     assert peaks[2048] < 2.5 * peaks[1024]  # linear in S (an S x S temporary would make it 4x)
-    if method == "chunked":  # two (h, chunk, S) float32 blocks (logits, softmax; at most 2 MiB each), plus copies of q, k, v, out
+    if method == "chunked":  # one (h, chunk, S) float32 block (softmax in place), plus copies of q, k, v, out
         assert peaks[2048] < 2 * heads * chunk * 2048 * 4 + 6 * heads * 2048 * head_dim * 4
 
 
