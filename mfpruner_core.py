@@ -132,7 +132,9 @@ def attention_with_received(
 
 # Queries per head block on CPU. Measured on a 2-core Xeon (2 MiB L2 per core): 64-256 rows were
 # within noise of each other at 5,476 patches, 383 cost 1.8x the extra time of 96, and 24 (short
-# matmuls) 1.6x at 21,316 patches.
+# matmuls) 1.6x at 21,316 patches. On a 2-core AMD EPYC (AVX2, 512 KiB L2 per core) 96 was again
+# the fastest of 16-128 at 5,476 patches (16: 1.9x the extra time), within noise of 48 at 21,316
+# patches, and 24 cost 1.6x there.
 CPU_QUERY_CHUNK = 96
 
 
