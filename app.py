@@ -14,17 +14,18 @@ this file (`python -m tools.make_space` writes a ready-to-push Space folder).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
 
 from mfpruner_demo.loading import MODEL_ENV, MODEL_FILE, TINY_FAMILIES, default_model_spec, load_model
 from mfpruner_demo.ui import build_demo, launch
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 
 
+@refusals_as_errors
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="MFPruner demo (Gradio)")
+    parser = ArgumentParser(prog="python app.py", description="MFPruner demo (Gradio)")
     parser.add_argument(
         "--model", default=default_model_spec(Path(__file__).parent),
         help=f"hub id or local MFPruner repo (default: ${MODEL_ENV}, else {MODEL_FILE} beside app.py, "

@@ -173,6 +173,9 @@ class MFPrunerSettings:
 
     def __post_init__(self, **kwargs):
         # Each config sets its default budget before calling this (when neither is given).
+        # `kwargs` are the keys that are no field (of the constructor or a config.json): a close
+        # match to an MFPruner field is a misspelling; other unknown keys pass, as for the stock config.
+        check_call_kwargs(kwargs, known=(), names=MFPRUNER_CONFIG_FIELDS)
         self.mfpruner_cues = list(self.mfpruner_cues)
         super().__post_init__(**kwargs)
         validate_mfpruner_settings(self)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
-    from .configuration_mfpruner import MFPRUNER_CALL_KWARGS, check_call_kwargs, validate_mfpruner_settings
+    from .configuration_mfpruner import MFPRUNER_CALL_KWARGS, check_call_kwargs, check_setting, validate_mfpruner_settings
     from .mfpruner_core import (
         MFPrunerResult,
         auto_map_with_auto_model,
@@ -63,7 +63,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
 
     _configuration = import_module("configuration_mfpruner")
     MFPRUNER_CALL_KWARGS, check_call_kwargs = _configuration.MFPRUNER_CALL_KWARGS, _configuration.check_call_kwargs
-    validate_mfpruner_settings = _configuration.validate_mfpruner_settings
+    check_setting, validate_mfpruner_settings = _configuration.check_setting, _configuration.validate_mfpruner_settings
     _core = import_module("mfpruner_core")
     MFPrunerResult, auto_map_with_auto_model = _core.MFPrunerResult, _core.auto_map_with_auto_model
     call_budget, call_min_votes, candidate_rows = _core.call_budget, _core.call_min_votes, _core.candidate_rows
@@ -257,6 +257,9 @@ class MFPrunerPipelineMixin:
         a known argument but close to an MFPruner keyword)."""
         settings = {name: kwargs.pop(name) for name in PRUNING_KEYWORDS if name in kwargs}
         check_call_kwargs(kwargs, known, PRUNING_KEYWORDS)
+        for name, value in settings.items():  # None: the config's value
+            if value is not None:
+                check_setting(name, value, self.config.relevance_sources)
         return settings
 
     def stock_forward_arguments(self) -> set[str]:

@@ -112,6 +112,8 @@ def analyze(
         raise ValueError(f"The budget mode must be 'tokens' or 'ratio', got {budget_mode!r}.")
     if not is_number(min_votes) or min_votes not in range(1, len(CUE_TITLES) + 1):
         raise ValueError(f"The vote threshold must be 1, 2 or 3, got {min_votes!r}.")
+    if not isinstance(generate_answer, bool):  # the API passes any JSON: "yes" or 1 would read as true
+        raise ValueError(f"'Also generate the answer' must be true or false, got {generate_answer!r}.")
 
     prune_kwargs["min_votes"] = int(min_votes)  # per call: the model's config is never touched
 

@@ -4,13 +4,16 @@ registry family (mfpruner_lib.families), with its processor."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mfpruner_lib.cli import local_folder
 from mfpruner_lib.families import FAMILIES, by_model_type
 from mfpruner_lib.tiny_models import qwen_inputs
 
@@ -102,11 +105,40 @@ def load_processor(spec: str, family: str):
     return QwenInputsProcessor(tokenizer, AutoImageProcessor.from_pretrained(spec, trust_remote_code=True))
 
 
+def check_model_spec(spec: str, what: str = "--model") -> Path | None:
+    """The local MFPruner repo folder `spec` names, or None for a hub id (loaded from the hub: the
+    user asked for it). A ValueError naming `what` for a missing path, a file, a folder without
+    config.json, and a stock checkpoint never exported (with the export command to run)."""
+    folder = local_folder(spec, what)
+    if folder is None:
+        return None
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{what} folder {spec!r} has no config.json: not a model repo")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{config}: not a JSON object of a model config") from None
+    if model_type in {f"mfpruner_{family}" for family in TINY_FAMILIES}:
+        return folder
+    if model_type in TINY_FAMILIES:
+        command = f"python -m tools.export {shlex.quote(spec)} {shlex.quote(str(folder.absolute()) + '-mfpruner')}"
+        raise ValueError(
+            f"{what} {spec!r} is a stock {model_type!r} checkpoint, not an MFPruner repo; export it first "
+            f"(from the MFPruner project: {command}) and give the exported folder"
+        )
+    raise ValueError(
+        f"{what} {spec!r} is a {model_type!r} checkpoint; the demo serves MFPruner repos of "
+        f"{sorted(f'mfpruner_{family}' for family in TINY_FAMILIES)}"
+    )
+
+
 def load_model(spec: str | None = None, tiny: str = "llava") -> DemoModel:
     """spec: a hub id or a local MFPruner repo; None builds the tiny random-weights model of the
     `tiny` family in a temporary folder, removed once the model and processor are loaded (nothing
     is read from it later), quietly: its progress bars say nothing the user can act on."""
     if spec is not None:
+        check_model_spec(spec)
         return load_repo(spec, spec, random_weights=False)
     with tempfile.TemporaryDirectory(prefix="mfpruner-demo-") as folder, progress_bars_off():
         path = build_default_model(folder, tiny)

@@ -145,7 +145,11 @@ def build_demo(demo: DemoModel, delete_cache: tuple[int, int] = CACHE_CLEANUP) -
     """delete_cache: (every s, older than s) for Gradio's files of this page (see CACHE_CLEANUP)."""
     default_count = visual_token_count(demo, Image.new("RGB", (448, 448), (128, 128, 128)))
     config_budget = demo.model.config.visual_token_budget or max(1, default_count // 9)
-    with gr.Blocks(title="MFPruner: which visual tokens survive", delete_cache=delete_cache) as page:
+    # analytics_enabled=False: else Gradio checks its version online and sends usage data (through
+    # huggingface_hub's telemetry) when the page is built and launched; the demo reaches no network.
+    with gr.Blocks(
+        title="MFPruner: which visual tokens survive", delete_cache=delete_cache, analytics_enabled=False
+    ) as page:
         gr.Markdown(
             "# MFPruner: which visual tokens survive\n"
             "Training-free visual-token pruning: three cues — the vision tower's [CLS] attention, token "
@@ -269,7 +273,10 @@ def build_demo(demo: DemoModel, delete_cache: tuple[int, int] = CACHE_CLEANUP) -
 
 
 def launch(page: gr.Blocks, host: str, port: int | None, **kwargs):
+    """show_error: an input Gradio refuses before the handler runs (a file path that was not
+    uploaded) reaches the client with Gradio's message, not as `{"error": null}`; the handler's own
+    errors are gr.Error messages already."""
     theme = gr.themes.Default(primary_hue="indigo")
     return page.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, ssr_mode=False, css=CSS, theme=theme, **kwargs
+        server_name=host, server_port=port, ssr_mode=False, css=CSS, theme=theme, show_error=True, **kwargs
     )

@@ -24,6 +24,19 @@ def random_image(seed: int, size=(96, 80), mode="RGB") -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
 
 
+def refused(main, argv: list[str], capsys) -> str:
+    """Runs a tool's main(argv), which must refuse the input by the command-line rule
+    (mfpruner_lib.cli): exit status 2 and one line `error: ...` on stderr, no traceback. Returns
+    that line without `error: `."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-3000:]
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err[-3000:]
+    assert "Traceback" not in err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """Folder that holds this session's tiny model repos."""

@@ -37,7 +37,6 @@ head per thread), so a smaller chunk trades a little time for memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from mfpruner_core import (
 )
 from modeling_mfpruner_llava import capture_clip_select_layer, clip_cls_attention
 from mfpruner_lib import bench_utils
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 
 FLOAT = 4  # bytes
 
@@ -384,8 +384,9 @@ SECTIONS = ("cues", "attention-7b")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@refusals_as_errors
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="MFPruner cues vs straightforward implementations")
+    parser = ArgumentParser(description="MFPruner cues vs straightforward implementations")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: seconds (CI)")
     parser.add_argument("--section", action="append", choices=SECTIONS, help="repeatable; default: all")
     parser.add_argument("--repeats", type=int, default=3)

@@ -33,7 +33,6 @@ budgets, and four small calls (stock encoding, pruning, LLM-only prefill, FLOPs)
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 
 from mfpruner_lib import bench_utils, families, flops, model_sizes
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 
 SIZES = ("smoke", "cpu", "real")
 PAPER_VISUAL_TOKENS = 576  # LLaVA-1.5's budgets 192/128/64/32 are "of 576"
@@ -723,8 +723,9 @@ def plot_speedups(results: list[dict], path: str | Path) -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@refusals_as_errors
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="MFPruner prefill benchmark (unpruned vs the paper's budgets)")
+    parser = ArgumentParser(description="MFPruner prefill benchmark (unpruned vs the paper's budgets)")
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES), help="repeatable; default: all")
     parser.add_argument("--size", choices=SIZES, default="cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny models, 1 round: seconds (CI)")

@@ -23,6 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script (`python tools/benchmark_vllm.py`): the checkout's mfpruner_lib
+    sys.path.append(str(ROOT))
+
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors  # noqa: E402
+
 STOCK = {
     "MFPrunerLlavaForConditionalGeneration": "LlavaForConditionalGeneration",
     "MFPrunerLlavaNextForConditionalGeneration": "LlavaNextForConditionalGeneration",
@@ -83,8 +89,9 @@ def run_variant(args) -> dict:
     }
 
 
+@refusals_as_errors
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="an MFPruner repo (tools.export output)")
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request")

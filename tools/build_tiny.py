@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
-
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 from mfpruner_lib.families import FAMILIES
 
 
+@refusals_as_errors
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.build_tiny", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m tools.build_tiny", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="output folder (replaced)")
     parser.add_argument("--family", choices=list(FAMILIES), default="llava-1.5")
     parser.add_argument("--stock", action="store_true", help="a stock checkpoint of the family (the export's input)")

@@ -12,12 +12,13 @@ Needs `apt-get install -y chromium` and `pip install playwright`; never `playwri
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from mfpruner_lib.browser import open_browser, run_in_browser
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 
 
+@refusals_as_errors
 def main(argv=None):
     import matplotlib.cbook
     from playwright.sync_api import sync_playwright
@@ -25,7 +26,7 @@ def main(argv=None):
     from mfpruner_demo.loading import load_model
     from mfpruner_demo.ui import EXAMPLE_QUESTIONS, build_demo, launch
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="assets/demo.png")
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--model", default=None, help="hub id or local repo (default: the tiny model)")

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the shipped model code is flat top-level files of the repo
     sys.path.insert(0, str(ROOT))
 
+from mfpruner_lib.cli import ArgumentParser, local_folder, refusals_as_errors  # noqa: E402
 from mfpruner_lib.families import FAMILIES, Architecture  # noqa: E402
 
 
@@ -81,18 +83,28 @@ def architecture_for(model_type: str, base: Path) -> Architecture:
 
 def resolve_checkpoint(name: str, allow_download: bool, what: str) -> tuple[Path, str | None]:
     """A local folder, or a hub snapshot when downloads are allowed. Returns (folder, hub id or None)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path, None
-    if path.exists():
-        raise ValueError(f"{what} {name!r} is a file; give a checkpoint folder")
-    looks_like_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith((".", "/"))
-    if not allow_download or not looks_like_id:
-        hint = f"; to download the hub repo {name!r} pass --allow-download" if looks_like_id else ""
-        raise ValueError(f"{what} folder {name!r} does not exist{hint}")
+    folder = local_folder(name, what)
+    if folder is not None:
+        return folder, None
+    if not allow_download:
+        raise ValueError(f"{what} folder {name!r} does not exist; to download the hub repo {name!r} pass --allow-download")
     files = HfApi().list_repo_files(name)
     weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
     return Path(snapshot_download(name, allow_patterns=DOWNLOAD_PATTERNS + weights)), name
+
+
+def check_inside(path: Path, folder: Path, what: str) -> None:
+    """A file a checkpoint folder names must lie inside it, through symlinks too: an index naming
+    `../x` or `/x`, or a link to a file elsewhere, would copy that file into OUT (and to the hub).
+    In a hub cache snapshot (`models--A--B/snapshots/REV`) the files are links into the repo's
+    `blobs` folder, which is allowed."""
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        allowed.append(root.parent.parent / "blobs")
+    target = path.resolve()
+    if not any(target == place or place in target.parents for place in allowed):
+        raise ValueError(f"{what} resolves to {str(target)!r}, outside {str(folder)!r}: a checkpoint's files must lie inside its folder")
 
 
 def read_json(path: Path) -> dict:
@@ -115,11 +127,14 @@ def weight_shards(folder: Path) -> tuple[list[Path], dict]:
             if not isinstance(data.get("weight_map"), dict) or not all(isinstance(n, str) for n in data["weight_map"].values()):
                 raise ValueError(f"{index}: no \"weight_map\" of tensor name -> shard file name")
             names = sorted(set(data["weight_map"].values()))
+            for name in names:
+                check_inside(folder / name, folder, f"{index}: the weight_map's shard {name!r}")
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise ValueError(f"{folder}: the index {index.name} names missing shards {missing}")
             return [folder / n for n in names], data.get("metadata", {})
         if (folder / stem).is_file():
+            check_inside(folder / stem, folder, str(folder / stem))
             return [folder / stem], {}
     raise ValueError(f"{folder} holds no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
 
@@ -350,7 +365,10 @@ def mfpruner_config(base: Path, arch: Architecture, settings: dict, clip_text_co
     from transformers import AutoConfig
 
     config_class = import_object(arch.config_class)
-    stock = AutoConfig.from_pretrained(base).to_dict()
+    try:
+        stock = AutoConfig.from_pretrained(base).to_dict()
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as error:  # a field of the wrong type or shape
+        raise ValueError(f"{base / 'config.json'}: not a valid {arch.family} config ({type(error).__name__}: {error})") from None
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         stock.pop(key, None)
     config = config_class(**stock, **settings, clip_text_config=clip_text_config)
@@ -390,6 +408,7 @@ def copy_base_files(base: Path, out: Path) -> None:
             continue
         if relative.name.endswith(WEIGHT_SUFFIXES) or relative.name.endswith(".index.json") or str(relative) in NOT_COPIED:
             continue
+        check_inside(path, base, str(path))
         (out / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, out / relative)
 
@@ -521,8 +540,7 @@ def export(
     progress = sys.stderr.isatty() if progress is None else progress
     if budget is not None and ratio is not None:
         raise ValueError(f"give only one of --budget and --ratio (got {budget} and {ratio})")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT {str(out)!r} is a file; give a folder")
+    check_out_folder(out)
     if Path(base).expanduser().is_dir():  # a local BASE: its relation to OUT first, --overwrite or not
         check_apart(out, {"BASE": Path(base).expanduser()})
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -556,31 +574,55 @@ def export(
         clip_text_config, clip_tensors, clip_tokenizer = clip_text_parts(clip_dir, shards, config.vision_config, arch)
         config = mfpruner_config(base_dir, arch, settings, clip_text_config)
 
+    with staged_folder(out) as staging:
+        copy_base_files(base_dir, staging)
+        write_weights(shards, sizes, metadata, clip_tensors, staging, progress)
+        del clip_tensors
+        config.to_json_file(staging / "config.json")
+        for file in code_files(arch, with_processor=clip_tokenizer is not None):
+            shutil.copyfile(file, staging / file.name)
+        if clip_tokenizer is not None:
+            write_clip_processor(base_dir, arch, clip_tokenizer, clip_text_config["max_position_embeddings"], staging)
+        license = license or base_license(base_dir) or "unknown"
+        repo_id = push_to_hub or f"your-name/{out.name}"
+        model_card(arch, config, base_id, license, repo_id, clip_tokenizer is not None).save(staging / "README.md")
+    if push_to_hub:
+        push_folder(out, push_to_hub, private)
+    return out
+
+
+def check_out_folder(out: Path, what: str = "OUT") -> None:
+    """OUT must be a folder (or absent) whose parents are folders, and neither the current folder
+    nor one above it: OUT is replaced by a rename, which would leave the shell in a deleted folder."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {str(out)!r} is a file; give a folder")
+    for parent in out.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{what} {str(out)!r}: its parent {str(parent)!r} is a file, not a folder")
+    here, target = Path.cwd().resolve(), out.resolve()
+    if target == here or target in here.parents:
+        where = "is" if target == here else "contains"
+        raise ValueError(f"{what} {str(out)!r} {where} the current folder; give a folder beside it (e.g. ../{here.name}-mfpruner)")
+
+
+@contextmanager
+def staged_folder(out: Path):
+    """Yields a new staging folder next to `out` (`.OUT.partial-PID-*`); when the block ends
+    without an error it becomes `out` (an old `out` is removed only after the rename), else it is
+    removed, on Ctrl-C and SIGTERM too. Staging folders of killed runs are removed first."""
+    out = out.absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     with sigterm_as_interrupt():
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         try:
-            copy_base_files(base_dir, staging)
-            write_weights(shards, sizes, metadata, clip_tensors, staging, progress)
-            del clip_tensors
-            config.to_json_file(staging / "config.json")
-            for file in code_files(arch, with_processor=clip_tokenizer is not None):
-                shutil.copyfile(file, staging / file.name)
-            if clip_tokenizer is not None:
-                write_clip_processor(base_dir, arch, clip_tokenizer, clip_text_config["max_position_embeddings"], staging)
-            license = license or base_license(base_dir) or "unknown"
-            repo_id = push_to_hub or f"your-name/{out.name}"
-            model_card(arch, config, base_id, license, repo_id, clip_tokenizer is not None).save(staging / "README.md")
+            yield staging
             for path in [staging, *staging.rglob("*")]:  # mkdtemp and save_file create owner-only modes
                 path.chmod(0o755 if path.is_dir() else 0o644)
             replace_folder(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    if push_to_hub:
-        push_folder(out, push_to_hub, private)
-    return out
 
 
 def check_apart(out: Path, inputs: dict[str, Path]) -> None:
@@ -661,8 +703,9 @@ def replace_folder(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@refusals_as_errors
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m tools.export", description=__doc__.splitlines()[0])
     parser.add_argument("base", metavar="BASE", help="stock checkpoint folder (or hub id with --allow-download)")
     parser.add_argument("out", metavar="OUT", help="output folder (must be empty or absent unless --overwrite)")
     group = parser.add_mutually_exclusive_group()
@@ -695,8 +738,6 @@ def main(argv=None):
             license=args.license,
             progress=args.progress,
         )
-    except ValueError as error:
-        parser.exit(2, f"error: {error}\n")
     except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: the staging folder is already removed
         parser.exit(143 if isinstance(error, Terminated) else 130, "interrupted\n")
     print(out)

@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import argparse
-
 from mfpruner_core import resolve_budget
 from mfpruner_lib import model_sizes
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 from mfpruner_lib.families import FAMILIES
 from mfpruner_lib.flops import fastv_reduction, geometry, prefill_flops
 
@@ -70,8 +69,9 @@ def markdown_table(rows: list[dict], text_tokens: int = TEXT_TOKENS) -> str:
     return "\n".join(lines)
 
 
+@refusals_as_errors
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="FLOPs of the real models' prefill at the paper's budgets")
+    parser = ArgumentParser(description="FLOPs of the real models' prefill at the paper's budgets")
     parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS, help="prompt tokens besides the image")
     parser.add_argument("--output", help="also write the table to this markdown file")
     parser.add_argument("--docs", help="also write the table into this markdown page between "

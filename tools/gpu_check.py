@@ -24,7 +24,6 @@ last_pruning), so the check keeps working when the model files change their inte
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 from mfpruner_lib.families import FAMILIES
 
 PAPER_SPEEDUP_32 = 3.42  # the paper's LLaVA-1.5-7B prefill speed-up at 32 of 576 tokens
@@ -117,7 +117,7 @@ def check_device_map(family_key: str, size: str, gpu: str, work: Path, new_token
 def device_map_main(args) -> int:
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: torch sees no CUDA device")
+            raise ValueError("--device cuda: torch sees no CUDA device")
         # TF32 convolutions / matmuls would differ from the CPU by ~1e-3: compare exact float32 math.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -230,8 +230,9 @@ def docs_main(args) -> int:
     return 0 if written else 1
 
 
+@refusals_as_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     device_map = commands.add_parser("device-map", help="vision tower on the CPU, LLM on the GPU: same results")
     device_map.add_argument("--out", required=True)

@@ -15,11 +15,12 @@ Standard library only: it runs before anything is installed.
 
 from __future__ import annotations
 
-import argparse
 import site
 import subprocess
 import sys
 from pathlib import Path
+
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors  # standard library only
 
 PTH_NAME = "_main_environment.pth"
 
@@ -63,8 +64,9 @@ def create(venv: Path, with_pip: bool = True) -> Path:
     return venv
 
 
+@refusals_as_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.layered_venv", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m tools.layered_venv", description=__doc__.splitlines()[0])
     parser.add_argument("venv", type=Path, help="the folder of the new virtual environment")
     parser.add_argument("--without-pip", action="store_true", help="do not install pip into it")
     parser.add_argument(

@@ -13,13 +13,14 @@ Needs lmms-eval and this project installed (`pip install -e ".[eval]"`); `summar
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,9 @@ def summarize(table: Table, results: Path) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
+@refusals_as_errors
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run lmms-eval for every setting of a table")
     run_parser.add_argument("table", choices=sorted(TABLES))

@@ -13,8 +13,9 @@ overrides it; without either the Space serves the tiny random-weights model.
 
 from __future__ import annotations
 
-import argparse
 import ast
+import json
+import os
 import shutil
 import sys
 import tomllib
@@ -24,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mfpruner_demo.loading import MODEL_ENV, MODEL_FILE  # noqa: E402
+from mfpruner_demo.loading import MODEL_ENV, MODEL_FILE, check_model_spec  # noqa: E402
+from mfpruner_lib.cli import ArgumentParser, refusals_as_errors  # noqa: E402
+from tools.export import check_apart, check_inside, check_out_folder, staged_folder  # noqa: E402
 
 # Spaces' hardware names (the README's `suggested_hardware`).
 HARDWARE = (
@@ -91,7 +94,7 @@ def readme(title: str, model: str | None, hardware: str | None) -> str:
 
     front = [
         "---",
-        f"title: {title}",
+        f"title: {yaml_title(title)}",
         "emoji: ✂️",
         "colorFrom: indigo",
         "colorTo: yellow",
@@ -131,31 +134,56 @@ port that Spaces set (`GRADIO_SERVER_NAME`, `GRADIO_SERVER_PORT`).
     return "\n".join(front) + "\n" + body
 
 
+def yaml_title(title: str) -> str:
+    """The title as a YAML double-quoted scalar (a JSON string is one): `:` and `#` stay text.
+    A title is one line of printable text; anything else would add lines to the front matter."""
+    if not isinstance(title, str) or not title.strip() or not title.isprintable():
+        raise ValueError(f"`--title` must be one line of printable text, got {title!r}")
+    return json.dumps(title, ensure_ascii=False)
+
+
+def check_model_folder(folder: Path) -> None:
+    """Every file of a local --model folder is copied into the Space (and pushed with it): each
+    must lie inside the folder (a link to a file elsewhere is refused) and exist (no dangling link)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and not path.exists():
+            raise ValueError(f"--model folder {str(folder)!r}: {str(path)!r} is a link to a missing file ({os.readlink(path)!r})")
+        check_inside(path, folder, f"--model folder's {str(path)!r}")
+
+
 def make_space(out: str | Path, model: str | None = None, hardware: str | None = None,
                title: str = "MFPruner demo") -> Path:
-    """Writes the Space folder `out` (which must not exist, or be empty). Returns its path."""
-    out = Path(out)
+    """Writes the Space folder `out` (which must not exist, or be empty), built in a staging folder
+    beside it and renamed into place when complete. Returns its path."""
+    out = Path(out).expanduser()
+    check_out_folder(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"OUT {str(out)!r} exists and is not empty; give a new folder")
     if hardware is not None and hardware not in HARDWARE:
         raise ValueError(f"`--hardware` must be one of {list(HARDWARE)}, got {hardware!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    for path in app_files():
-        target = out / path.relative_to(ROOT)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-    if model is not None and Path(model).is_dir():  # a local folder: copied into the Space
-        shutil.copytree(model, out / LOCAL_MODEL_FOLDER)
-        model = LOCAL_MODEL_FOLDER
-    if model is not None:
-        (out / MODEL_FILE).write_text(model + "\n")
-    (out / "requirements.txt").write_text(requirements())
-    (out / "README.md").write_text(readme(title, model, hardware))
+    yaml_title(title)
+    model_folder = check_model_spec(model, "--model") if model is not None else None
+    if model_folder is not None:
+        check_apart(out, {"--model": model_folder})
+        check_model_folder(model_folder)
+    with staged_folder(out) as staging:
+        for path in app_files():
+            target = staging / path.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        if model_folder is not None:  # a local folder: copied into the Space
+            shutil.copytree(model_folder, staging / LOCAL_MODEL_FOLDER)
+            model = LOCAL_MODEL_FOLDER
+        if model is not None:
+            (staging / MODEL_FILE).write_text(model + "\n")
+        (staging / "requirements.txt").write_text(requirements())
+        (staging / "README.md").write_text(readme(title, model, hardware))
     return out
 
 
+@refusals_as_errors
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m tools.make_space", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m tools.make_space", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the Space folder to write (new or empty)")
     parser.add_argument("--model", help=f"hub id or local MFPruner repo the Space serves (written to {MODEL_FILE}; "
                         f"a local folder is copied in); default: the tiny random-weights model")
