@@ -6,6 +6,7 @@
     model_sizes   configs of the real models from their published sizes (no weights)
     bench_utils   interleaved timing, peak memory, machine load, generated docs sections
     browser       driving the demo in a real browser (Debian's chromium through Playwright)
+    cli           the rule of every command-line tool: a refused input is one line `error: ...`, exit 2
 
 Command-line scripts live in `tools/` (`python -m tools.<name>`); they import from here.
 """

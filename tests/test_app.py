@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from mfpruner_lib.families import FAMILIES, by_model_type
 from mfpruner_core import resolve_budget, select_tokens, vote
 from mfpruner_lib.flops import fastv_flops
 
-from conftest import random_image
+from conftest import random_image, refused
 
 QUESTION = "What is in the image?"
 # The registry families besides LLaVA-1.5 (the default model, tested throughout), by model_type.
@@ -515,16 +516,19 @@ def test_non_finite_or_non_numeric_settings_give_the_clear_message(demo_model, i
         analyze(demo_model, image_file, QUESTION, budget_mode, budget, ratio, min_votes)
 
 
-def post_prune_raw(url: str, image_file: Path, settings: str) -> str:
+def post_prune_raw(url: str, image_file: Path | str, settings: str, generate_answer: str = "false", upload: bool = True) -> str:
     """POSTs /prune with a hand-written JSON body (`settings` may hold `Infinity` / `NaN`, which
-    gradio_client refuses to encode but a browser or curl can send); returns the event stream."""
+    gradio_client refuses to encode but a browser or curl can send); returns the event stream.
+    upload=False: the request names `image_file` as it is, without uploading it first."""
     import httpx
 
     with httpx.Client(base_url=url, timeout=120) as http:
-        with open(image_file, "rb") as f:
-            path = http.post("gradio_api/upload", files={"files": f}).json()[0]
+        path = str(image_file)
+        if upload:
+            with open(image_file, "rb") as f:
+                path = http.post("gradio_api/upload", files={"files": f}).json()[0]
         image = json.dumps({"path": path, "meta": {"_type": "gradio.FileData"}})
-        body = f'{{"data": [{image}, {json.dumps(QUESTION)}, {settings}, false]}}'
+        body = f'{{"data": [{image}, {json.dumps(QUESTION)}, {settings}, {generate_answer}]}}'
         event = http.post("gradio_api/call/prune", content=body, headers={"content-type": "application/json"}).json()
         return http.get(f"gradio_api/call/prune/{event['event_id']}").text
 
@@ -607,3 +611,110 @@ def test_tiny_model_stats_explain_the_small_speedup(demo_model, image_file):
     assert ui.TINY_PREFILL_NOTE not in ui.stats_markdown(stats)  # a real repo (here: loaded with --model)
     shown = ui.stats_markdown({**stats, "random_weights": True})
     assert ui.TINY_PREFILL_NOTE in shown and "vision tower" in shown and "Benchmarks" in shown
+
+
+# ----------------------------------------------------------------------------- refused inputs, no network
+
+
+@pytest.mark.parametrize("value", ["yes", "false", 1, 0, None, [True]])
+def test_generate_answer_must_be_a_bool(demo_model, image_file, value):
+    """The API passes any JSON: "yes" and 1 once read as true, while every other input is checked."""
+    with pytest.raises(ValueError, match="'Also generate the answer' must be true or false"):
+        analyze(demo_model, image_file, QUESTION, "tokens", 5, 0.1, 2, value)
+
+
+def test_refused_api_inputs_reach_the_client_as_messages(served, image_file):
+    """A path that the client did not upload is refused by Gradio before the handler runs: the
+    client gets Gradio's reason, not `{"error": null}`; a non-bool generate_answer our message."""
+    for path in ("/etc/passwd", image_file):  # a real image too: only uploads may be read
+        stream = post_prune_raw(served, path, '"tokens", 5, 0.1, 2', upload=False)
+        assert "event: error" in stream and '"error": null' not in stream, stream[-2000:]
+        assert "was not uploaded by a user" in stream, stream[-2000:]
+    stream = post_prune_raw(served, image_file, '"tokens", 5, 0.1, 2', generate_answer='"yes"')
+    assert "event: error" in stream and "must be true or false, got 'yes'" in stream, stream[-2000:]
+    assert "event: complete" in post_prune_raw(served, image_file, '"tokens", 5, 0.1, 2')  # an upload is served
+
+
+def test_app_refuses_a_model_it_cannot_serve_in_one_line(llava_stock_repo, tmp_path, monkeypatch, capsys):
+    """--model: a stock checkpoint gets the export command, a missing path is not taken for a hub id;
+    each one line, no traceback, before anything is loaded."""
+    monkeypatch.chdir(tmp_path)
+    message = refused(app.main, ["--model", str(llava_stock_repo)], capsys)
+    assert message.startswith(f"--model {str(llava_stock_repo)!r} is a stock 'llava' checkpoint, not an MFPruner repo")
+    assert f"python -m tools.export {llava_stock_repo} {llava_stock_repo}-mfpruner" in message
+    for missing in (str(tmp_path / "nope"), "./nope", "models/a/nope"):
+        assert refused(app.main, ["--model", missing], capsys) == (
+            f"--model folder {missing!r} does not exist (and it is not a hub repo id)"
+        )
+    assert "invalid choice: 'llava_2'" in refused(app.main, ["--tiny", "llava_2"], capsys)
+
+
+# Starts `python app.py` on the tiny model, as a user does, with every DNS look-up of the process
+# (all threads) recorded and refused; once the page answers and the background threads had time
+# to run, prints the hosts looked up. The last look-up is the test's own: it shows the stub works.
+NO_NETWORK_START = textwrap.dedent(
+    """
+    import json, os, socket, sys, threading, time, urllib.request
+
+    looked_up = []
+    local_getaddrinfo = socket.getaddrinfo
+    LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0", None, "")
+
+    def record(name, real):
+        def stub(host, *args, **kwargs):
+            host = host.decode() if isinstance(host, bytes) else host
+            if host in LOCAL:
+                return real(host, *args, **kwargs)
+            looked_up.append(f"{name}({host})")
+            raise socket.gaierror(socket.EAI_NONAME, "look-ups are refused in this test")
+        return stub
+
+    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+        setattr(socket, name, record(name, getattr(socket, name)))
+
+    def report_when_served(port):
+        deadline = time.monotonic() + 500
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(1)
+        time.sleep(8)  # Gradio's version check and launch analytics run in background threads
+        try:
+            socket.getaddrinfo("huggingface.co", 443)
+        except socket.gaierror:
+            pass
+        print("LOOKED UP:", json.dumps(looked_up), flush=True)
+        os._exit(0)
+
+    port = sys.argv[1]
+    threading.Thread(target=report_when_served, args=(port,), daemon=True).start()
+    sys.argv = ["app.py", "--port", port]
+    import app
+    app.main()
+    """
+)
+
+
+def test_the_demo_starts_without_any_network_look_up(tmp_path):
+    """`python app.py` on the tiny model, without HF_HUB_OFFLINE and Gradio's or huggingface_hub's
+    switches in the environment: no DNS look-up at all (Gradio's analytics are off in the page)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    switches = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "GRADIO_ANALYTICS_ENABLED",
+                "DO_NOT_TRACK", "MFPRUNER_MODEL", "HF_HUB_DISABLE_UPDATE_CHECK")
+    env = {key: value for key, value in os.environ.items() if key not in switches}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "modules"), MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK_START, str(port)], cwd=Path(app.__file__).parent, env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("LOOKED UP: ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    assert json.loads(lines[0].removeprefix("LOOKED UP: ")) == ["getaddrinfo(huggingface.co)"], done.stderr[-3000:]

@@ -219,6 +219,33 @@ def test_misspelled_field_in_from_pretrained_kwargs(cls, tmp_path):
             cls.from_pretrained(tmp_path, **{typo: 2})
 
 
+MISSPELLED_FIELDS = [("visual_token_budjet", "visual_token_budget"), ("mfpruner_cue", "mfpruner_cues"),
+                     ("prune_visual_token", "prune_visual_tokens"), ("min_vote", "min_votes")]
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES)
+@pytest.mark.parametrize("entry", [build, from_dict_values, saved_config_json], ids=lambda entry: entry.__name__)
+def test_misspelled_field_is_refused_when_built_or_loaded(cls, entry, tmp_path):
+    """`MFPrunerLlavaConfig(visual_token_budjet=8)` and the same key in a config.json once kept the
+    default budget silently."""
+    for typo, field in MISSPELLED_FIELDS:
+        with pytest.raises(ValueError, match=f"unknown keyword `{typo}`; did you mean `{field}`"):
+            entry(cls, typo, 8, tmp_path)
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES)
+def test_unknown_keys_that_are_no_misspelling_pass_as_for_the_stock_config(cls, tmp_path):
+    """Only close matches to MFPruner fields are refused: other unknown keys (a newer transformers'
+    field, a user's note) are kept exactly as the stock config keeps them."""
+    stock_cls = next(base for base in cls.__mro__ if base.__module__.startswith("transformers.models."))
+    extra = {"my_note": "kept", "vision_token_budget_note": 3, "image_seq_length_hint": 5}
+    config, stock = cls(**extra), stock_cls(**extra)
+    for key, value in extra.items():
+        assert getattr(config, key) == getattr(stock, key) == value
+    config.save_pretrained(tmp_path)
+    assert {k: getattr(cls.from_pretrained(tmp_path), k) for k in extra} == extra
+
+
 # ----------------------------------------------------------------------------- the remote-code path
 
 
@@ -274,6 +301,9 @@ def test_auto_classes_refuse_a_bad_saved_config(tiny_repo, family, tmp_path):
         AutoConfig.from_pretrained(repo, trust_remote_code=True)
     with raises_naming("mfpruner_cues", "'colour' is not a cue"):
         AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+    (repo / "config.json").write_text(json.dumps({**config, "visual_token_budjet": 2}))
+    with pytest.raises(ValueError, match="unknown keyword `visual_token_budjet`; did you mean `visual_token_budget`"):
+        AutoConfig.from_pretrained(repo, trust_remote_code=True)
 
 
 # ----------------------------------------------------------------------------- a loaded model's config, per call
@@ -384,3 +414,21 @@ def test_check_setting_takes_call_values():
         check_setting("visual_token_budget", 0)
     with raises_naming("relevance_source", "no CLIP text tower"):
         check_setting("relevance_source", "clip_text", relevance_sources=("auto", "llm"))
+
+
+@pytest.mark.parametrize("value", ["no", "False", 0, 1.0, torch.tensor(False)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_call_prune_visual_tokens_must_be_a_bool(request, family, value):
+    """`generate(..., prune_visual_tokens="no")` once pruned (the value went through bool()), while
+    the config refuses it: a call's value gets the config's check, in generate() and forward()."""
+    model = request.getfixturevalue("tiny_model")(family)
+    inputs = call_inputs(request, family)
+    model.last_pruning = None
+    with raises_naming("prune_visual_tokens", "must be True or False"):
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, prune_visual_tokens=value)
+    with raises_naming("prune_visual_tokens", "must be True or False"), torch.no_grad():
+        model(**inputs, prune_visual_tokens=value)
+    assert model.last_pruning is None  # refused before anything ran
+    with torch.no_grad():
+        model(**inputs, prune_visual_tokens=None)  # None: the config's value (prune)
+    assert model.last_pruning is not None

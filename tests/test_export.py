@@ -18,6 +18,8 @@ from tools import export as export_module
 from tools.export import ARCHITECTURES, export, main
 from mfpruner_lib.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
 
+from conftest import refused
+
 ROOT = Path(__file__).resolve().parents[1]
 LONG_QUESTION = "What is in the image? Describe the picture in detail. How many people are there? Is there a dog?"
 PROMPT = f"USER: <image>\n{LONG_QUESTION} ASSISTANT:"
@@ -805,6 +807,104 @@ def test_clip_text_folder_must_be_apart_from_out(hub_base, tiny_clip, tmp_path):
     with pytest.raises(ValueError, match="contains --clip-text"):
         export(str(hub_base), tmp_path, clip_text=str(clip), overwrite=True)
     assert tree_snapshot(clip) == before
+
+
+# ----------------------------------------------------------------------------- nothing outside BASE is read
+
+
+def sharded_copy(hub_base: Path, folder: Path) -> tuple[Path, dict]:
+    """A copy of the 4-shard base and its index."""
+    import shutil
+
+    base = folder / "base"
+    shutil.copytree(hub_base, base)
+    return base, json.loads((base / "model.safetensors.index.json").read_text())
+
+
+def point_first_shard_at(base: Path, index: dict, name: str) -> None:
+    """The index's first shard's tensors now name the file `name` (relative to BASE, or absolute)."""
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (name if v == first else v) for k, v in index["weight_map"].items()}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case", ["dot-dot", "absolute", "symlink-out", "symlinked-tokenizer"])
+def test_nothing_outside_base_is_copied(hub_base, tmp_path, case, capsys):
+    """A shard the index names outside BASE (`../x`, `/x`), a shard or another file that links to a
+    file outside BASE: refused, naming the file, before anything is written. The file outside is a
+    valid shard, so only its place is wrong."""
+    base, index = sharded_copy(hub_base, tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((base / sorted(set(index["weight_map"].values()))[0]).read_bytes())
+    if case == "dot-dot":
+        point_first_shard_at(base, index, "../outside.safetensors")
+        expected = "the weight_map's shard '../outside.safetensors' resolves to"
+    elif case == "absolute":
+        point_first_shard_at(base, index, str(outside))
+        expected = f"the weight_map's shard {str(outside)!r} resolves to"
+    elif case == "symlink-out":
+        (base / "model-00001-of-00004.safetensors").unlink()
+        (base / "model-00001-of-00004.safetensors").symlink_to(outside)
+        expected = "model-00001-of-00004.safetensors' resolves to"
+    else:
+        (tmp_path / "secret.json").write_text('{"token": "hf_not_for_the_hub"}')
+        (base / "tokenizer_config.json").unlink()
+        (base / "tokenizer_config.json").symlink_to(tmp_path / "secret.json")
+        expected = "tokenizer_config.json resolves to"
+    message = refused(main, [str(base), str(tmp_path / "out")], capsys)
+    assert expected in message and f"outside {str(base)!r}" in message, message
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_hub_cache_snapshot_may_link_into_its_blobs(hub_base, tmp_path):
+    """huggingface_hub's cache keeps each file once in `blobs/` and links it from the snapshot: a
+    downloaded BASE is such a snapshot, and its links are the checkpoint's own files."""
+    repo = tmp_path / "hub" / "models--me--tiny-llava"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, file in enumerate(sorted(hub_base.iterdir())):
+        (blobs / f"blob{i}").write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    out = export(str(snapshot), tmp_path / "out")
+    assert filecmp.cmp(out / "model-00001-of-00004.safetensors", hub_base / "model-00001-of-00004.safetensors", shallow=False)
+    assert "\nbase_model: me/tiny-llava\n" in (out / "README.md").read_text()  # the id from the cache's folder name
+
+
+@pytest.mark.parametrize("out", [".", "..", "sub/.."])
+def test_out_must_not_be_or_contain_the_current_folder(stock_base, tmp_path, monkeypatch, capsys, out):
+    """OUT is replaced by a rename: the current folder (or one above it) would vanish under the
+    shell. Refused, with or without --overwrite, and nothing is left behind."""
+    here = tmp_path / "models" / "here"
+    (here / "sub").mkdir(parents=True)
+    (here / "mine.txt").write_text("keep me")
+    monkeypatch.chdir(here)
+    before = tree_snapshot(tmp_path)
+    for overwrite in ([], ["--overwrite"]):
+        message = refused(main, [str(stock_base), out, *overwrite], capsys)
+        assert "the current folder; give a folder beside it" in message, message
+    assert tree_snapshot(tmp_path) == before and leftovers(here) == leftovers(here.parent) == []
+
+
+def test_out_under_a_file_is_refused(stock_base, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    for out in (tmp_path / "a-file" / "out", tmp_path / "a-file" / "deeper" / "out"):
+        message = refused(main, [str(stock_base), str(out)], capsys)
+        assert message == f"OUT {str(out)!r}: its parent {str(tmp_path / 'a-file')!r} is a file, not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("text_config", ['"oops"', "[1, 2]", '{"hidden_size": "wide"}'])
+def test_a_bad_field_of_the_base_config_names_the_file(stock_base, tmp_path, text_config, capsys):
+    def damage(base):
+        config = json.loads((base / "config.json").read_text())
+        config["text_config"] = json.loads(text_config)
+        (base / "config.json").write_text(json.dumps(config))
+
+    base = broken_copy(stock_base, tmp_path, damage)
+    message = refused(main, [str(base), str(tmp_path / "out")], capsys)
+    assert message.startswith(f"{base / 'config.json'}: not a valid LLaVA-1.5 config"), message
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- broken checkpoints

@@ -8,7 +8,10 @@ default model is built from it), requirements.txt, and a README.md with the Spac
 (sdk: gradio at the installed version, app_file, python_version). Push it with
 `hf upload SPACE_ID OUT --repo-type space` or git. The model: `--model` writes it into
 demo_model.txt (a local folder is copied into the Space); the Space variable MFPRUNER_MODEL
-overrides it; without either the Space serves the tiny random-weights model.
+overrides it; without either the Space serves the tiny random-weights model. The folder is built
+beside OUT and renamed into place when complete (tools.export's staging); a refused input (OUT
+around or inside --model, a --model path that is missing or not an MFPruner repo, a title that is
+not one printable line) is one line `error: ...`.
 """
 
 from __future__ import annotations
@@ -157,6 +160,8 @@ def make_space(out: str | Path, model: str | None = None, hardware: str | None =
     beside it and renamed into place when complete. Returns its path."""
     out = Path(out).expanduser()
     check_out_folder(out)
+    if model is not None and Path(model).expanduser().is_dir():  # first: the clearest message
+        check_apart(out, {"--model": Path(model).expanduser()})
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"OUT {str(out)!r} exists and is not empty; give a new folder")
     if hardware is not None and hardware not in HARDWARE:
@@ -164,7 +169,6 @@ def make_space(out: str | Path, model: str | None = None, hardware: str | None =
     yaml_title(title)
     model_folder = check_model_spec(model, "--model") if model is not None else None
     if model_folder is not None:
-        check_apart(out, {"--model": model_folder})
         check_model_folder(model_folder)
     with staged_folder(out) as staging:
         for path in app_files():
