@@ -882,7 +882,7 @@ def test_out_must_not_be_or_contain_the_current_folder(stock_base, tmp_path, mon
     before = tree_snapshot(tmp_path)
     for overwrite in ([], ["--overwrite"]):
         message = refused(main, [str(stock_base), out, *overwrite], capsys)
-        assert "the current folder; give a folder beside it" in message, message
+        assert f"the current folder ({str(here)!r}); give a folder beside it" in message, message
     assert tree_snapshot(tmp_path) == before and leftovers(here) == leftovers(here.parent) == []
 
 

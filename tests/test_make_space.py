@@ -238,3 +238,12 @@ def test_a_title_that_is_not_one_printable_line_is_refused(tmp_path, title, caps
 def test_argument_errors_are_one_line(tmp_path, capsys):
     message = refused(main, [str(tmp_path / "space"), "--hardware", "a-big-one"], capsys)
     assert "invalid choice: 'a-big-one'" in message and "python -m tools.make_space --help" in message
+
+
+def test_out_must_not_be_the_current_folder_or_under_a_file(tmp_path, monkeypatch, capsys):
+    """The same OUT checks as the export's (the Space folder replaces OUT by a rename)."""
+    monkeypatch.chdir(tmp_path)
+    assert "is the current folder" in refused(main, ["."], capsys)
+    (tmp_path / "a-file").write_text("x")
+    assert "its parent" in refused(main, ["a-file/space"], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -602,7 +602,7 @@ def check_out_folder(out: Path, what: str = "OUT") -> None:
     here, target = Path.cwd().resolve(), out.resolve()
     if target == here or target in here.parents:
         where = "is" if target == here else "contains"
-        raise ValueError(f"{what} {str(out)!r} {where} the current folder; give a folder beside it (e.g. ../{here.name}-mfpruner)")
+        raise ValueError(f"{what} {str(out)!r} {where} the current folder ({str(here)!r}); give a folder beside it")
 
 
 @contextmanager
