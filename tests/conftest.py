@@ -131,6 +131,21 @@ def qwen_processing(qwen_repo):
     )
 
 
+# ----------------------------------------------------------------------------- Qwen3-VL (dense and MoE)
+
+
+@pytest.fixture(scope="session")
+def qwen3_processing(tiny_repo):
+    """(tokenizer, image processor) of the tiny Qwen3-VL repo (16 px patches; the MoE repo's are the same)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    repo = tiny_repo("qwen3-vl")
+    return (
+        AutoTokenizer.from_pretrained(repo, trust_remote_code=True),
+        AutoImageProcessor.from_pretrained(repo, trust_remote_code=True),
+    )
+
+
 # ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)
 
 
