@@ -106,7 +106,7 @@ class MFPrunerQwen3VLMixin:
         """Writes the image / video token's own embedding at `is_kind`, not the features: the stock
         forward() scatters the kept tokens there from `mm_encoder_outputs` (see `prefill_inputs`)."""
         embed = self.get_input_embeddings()
-        placeholder = embed(torch.tensor(token_id, device=embed.weight.device)).to(inputs_embeds.device, inputs_embeds.dtype)
+        placeholder = embed(torch.tensor(token_id, device=is_kind.device)).to(inputs_embeds.device, inputs_embeds.dtype)
         return torch.where(is_kind.to(inputs_embeds.device)[..., None], placeholder, inputs_embeds)
 
     def prefill_inputs(self, encoded: EncodedPrompt, keep_indices: list[torch.Tensor]) -> dict:
