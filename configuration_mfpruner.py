@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import CLIPTextConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig
+from transformers import CLIPTextConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
 if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
     from .mfpruner_core import CUE_NAMES, check_budget, check_min_votes, check_ratio
@@ -237,8 +237,24 @@ class MFPrunerLlavaNextConfig(MFPrunerSettings, LlavaNextConfig):
         super().__post_init__(**kwargs)
 
 
+@dataclass(repr=False, eq=False)
+class MFPrunerQwenVLSettings(MFPrunerSettings):
+    r"""The settings of the Qwen-VL configs that follow Qwen2.5-VL's (see `MFPrunerQwen2_5_VLConfig`):
+    default `visual_token_ratio=0.222` (the paper's "prune 77.8%"), relevance in LLM space (no CLIP
+    text tower), and `attention_query_chunk` queries per step of cue A."""
+
+    attention_query_chunk: int = 256
+
+    relevance_sources = ("auto", "llm")  # no CLIP text tower, so no "clip_text" (and no clip_text_config)
+
+    def __post_init__(self, **kwargs):
+        if self.visual_token_budget is None and self.visual_token_ratio is None:
+            self.visual_token_ratio = 0.222  # the paper's Qwen2.5-VL setting: prune 77.8%
+        super().__post_init__(**kwargs)
+
+
 @strict
-class MFPrunerQwen2_5_VLConfig(MFPrunerSettings, Qwen2_5_VLConfig):
+class MFPrunerQwen2_5_VLConfig(MFPrunerQwenVLSettings, Qwen2_5_VLConfig):
     r"""Qwen2.5-VL config with MFPruner settings (Qwen/Qwen2.5-VL-3B/7B/32B/72B-Instruct).
 
     visual_token_ratio: fraction of each image's (or video's) visual tokens kept; default 0.222,
@@ -256,17 +272,25 @@ class MFPrunerQwen2_5_VLConfig(MFPrunerSettings, Qwen2_5_VLConfig):
 
     model_type = "mfpruner_qwen2_5_vl"
 
-    attention_query_chunk: int = 256
 
-    relevance_sources = ("auto", "llm")  # no CLIP text tower, so no "clip_text" (and no clip_text_config)
+@strict
+class MFPrunerQwen3VLConfig(MFPrunerQwenVLSettings, Qwen3VLConfig):
+    r"""Qwen3-VL config with MFPruner settings (Qwen/Qwen3-VL-2B/4B/8B/32B-Instruct): Qwen2.5-VL's
+    settings and defaults (`MFPrunerQwenVLSettings`). Cue A is read in the last vision block, which
+    attends over the whole image (Qwen3-VL's tower has no windows)."""
 
-    def __post_init__(self, **kwargs):
-        if self.visual_token_budget is None and self.visual_token_ratio is None:
-            self.visual_token_ratio = 0.222  # the paper's Qwen2.5-VL setting: prune 77.8%
-        super().__post_init__(**kwargs)
+    model_type = "mfpruner_qwen3_vl"
 
 
-# The MFPruner fields of the configs: the mixin's, and Qwen2.5-VL's `attention_query_chunk`.
+@strict
+class MFPrunerQwen3VLMoeConfig(MFPrunerQwenVLSettings, Qwen3VLMoeConfig):
+    r"""Qwen3-VL MoE config with MFPruner settings (Qwen/Qwen3-VL-30B-A3B-Instruct, 235B-A22B): the
+    dense Qwen3-VL's settings and defaults; only the language model differs."""
+
+    model_type = "mfpruner_qwen3_vl_moe"
+
+
+# The MFPruner fields of the configs: the mixin's, and the Qwen configs' `attention_query_chunk`.
 MFPRUNER_CONFIG_FIELDS = tuple(f.name for f in fields(MFPrunerSettings)) + ("attention_query_chunk",)
 
 __all__ = [
@@ -275,6 +299,9 @@ __all__ = [
     "MFPrunerLlavaConfig",
     "MFPrunerLlavaNextConfig",
     "MFPrunerQwen2_5_VLConfig",
+    "MFPrunerQwen3VLConfig",
+    "MFPrunerQwen3VLMoeConfig",
+    "MFPrunerQwenVLSettings",
     "MFPrunerSettings",
     "check_call_kwargs",
     "check_setting",

@@ -239,6 +239,12 @@ class MFPrunerPipelineMixin:
         """Position ids of a prompt continued from a pruned cache; None: the stock numbering."""
         return None
 
+    def prefill_inputs(self, encoded: EncodedPrompt, keep_indices: list[torch.Tensor]) -> dict:
+        """Extra stock forward() inputs of the pruned prefill, built from the kept tokens (Qwen3-VL:
+        `mm_encoder_outputs`, the kept visual tokens with their DeepStack levels); the stock generate()
+        sends them with the prefill only. {}: nothing beyond the embeddings."""
+        return {}
+
     # -- per-thread result ------------------------------------------------------------------
 
     @property
@@ -431,6 +437,7 @@ class MFPrunerPipelineMixin:
         )
         if encoded.vision_outputs:
             pruned["vision_outputs"] = kept_vision_outputs(encoded, keep_indices)
+        pruned.update(self.prefill_inputs(encoded, keep_indices))
         self.last_pruning = result
         return pruned, result
 

@@ -126,10 +126,11 @@ def attention_and_received_per_patch(attn, hidden_states, cu_seqlens, position_e
     return attn.proj(torch.cat(outputs).reshape(length, -1)), torch.cat(received)
 
 
-class CueCapturingVisionAttention(Qwen2_5_VLVisionAttention):
-    """The stock vision attention (same parameters, so checkpoints load unchanged). While a capture
-    buffer is active (mfpruner_pipeline.cue_capture) it computes its output and the attention each
-    patch receives (buffer["received"]) in one pass; otherwise it is exactly the stock forward."""
+class CueCapturingAttentionMixin:
+    """Put before a stock Qwen vision attention (qkv, proj, num_heads, scaling; Qwen2.5-VL, Qwen3-VL):
+    same parameters, so checkpoints load unchanged. While a capture buffer is active
+    (mfpruner_pipeline.cue_capture) it computes its output and the attention each patch receives
+    (buffer["received"]) in one pass; otherwise it is exactly the stock forward."""
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
         captured = CUE_CAPTURE.get()
@@ -140,6 +141,18 @@ class CueCapturingVisionAttention(Qwen2_5_VLVisionAttention):
                 self, hidden_states, cu_seqlens, position_embeddings, captured["query_chunk"]
             )
         return output
+
+
+class CueCapturingVisionAttention(CueCapturingAttentionMixin, Qwen2_5_VLVisionAttention):
+    """Qwen2.5-VL's vision attention with cue A capture (`CueCapturingAttentionMixin`)."""
+
+
+def install_cue_capture(block, capturing_class) -> None:
+    """Replaces `block.attn` by `capturing_class` built on the very same weights."""
+    stock = block.attn
+    capturing = capturing_class(stock.config)
+    capturing.qkv, capturing.proj = stock.qkv, stock.proj
+    block.attn = capturing
 
 
 def merged_raster_scores(received, grid_thw, visual) -> torch.Tensor:
@@ -201,10 +214,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
     def __init__(self, config: MFPrunerQwen2_5_VLConfig):
         super().__init__(config)
         block = self.model.visual.blocks[last_full_attention_block(self.model.visual)]
-        stock = block.attn
-        capturing = CueCapturingVisionAttention(stock.config)
-        capturing.qkv, capturing.proj = stock.qkv, stock.proj  # the very same weights
-        block.attn = capturing
+        install_cue_capture(block, CueCapturingVisionAttention)
 
     # -- visual encoding --------------------------------------------------------------------
 
@@ -212,7 +222,6 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
         """Runs the vision tower once on all images (or all videos). Returns (per item a list of
         (N_i, D) visual tokens and a list of (N_i,) attention received, raster order (None when not
         captured), the stock vision output)."""
-        visual = self.model.visual
         settings = {"query_chunk": self.config.attention_query_chunk} if capture_attention else {}
         with cue_capture(**settings) as captured:
             if kind == "image":
@@ -222,8 +231,17 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
         sizes = [len(features) for features in output.pooler_output]
         if "received" not in captured:
             return list(output.pooler_output), [None] * len(sizes), output
-        attention = merged_raster_scores(captured["received"], grid_thw.to(captured["received"].device), visual)
+        attention = self.merged_attention(captured["received"], grid_thw.to(captured["received"].device))
         return list(output.pooler_output), list(attention.split(sizes)), output
+
+    def merged_attention(self, received, grid_thw) -> torch.Tensor:
+        """(S,) attention received per patch, in the tower's order -> (S / 4,) per visual token, raster order."""
+        return merged_raster_scores(received, grid_thw, self.model.visual)
+
+    def place_visual_tokens(self, inputs_embeds, is_kind, features, token_id: int):
+        """The prompt embeddings with the visual tokens of one kind scattered at `is_kind` (B, L)."""
+        scattered = torch.cat(features).to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(is_kind.to(inputs_embeds.device)[..., None], scattered)
 
     def encode_visual(self, input_ids, inputs_embeds, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
         """Images then videos through the tower (cue A captured when configured), scattered into
@@ -242,9 +260,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
             tokens = check_grid(pixels, grid, merge, pixels_name, f"{kind}_grid_thw")
             rows = check_image_tokens(input_ids, token_id, len(tokens), tokens, name=kind, pixels=pixels_name)
             features, attention, output = self.visual_features_with_attention(pixels, grid, kind, "attention" in cues)
-            is_kind = (input_ids == token_id).to(inputs_embeds.device)
-            scattered = torch.cat(features).to(inputs_embeds.device, inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(is_kind[..., None], scattered)
+            inputs_embeds = self.place_visual_tokens(inputs_embeds, input_ids == token_id, features, token_id)
             vision_outputs[f"{kind}_outputs"] = output
             for f, a, row, item_grid in zip(features, attention, rows, token_grids(grid, merge)):
                 items.append(
@@ -270,7 +286,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
             mm_token_type_ids=mm_token_type_ids,
             image_grid_thw=visual["image_grid_thw"] if visual["pixel_values"] is not None else None,
             video_grid_thw=visual["video_grid_thw"] if visual["pixel_values_videos"] is not None else None,
-            second_per_grid_ts=visual["second_per_grid_ts"],
+            second_per_grid_ts=visual.get("second_per_grid_ts"),  # Qwen3-VL has none (timestamps are text)
             attention_mask=attention_mask,
         )  # (3, B, L): every token's (t, h, w) position in the UNPRUNED prompt
         return EncodedPrompt(inputs_embeds=inputs_embeds, items=items, positions=positions, vision_outputs=vision_outputs)

@@ -113,6 +113,23 @@ def demo_tiny_qwen2_5_vl(folder: str | Path) -> Path:
     return path
 
 
+def demo_tiny_qwen3_vl(folder: str | Path) -> Path:
+    """Qwen3-VL: 32 px per token, images resized to at most 1,024 tokens."""
+    return demo_tiny_qwen3(folder, "tiny-mfpruner-qwen3_vl", tiny_models.build_tiny_qwen3_vl)
+
+
+def demo_tiny_qwen3_vl_moe(folder: str | Path) -> Path:
+    """Qwen3-VL MoE: the dense model's geometry (32 px per token, at most 1,024 tokens)."""
+    return demo_tiny_qwen3(folder, "tiny-mfpruner-qwen3_vl_moe", tiny_models.build_tiny_qwen3_vl_moe)
+
+
+def demo_tiny_qwen3(folder: str | Path, name: str, build: Callable) -> Path:
+    path = build(Path(folder) / name)
+    _, image_processor = tiny_models.build_tiny_qwen3_vl_processor(max_pixels=32 * 32 * 1024)
+    image_processor.save_pretrained(path)
+    return path
+
+
 # ----------------------------------------------------------------------------- the registry
 
 CLIP_PATCH_EMBEDDING = r"vision_tower\.(vision_model\.)?embeddings\.patch_embedding\.weight$"
@@ -121,6 +138,24 @@ CLIP_PATCH_EMBEDDING = r"vision_tower\.(vision_model\.)?embeddings\.patch_embedd
 LLAVA_BUDGETS = tuple((str(k), {"budget": k}) for k in (192, 128, 64, 32))
 RATIO_BUDGETS = tuple((f"{100 * r:.1f}%", {"ratio": r}) for r in (0.333, 0.222, 0.111, 0.056))
 QWEN_BUDGETS = tuple((f"{100 * r:.1f}%", {"ratio": r}) for r in (0.445, 0.333, 0.222))
+
+def qwen3_vl_architecture(config_class: str, model_class: str, tags: tuple[str, ...], family: str) -> Architecture:
+    """The export row of a Qwen3-VL family (dense or MoE): LLM-space relevance, cue A in the last vision block."""
+    return Architecture(
+        config_class=config_class,
+        model_class=model_class,
+        processor_class=None,  # no CLIP text tower: relevance is measured in the LLM's space
+        vision_patch_key=None,
+        tags=tags,
+        family=family,
+        attention_cue="the attention each patch receives in the last vision block (full attention)",
+        per_call_setting="visual_token_ratio=0.333",
+        processor_note=(
+            "The processor is the base model's own `Qwen3VLProcessor`; in transformers 5.x it needs "
+            "`torchvision` (for its video processor)."
+        ),
+    )
+
 
 FAMILIES = {family.key: family for family in (  # keyed by Family.key
     Family(
@@ -205,6 +240,51 @@ FAMILIES = {family.key: family for family in (  # keyed by Family.key
         token_boxes=token_geometry.whole_image_boxes,
         demo_tiny=demo_tiny_qwen2_5_vl,
         demo_geometry="Qwen2.5-VL geometry: 28 px per visual token, up to 1,024",
+        processor_stand_in=True,
+    ),
+    Family(
+        key="qwen3-vl",
+        name="Qwen3-VL",
+        model_type="qwen3_vl",
+        stock_model_class="Qwen3VLForConditionalGeneration",
+        export=qwen3_vl_architecture(
+            "configuration_mfpruner.MFPrunerQwen3VLConfig",
+            "modeling_mfpruner_qwen3_vl.MFPrunerQwen3VLForConditionalGeneration",
+            ("qwen3_vl",),
+            "Qwen3-VL",
+        ),
+        build_tiny=tiny_models.build_tiny_qwen3_vl,
+        geometry=flops.qwen3_vl_geometry,
+        real_models=(
+            RealModel("Qwen3-VL-8B", model_sizes.qwen3_vl_8b, (1024, 1024), False, "1024x1024 image, 32 px per token"),
+        ),
+        flops_budgets=QWEN_BUDGETS,
+        token_boxes=token_geometry.whole_image_boxes,  # the same smart-resize raster grid as Qwen2.5-VL (32 px tokens)
+        demo_tiny=demo_tiny_qwen3_vl,
+        demo_geometry="Qwen3-VL geometry: 32 px per visual token, up to 1,024",
+        processor_stand_in=True,
+    ),
+    Family(
+        key="qwen3-vl-moe",
+        name="Qwen3-VL MoE",
+        model_type="qwen3_vl_moe",
+        stock_model_class="Qwen3VLMoeForConditionalGeneration",
+        export=qwen3_vl_architecture(
+            "configuration_mfpruner.MFPrunerQwen3VLMoeConfig",
+            "modeling_mfpruner_qwen3_vl.MFPrunerQwen3VLMoeForConditionalGeneration",
+            ("qwen3_vl_moe",),
+            "Qwen3-VL MoE",
+        ),
+        build_tiny=tiny_models.build_tiny_qwen3_vl_moe,
+        geometry=flops.qwen3_vl_geometry,
+        real_models=(
+            RealModel("Qwen3-VL-30B-A3B", model_sizes.qwen3_vl_30b_a3b, (1024, 1024), False,
+                      "1024x1024 image, 32 px per token; 8 of 128 experts per token"),
+        ),
+        flops_budgets=QWEN_BUDGETS,
+        token_boxes=token_geometry.whole_image_boxes,
+        demo_tiny=demo_tiny_qwen3_vl_moe,
+        demo_geometry="Qwen3-VL geometry: 32 px per visual token, up to 1,024",
         processor_stand_in=True,
     ),
 )}

@@ -27,6 +27,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.vision_utils import get_vision_window_index
 
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056  # Qwen2.5-VL-7B-Instruct preprocessor_config.json
+QWEN3_VL_MIN_PIXELS, QWEN3_VL_MAX_PIXELS = 65536, 16777216  # Qwen3-VL-8B-Instruct preprocessor_config.json
 
 
 # ----------------------------------------------------------------------------- paper figure
@@ -65,14 +66,26 @@ def transformer_layer(
     return projections + attention_core(segments, q_width) + mlp
 
 
+def mlp_width(text_config) -> int:
+    """The gated MLP width each token goes through: the dense MLP's, or (MoE: Qwen3-VL-30B-A3B) the
+    active experts' together (`num_experts_per_tok` x `moe_intermediate_size`)."""
+    c = text_config
+    if getattr(c, "num_experts", 0):
+        return c.num_experts_per_tok * c.moe_intermediate_size
+    return c.intermediate_size
+
+
 def language_model(text_config, length: int) -> int:
-    """Llama / Qwen2 decoder over `length` prompt tokens + the LM head on the last position."""
+    """Llama / Qwen2 / Qwen3 decoder over `length` prompt tokens + the LM head on the last position
+    (MoE: the active experts and the router)."""
     c = text_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     layer = transformer_layer(
         length, [length], c.hidden_size, c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim,
-        c.intermediate_size, gated=True,
+        mlp_width(c), gated=True,
     )
+    if getattr(c, "num_experts", 0):
+        layer += matmul(length, c.hidden_size, c.num_experts)  # the router
     return c.num_hidden_layers * layer + matmul(1, c.hidden_size, c.vocab_size)
 
 
@@ -151,13 +164,20 @@ def llava_next_geometry(config, image_hw: tuple[int, int]) -> Geometry:
     )
 
 
+def qwen_patch_grid(vision_config, image_hw: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(rows, cols) of patches of an image resized by the processor's `smart_resize` (multiples of
+    patch x merge px within the pixel limits)."""
+    v = vision_config
+    factor = v.patch_size * v.spatial_merge_size
+    height, width = smart_resize(*image_hw, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return height // v.patch_size, width // v.patch_size
+
+
 def qwen2_5_vl_geometry(config, image_hw: tuple[int, int]) -> Geometry:
     """Qwen2.5-VL: the image is resized to multiples of 28 px (published pixel limits), cut into
     14 px patches (one temporal step), windows of 112 px in most blocks, merged 2x2 into tokens."""
     v = config.vision_config
-    factor = v.patch_size * v.spatial_merge_size
-    height, width = smart_resize(*image_hw, factor=factor, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
-    grid_h, grid_w = height // v.patch_size, width // v.patch_size
+    grid_h, grid_w = qwen_patch_grid(v, image_hw, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
     _, cu_windows = get_vision_window_index(
         torch.tensor([[1, grid_h, grid_w]]), v.spatial_merge_size, v.window_size, v.patch_size
     )
@@ -169,6 +189,14 @@ def qwen2_5_vl_geometry(config, image_hw: tuple[int, int]) -> Geometry:
         vision_patches=grid_h * grid_w,
         vision_windows=tuple(int(s) for s in cu_windows.diff() if s > 0),
     )
+
+
+def qwen3_vl_geometry(config, image_hw: tuple[int, int]) -> Geometry:
+    """Qwen3-VL (dense and MoE): the image is resized to multiples of 32 px (published pixel limits),
+    cut into 16 px patches, every block attends over the whole image, merged 2x2 into tokens."""
+    grid_h, grid_w = qwen_patch_grid(config.vision_config, image_hw, QWEN3_VL_MIN_PIXELS, QWEN3_VL_MAX_PIXELS)
+    tokens = grid_h * grid_w // config.vision_config.spatial_merge_size**2
+    return Geometry(visual_tokens=tokens, projected_tokens=tokens, tiles=1, vision_patches=grid_h * grid_w)
 
 
 def geometry(config, image_hw: tuple[int, int] | None = None) -> Geometry:
@@ -203,14 +231,16 @@ class PrefillFlops:
 
 
 def qwen_vision_tower(vision_config, geo: Geometry) -> int:
-    """Window blocks attend within 112 px windows, full blocks over the whole image; gated MLP."""
+    """Qwen2.5-VL: window blocks attend within 112 px windows, full blocks over the whole image, gated
+    MLP. Qwen3-VL (no `fullatt_block_indexes`): every block over the whole image, two-matrix MLP."""
     v, patches = vision_config, geo.vision_patches
+    windowed = hasattr(v, "fullatt_block_indexes")
     embed = matmul(patches, v.in_channels * v.temporal_patch_size * v.patch_size**2, v.hidden_size)
     blocks = 0
     for index in range(v.depth):
-        segments = [patches] if index in v.fullatt_block_indexes else list(geo.vision_windows)
+        segments = list(geo.vision_windows) if windowed and index not in v.fullatt_block_indexes else [patches]
         blocks += transformer_layer(
-            patches, segments, v.hidden_size, v.hidden_size, v.hidden_size, v.intermediate_size, gated=True
+            patches, segments, v.hidden_size, v.hidden_size, v.hidden_size, v.intermediate_size, gated=windowed
         )
     return embed + blocks
 
@@ -233,8 +263,9 @@ def prefill_flops(
         v = config.vision_config
         vision = qwen_vision_tower(v, geo)
         merged_width = v.hidden_size * v.spatial_merge_size**2
-        projector = matmul(geo.projected_tokens, merged_width, merged_width) + matmul(
-            geo.projected_tokens, merged_width, v.out_hidden_size
+        mergers = 1 + len(getattr(v, "deepstack_visual_indexes", ()))  # Qwen3-VL: + one merger per DeepStack level
+        projector = mergers * (
+            matmul(geo.projected_tokens, merged_width, merged_width) + matmul(geo.projected_tokens, merged_width, v.out_hidden_size)
         )
         attention_cue = matmul(geo.vision_patches, v.hidden_size, geo.vision_patches)  # Q K^T, column sums
         vision_hidden = v.hidden_size
@@ -263,4 +294,4 @@ def prefill_flops(
 
 
 def kind_is_qwen(config) -> bool:
-    return config.model_type.endswith("qwen2_5_vl")
+    return config.model_type.endswith(("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"))

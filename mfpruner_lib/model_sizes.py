@@ -5,6 +5,8 @@ Sizes are copied from the published `config.json` files:
   llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf      CLIP ViT-L/14-336 + Vicuna-7B / -13B v1.5
   llava-hf/llava-v1.6-vicuna-7b-hf                         same tower and LLM as 1.5-7B, anyres tiles
   Qwen/Qwen2.5-VL-7B-Instruct                              window-attention ViT + Qwen2.5-7B
+  Qwen/Qwen3-VL-8B-Instruct                                full-attention ViT with DeepStack + Qwen3-8B
+  Qwen/Qwen3-VL-30B-A3B-Instruct                           the same ViT + Qwen3-30B-A3B (MoE, 8 of 128 experts)
   openai/clip-vit-large-patch14-336 (text tower)           the paper's relevance cue for LLaVA
 """
 
@@ -17,6 +19,8 @@ from transformers import (
     LlavaConfig,
     LlavaNextConfig,
     Qwen2_5_VLConfig,
+    Qwen3VLConfig,
+    Qwen3VLMoeConfig,
 )
 
 # CLIP ViT-L/14 at 336 px: 24 x 24 = 576 patch tokens + [CLS].
@@ -45,6 +49,20 @@ QWEN2_5_VL_7B_TEXT = dict(
     hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
 )
+QWEN3_VL_VISION = dict(
+    depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+    hidden_act="gelu_pytorch_tanh",
+)
+QWEN3_VL_8B_TEXT = dict(
+    hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+)
+QWEN3_VL_30B_A3B_TEXT = dict(
+    hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+    num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+    moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+)
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
@@ -62,6 +80,8 @@ def llava_config(vision: dict, text: dict, *, config_class=LlavaConfig, image_to
 
 
 def qwen2_5_vl_config(vision: dict, text: dict, *, config_class=Qwen2_5_VLConfig, **extra):
+    """A Qwen-VL config from size dicts; config_class: Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig or an
+    MFPruner subclass."""
     return config_class(vision_config=dict(vision), text_config=dict(text), **extra)
 
 
@@ -79,6 +99,15 @@ def llava_1_6_vicuna_7b():
 
 def qwen2_5_vl_7b():
     return qwen2_5_vl_config(QWEN2_5_VL_7B_VISION, QWEN2_5_VL_7B_TEXT)
+
+
+def qwen3_vl_8b():
+    return qwen2_5_vl_config(QWEN3_VL_VISION, QWEN3_VL_8B_TEXT, config_class=Qwen3VLConfig)
+
+
+def qwen3_vl_30b_a3b():
+    vision = dict(QWEN3_VL_VISION, out_hidden_size=QWEN3_VL_30B_A3B_TEXT["hidden_size"])
+    return qwen2_5_vl_config(vision, QWEN3_VL_30B_A3B_TEXT, config_class=Qwen3VLMoeConfig)
 
 
 def clip_text_l():

@@ -8,6 +8,8 @@ Tests, the benchmarks and the demo's default model use them. Each is its family 
   LLaVA-NeXT  the same towers on 56 px anyres tiles, up to a 2 x 2 grid (`build_tiny_llava_next`)
   Qwen2.5-VL  4 vision blocks (windowed and full attention), 2 x 2 merge, a 2-layer M-RoPE text
               model; `qwen_inputs` stands in for its processor (`build_tiny_qwen2_5_vl`)
+  Qwen3-VL    4 vision blocks with 2 DeepStack levels, 16 px patches, a 3-layer text model
+              (`build_tiny_qwen3_vl`; MoE: `build_tiny_qwen3_vl_moe`)
 A tiny CLIP checkpoint (the paper's text tower) and the hub's older LLaVA layout are here too, for
 the export's tests. Command line: `python -m tools.build_tiny`.
 """
@@ -368,18 +370,21 @@ def qwen_inputs(tokenizer, image_processor, texts: list[str], images=None, video
     return {"input_ids": ids, "attention_mask": encoded["attention_mask"], "mm_token_type_ids": mm_types, **inputs}
 
 
-def qwen_video_inputs(frames: torch.Tensor, temporal_patch_size: int = 2, merge_size: int = 2) -> dict:
-    """Video frames (T, 3, H, W), values in [0, 1], H and W multiples of 28, T a multiple of 2 ->
-    `pixel_values_videos` (T/2 * H/14 * W/14, 3 * 2 * 14 * 14) and `video_grid_thw` (1, 3), in the
-    Qwen2-VL video processor's patch layout (each 2 x 2 merge group contiguous)."""
+def qwen_video_inputs(
+    frames: torch.Tensor, temporal_patch_size: int = 2, merge_size: int = 2, patch_size: int = QWEN_PATCH
+) -> dict:
+    """Video frames (T, 3, H, W), values in [0, 1], H and W multiples of 2 * patch_size, T a multiple
+    of 2 -> `pixel_values_videos` (T/2 * H/p * W/p, 3 * 2 * p * p) and `video_grid_thw` (1, 3), in the
+    Qwen2-VL video processor's patch layout (each 2 x 2 merge group contiguous); p: 14 (Qwen2.5-VL)
+    or 16 (Qwen3-VL)."""
     t, c, h, w = frames.shape
-    grid_t, grid_h, grid_w = t // temporal_patch_size, h // QWEN_PATCH, w // QWEN_PATCH
+    grid_t, grid_h, grid_w = t // temporal_patch_size, h // patch_size, w // patch_size
     patches = ((frames - 0.5) / 0.5).reshape(
         grid_t, temporal_patch_size, c,
-        grid_h // merge_size, merge_size, QWEN_PATCH, grid_w // merge_size, merge_size, QWEN_PATCH,
+        grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size, patch_size,
     )
     patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    flat = patches.reshape(grid_t * grid_h * grid_w, c * temporal_patch_size * QWEN_PATCH * QWEN_PATCH)
+    flat = patches.reshape(grid_t * grid_h * grid_w, c * temporal_patch_size * patch_size * patch_size)
     return {"pixel_values_videos": flat.float(), "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]])}
 
 
@@ -412,6 +417,17 @@ def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, text_heads: int = 4, 
     return MFPrunerQwen2_5_VLConfig(**kwargs, **mfpruner)
 
 
+def save_tiny_qwen(model, tokenizer, image_processor, path: Path) -> Path:
+    """Saves a tiny Qwen-VL model with its tokenizer and image processor (generation pads and stops
+    with the text config's tokens)."""
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path
+
+
 def build_tiny_qwen2_5_vl(
     path: str | os.PathLike, *, stock: bool = False, seed: int = 0, text_heads: int = 4, **mfpruner
 ) -> Path:
@@ -433,12 +449,104 @@ def build_tiny_qwen2_5_vl(
         model = MFPrunerQwen2_5_VLForConditionalGeneration(
             tiny_qwen2_5_vl_config(tokenizer, text_heads=text_heads, **mfpruner)
         )
-    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
-    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
-    model.eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    image_processor.save_pretrained(path)
-    return path
+    return save_tiny_qwen(model, tokenizer, image_processor, path)
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL (dense and MoE)
+
+QWEN3_VL_PATCH = 16  # pixels per patch side; a visual token merges 2 x 2 patches (32 x 32 px)
+
+
+def build_tiny_qwen3_vl_processor(min_pixels: int = 64 * 64, max_pixels: int = 32 * 32 * 64):
+    """(tokenizer, image processor) of a tiny Qwen3-VL repo: Qwen2.5-VL's tokenizer and the Qwen2-VL
+    image processor with Qwen3-VL's 16 px patches (images resized to multiples of 32 px: 4 to 64
+    visual tokens). `qwen_inputs` expands image placeholders; `qwen3_vl_video_prompt` writes a video's."""
+    tokenizer, _ = build_tiny_qwen2_5_vl_processor()
+    image_processor = image_processor_class("Qwen2VLImageProcessor")(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=QWEN3_VL_PATCH, merge_size=2
+    )
+    return tokenizer, image_processor
+
+
+def qwen3_vl_video_inputs(tokenizer, texts: list[str], frames: torch.Tensor, seconds_per_pair: float = 1.0) -> dict:
+    """What Qwen3VLProcessor returns for prompts with one video each (`<|video_pad|>` in each text; the
+    same (T, 3, H, W) frames for every row): each frame pair becomes `<t seconds><|vision_start|>`
+    + its tokens + `<|vision_end|>` (the timestamps are text), rows left padded."""
+    video = qwen_video_inputs(frames, patch_size=QWEN3_VL_PATCH)
+    grid_t, grid_h, grid_w = video["video_grid_thw"][0].tolist()
+    per_pair = grid_h * grid_w // 4
+    placeholder = "".join(
+        f"<{(pair + 0.5) * seconds_per_pair:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_pair + "<|vision_end|>"
+        for pair in range(grid_t)
+    )
+    expanded = [text.replace("<|vision_start|><|video_pad|><|vision_end|>", placeholder) for text in texts]
+    encoded = tokenizer(expanded, return_tensors="pt", padding=True)
+    ids = encoded["input_ids"]
+    mm_types = 2 * (ids == tokenizer.convert_tokens_to_ids("<|video_pad|>")).int()
+    return {
+        "input_ids": ids, "attention_mask": encoded["attention_mask"], "mm_token_type_ids": mm_types,
+        "pixel_values_videos": video["pixel_values_videos"].repeat(len(texts), 1),
+        "video_grid_thw": video["video_grid_thw"].repeat(len(texts), 1),
+    }
+
+
+def tiny_qwen3_vl_config(tokenizer, stock: bool = False, moe: bool = False, **mfpruner):
+    """Qwen3-VL with the real layout at toy width: 4 vision blocks with DeepStack mergers after blocks
+    1 and 2 (added after text layers 0 and 1), 16 px patches, 2 x 2 merge, a 3-layer text model with
+    interleaved M-RoPE; moe=True: Qwen3-VL MoE (4 experts, 2 per token)."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    vision = dict(
+        depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=QWEN3_VL_PATCH,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[1, 2],
+    )
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"), bos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+    )
+    if moe:
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    kwargs = dict(
+        vision_config=vision, text_config=text,
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    if stock:
+        return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(**kwargs)
+    from configuration_mfpruner import MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig
+
+    return (MFPrunerQwen3VLMoeConfig if moe else MFPrunerQwen3VLConfig)(**kwargs, **mfpruner)
+
+
+def build_tiny_qwen3_vl(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, moe: bool = False, **mfpruner) -> Path:
+    """Writes a tiny Qwen3-VL folder (moe=True: Qwen3-VL MoE). stock=True: a plain stock checkpoint
+    (model_type qwen3_vl / qwen3_vl_moe); else an MFPruner remote-code repo. Same seed = same weights."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    tokenizer, image_processor = build_tiny_qwen3_vl_processor()
+    config = tiny_qwen3_vl_config(tokenizer, stock=stock, moe=moe, **mfpruner)
+    torch.manual_seed(seed)
+    if stock:
+        model = (Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration)(config)
+    else:
+        from modeling_mfpruner_qwen3_vl import (
+            MFPrunerQwen3VLForConditionalGeneration,
+            MFPrunerQwen3VLMoeForConditionalGeneration,
+        )
+
+        model = (MFPrunerQwen3VLMoeForConditionalGeneration if moe else MFPrunerQwen3VLForConditionalGeneration)(config)
+    return save_tiny_qwen(model, tokenizer, image_processor, path)
+
+
+def build_tiny_qwen3_vl_moe(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
+    """A tiny Qwen3-VL MoE folder (see `build_tiny_qwen3_vl`)."""
+    return build_tiny_qwen3_vl(path, stock=stock, seed=seed, moe=True, **mfpruner)
 
 
 # ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)

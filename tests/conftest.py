@@ -144,6 +144,21 @@ def qwen_processing(qwen_repo):
     )
 
 
+# ----------------------------------------------------------------------------- Qwen3-VL (dense and MoE)
+
+
+@pytest.fixture(scope="session")
+def qwen3_processing(tiny_repo):
+    """(tokenizer, image processor) of the tiny Qwen3-VL repo (16 px patches; the MoE repo's are the same)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    repo = tiny_repo("qwen3-vl")
+    return (
+        AutoTokenizer.from_pretrained(repo, trust_remote_code=True),
+        AutoImageProcessor.from_pretrained(repo, trust_remote_code=True),
+    )
+
+
 # ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)
 
 
@@ -207,9 +222,17 @@ def assert_remote_code_repo(repo: Path, config_class: str, model_class: str):
 
 
 def stock_twin_of(model, stock_model):
-    """A copy of the stock class holding exactly `model`'s weights."""
+    """A model of the stock class holding exactly `model`'s weights: `stock_model` itself when it
+    holds them already (the tiny repos of a family share their weights), else a copy loaded with
+    them. (A deep copy of Qwen3-VL MoE gave generate() logits 1e-7 off the original's on the same
+    weights: its grouped-experts kernels on CPU are not bit-stable across copies.)"""
     import copy
 
+    import torch
+
+    ours, theirs = model.state_dict(), stock_model.state_dict()
+    if ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours):
+        return stock_model
     twin = copy.deepcopy(stock_model)
     assert twin.state_dict().keys() == model.state_dict().keys()
     twin.load_state_dict(model.state_dict())

@@ -52,7 +52,7 @@ def by_key(results):
 def test_prefill_smoke_runs_every_family(prefill_run):
     results, _ = prefill_run
     assert [r["key"] for r in results] == sorted(benchmark_prefill.FAMILIES)
-    assert set(benchmark_prefill.FAMILIES) == {"llava-1.5", "llava-next", "qwen2.5-vl"}
+    assert set(benchmark_prefill.FAMILIES) == {"llava-1.5", "llava-next", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"}
 
 
 def test_prefill_smoke_rows_llava_1_5(prefill_run):
@@ -74,16 +74,20 @@ def test_prefill_smoke_rows_llava_next(prefill_run):
     assert [r["kept"] for r in result["rows"]][1:] == [18 + 8, 9 + 8, 4 + 8]
 
 
-def test_prefill_smoke_rows_qwen(prefill_run):
-    result = by_key(prefill_run[0])["qwen2.5-vl"]
-    # a 112x112 image: 8 x 8 patches of 14 px, merged 2 x 2 -> 16 tokens; text counts the vision delimiters
-    assert (result["visual_tokens"], result["text_tokens"]) == (16, 12)
+@pytest.mark.parametrize("key, tokens, kept", [
+    ("qwen2.5-vl", 16, [7, 5, 4]),  # a 112x112 image: 8 x 8 patches of 14 px, merged 2 x 2
+    ("qwen3-vl", 64, [28, 21, 14]),  # a 256x256 image (Qwen3-VL's processor minimum): 16 x 16 patches of 16 px
+    ("qwen3-vl-moe", 64, [28, 21, 14]),
+])
+def test_prefill_smoke_rows_qwen(prefill_run, key, tokens, kept):
+    result = by_key(prefill_run[0])[key]
+    assert (result["visual_tokens"], result["text_tokens"]) == (tokens, 12)  # text counts the vision delimiters
     assert [r["setting"] for r in result["rows"]][1:] == ["44.4%", "33.3%", "22.2%"]
-    check_rows(result, [resolve_budget(16, ratio=r) for r in (0.444, 0.333, 0.222)])
-    assert [r["kept"] for r in result["rows"]][1:] == [7, 5, 4]
+    check_rows(result, [resolve_budget(tokens, ratio=r) for r in (0.444, 0.333, 0.222)])
+    assert [r["kept"] for r in result["rows"]][1:] == kept
     # cue A is timed where it is computed, paired per round, the same figure in every setting
     cue = result["cue_attention"]
-    assert cue["patches"] == 16 * 4 and cue["stock_s"] > 0 and cue["capture_s"] > 0
+    assert cue["patches"] == tokens * 4 and cue["stock_s"] > 0 and cue["capture_s"] > 0
     assert [r["capture_source"] for r in result["rows"]] == [None, "paired block", "paired block", "paired block"]
     assert {r["capture_overhead_s"] for r in result["rows"][1:]} == {cue["extra_spread_s"]["median"]}
 
@@ -111,6 +115,8 @@ def test_prefill_cue_attention_pair_times_the_same_attention_with_and_without_th
     ("llava-1.5", "| unpruned | 36 / 36 | 48 |"),
     ("llava-next", "| unpruned | 88 / 88 | 100 |"),
     ("qwen2.5-vl", "| unpruned | 16 / 16 | 28 |"),
+    ("qwen3-vl", "| unpruned | 64 / 64 | 76 |"),
+    ("qwen3-vl-moe", "| unpruned | 64 / 64 | 76 |"),
 ])
 def test_prefill_smoke_files(prefill_run, key, unpruned_row):
     results, out = prefill_run

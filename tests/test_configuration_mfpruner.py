@@ -265,7 +265,7 @@ QWEN_REMOTE_BAD_KWARGS = [
 
 def remote_cases():
     for family in FAMILIES:
-        extra = QWEN_REMOTE_BAD_KWARGS if family == "qwen2.5-vl" else []
+        extra = QWEN_REMOTE_BAD_KWARGS if family.startswith("qwen") else []
         for kwargs, field in REMOTE_BAD_KWARGS + extra:
             yield pytest.param(family, kwargs, field, id=f"{family}-{kwargs}")
 
@@ -311,10 +311,11 @@ def test_auto_classes_refuse_a_bad_saved_config(tiny_repo, family, tmp_path):
 
 def call_inputs(request, family: str) -> dict:
     """A single-image prompt for the family's tiny model."""
-    if family == "qwen2.5-vl":
-        tokenizer, image_processor = request.getfixturevalue("qwen_processing")
+    if family.startswith("qwen"):  # Qwen2.5-VL: 28 px per visual token; Qwen3-VL (and MoE): 32 px
+        tokenizer, image_processor = request.getfixturevalue("qwen_processing" if family == "qwen2.5-vl" else "qwen3_processing")
         text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
-        return qwen_inputs(tokenizer, image_processor, [text], images=[random_image(1, (112, 84))])
+        size = (112, 84) if family == "qwen2.5-vl" else (128, 96)
+        return qwen_inputs(tokenizer, image_processor, [text], images=[random_image(1, size)])
     processor = request.getfixturevalue(f"{FAMILIES[family].model_type}_processor")
     return processor(images=random_image(0), text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
 

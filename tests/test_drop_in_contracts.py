@@ -27,6 +27,7 @@ LLAVA_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 LONG_PROMPT = "USER: <image>\nDescribe every object you can see in this picture. ASSISTANT:"
 QWEN_QUESTION = "What is in the image?"
 FAMILIES = [family.model_type for family in REGISTRY.values()]  # every registry family, by model_type
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # M-RoPE, images through `qwen_inputs`
 GREEDY = dict(do_sample=False, max_new_tokens=4)
 
 
@@ -43,14 +44,15 @@ def family(request):
     key = by_model_type(name).key
     model = request.getfixturevalue("tiny_model")(key)
     stock = request.getfixturevalue("tiny_model")(key, stock=True)
-    if name == "qwen2_5_vl":
-        tokenizer, image_processor = request.getfixturevalue("qwen_processing")
-        single = qwen_inputs(tokenizer, image_processor, [qwen_chat()], images=[random_image(1, (112, 84))])
+    if name in QWEN_FAMILIES:
+        tokenizer, image_processor = request.getfixturevalue("qwen_processing" if name == "qwen2_5_vl" else "qwen3_processing")
+        token_px = 28 if name == "qwen2_5_vl" else 32  # Qwen2.5-VL: 2 x 2 patches of 14 px; Qwen3-VL: of 16 px
+        single = qwen_inputs(tokenizer, image_processor, [qwen_chat()], images=[random_image(1, (4 * token_px, 3 * token_px))])
         batch = qwen_inputs(
             tokenizer,
             image_processor,
             [qwen_chat(), qwen_chat("Describe the picture.")],
-            images=[random_image(2, (112, 112)), random_image(3, (224, 112))],  # 16 and 32 visual tokens
+            images=[random_image(2, (4 * token_px, 4 * token_px)), random_image(3, (8 * token_px, 4 * token_px))],  # 16, 32 tokens
         )
     else:
         processor = request.getfixturevalue(f"{name}_processor")
@@ -155,7 +157,7 @@ def test_mixed_batch_prefill_is_the_longest_pruned_row(family):
     for row, indices in zip(result.image_to_row, result.keep_indices):
         kept[row] += len(indices)
     assert calls[0]["inputs_embeds"].shape[1] == result.lm_input_length == int((text + kept).max())
-    if family.name == "qwen2_5_vl":
+    if family.name in QWEN_FAMILIES:
         assert result.num_visual_tokens == [16, 32] and [len(k) for k in result.keep_indices] == [4, 8]
 
 
@@ -218,7 +220,7 @@ def test_forward_returns_the_kept_image_tokens_and_the_result(family):
 def test_caller_position_ids_are_gathered_at_the_kept_positions(family):
     model, inputs = family.model, family.single
     length = inputs["input_ids"].shape[1]
-    if family.name == "qwen2_5_vl":
+    if family.name in QWEN_FAMILIES:
         positions = torch.arange(length).view(1, 1, -1).expand(3, 1, -1) * 2 + 7  # (3, 1, L)
     else:
         positions = torch.arange(length)[None] * 2 + 7  # (1, L), e.g. a packed sequence's offsets
@@ -238,7 +240,7 @@ def test_packed_sequences_without_a_mask_are_refused(family):
     inputs = {k: v for k, v in family.single.items() if k != "attention_mask"}
     length = inputs["input_ids"].shape[1]
     positions = torch.cat([torch.arange(4), torch.arange(length - 4)])[None]  # two packed sequences
-    if family.name == "qwen2_5_vl":
+    if family.name in QWEN_FAMILIES:
         positions = positions[None].expand(3, 1, -1)
     with pytest.raises(ValueError, match="packed sequences"):
         with torch.no_grad():
@@ -538,7 +540,7 @@ def test_split_device_map_gives_the_unsplit_tokens_and_logits(family, request, t
     and activations between them): the same kept tokens, logits and greedy tokens as the unsplit
     model. (`python -m tools.gpu_check device-map` is the same check with the language model on a GPU.)"""
     repo = request.getfixturevalue("tiny_repo")(family.key)
-    if family.name == "qwen2_5_vl":
+    if family.name in QWEN_FAMILIES:
         device_map = {"model.visual": "cpu", "model.language_model": "disk", "lm_head": "cpu"}
     else:
         device_map = {
@@ -566,7 +568,7 @@ def test_split_device_map_gives_the_unsplit_tokens_and_logits(family, request, t
 
 
 SHIPPED = ["mfpruner_core.py", "mfpruner_pipeline.py", "configuration_mfpruner.py", "modeling_mfpruner_llava.py",
-           "modeling_mfpruner_qwen2_5_vl.py", "processing_mfpruner.py"]
+           "modeling_mfpruner_qwen2_5_vl.py", "modeling_mfpruner_qwen3_vl.py", "processing_mfpruner.py"]
 
 
 def transformers_imports(path: Path) -> list[tuple[str, str, bool]]:
@@ -620,6 +622,12 @@ def test_shipped_files_import_only_public_transformers_api():
         "transformers:Qwen2_5_VLForConditionalGeneration",
         "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLVisionAttention",
     ]
+    assert listing["modeling_mfpruner_qwen3_vl.py"] == [
+        "transformers:Qwen3VLForConditionalGeneration",
+        "transformers:Qwen3VLMoeForConditionalGeneration",
+        "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionAttention",
+        "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeVisionAttention",
+    ]
     assert all(m.endswith("(guarded)") for m in listing["mfpruner_pipeline.py"])
 
 
@@ -638,7 +646,7 @@ def test_shipped_files_still_load_when_transformers_moves_the_conversion_mapping
         from transformers import LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
         import transformers.conversion_mapping as moved  # then: as if transformers moved the helpers
         del moved.get_checkpoint_conversion_mapping, moved.register_checkpoint_conversion_mapping
-        import modeling_mfpruner_llava, modeling_mfpruner_qwen2_5_vl
+        import modeling_mfpruner_llava, modeling_mfpruner_qwen2_5_vl, modeling_mfpruner_qwen3_vl
         print("LOADED")
         """
     )
@@ -655,7 +663,9 @@ def test_hub_loaded_result_is_the_class_of_the_repo_s_own_core(family):
 
     modeling = sys.modules[type(family.model).__module__]
     assert modeling.__package__ and modeling.__name__.startswith("transformers_modules.")
-    core = sys.modules[modeling.check_image_tokens.__module__]
+    pipeline = sys.modules[modeling.MFPrunerPipelineMixin.__module__]  # the pipeline this modeling file imported
+    core = sys.modules[pipeline.MFPrunerResult.__module__]
+    assert pipeline.__name__ == f"{modeling.__package__}.mfpruner_pipeline"
     assert core.__name__ == f"{modeling.__package__}.mfpruner_core"
     with torch.no_grad():
         out = family.model(**family.single, visual_token_budget=3)
@@ -665,7 +675,7 @@ def test_hub_loaded_result_is_the_class_of_the_repo_s_own_core(family):
 
 @pytest.mark.parametrize("as_package", [False, True])
 @pytest.mark.parametrize("shipped", ["configuration_mfpruner.py", "mfpruner_pipeline.py", "modeling_mfpruner_llava.py",
-                                     "modeling_mfpruner_qwen2_5_vl.py"])
+                                     "modeling_mfpruner_qwen2_5_vl.py", "modeling_mfpruner_qwen3_vl.py"])
 def test_a_real_import_error_in_a_shipped_module_surfaces(tmp_path, shipped, as_package):
     """A sibling that fails to import (here: mfpruner_core imports a missing package) stops the
     import with that error, both as a checkout's top-level modules and as a package (the way
@@ -693,7 +703,7 @@ def test_a_real_import_error_in_a_shipped_module_surfaces(tmp_path, shipped, as_
     assert raised == "ModuleNotFoundError: No module named 'mfpruner_missing_dependency'", done.stderr
 
 
-def test_saved_repo_loads_outside_the_checkout(llava_repo, qwen_repo, tmp_path):
+def test_saved_repo_loads_outside_the_checkout(llava_repo, qwen_repo, tiny_repo, tmp_path):
     """Remote code loads where this checkout is not importable (a user's machine): transformers'
     import check must not ask for `mfpruner_core` etc. as installed packages."""
     import os
@@ -703,7 +713,7 @@ def test_saved_repo_loads_outside_the_checkout(llava_repo, qwen_repo, tmp_path):
     script = (
         "import sys\n"
         "from transformers import AutoModelForImageTextToText\n"
-        f"for repo in ({str(llava_repo)!r}, {str(qwen_repo)!r}):\n"
+        f"for repo in ({str(llava_repo)!r}, {str(qwen_repo)!r}, {str(tiny_repo('qwen3-vl'))!r}):\n"
         "    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)\n"
         "    assert type(model).__module__.startswith('transformers_modules.'), type(model).__module__\n"
         "assert 'mfpruner_core' not in sys.modules\n"

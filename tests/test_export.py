@@ -736,6 +736,46 @@ def test_qwen_card_and_config(qwen_export):
     assert "visual_token_ratio=0.333" in card.text
 
 
+QWEN3_EXPORTS = {  # registry key: (stock class, MFPruner config and model classes, base model id)
+    "qwen3-vl": ("Qwen3VLForConditionalGeneration", "MFPrunerQwen3VLConfig", "MFPrunerQwen3VLForConditionalGeneration",
+                 "Qwen/Qwen3-VL-8B-Instruct"),
+    "qwen3-vl-moe": ("Qwen3VLMoeForConditionalGeneration", "MFPrunerQwen3VLMoeConfig",
+                     "MFPrunerQwen3VLMoeForConditionalGeneration", "Qwen/Qwen3-VL-30B-A3B-Instruct"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(QWEN3_EXPORTS))
+def test_qwen3_vl_export_loads_fresh_with_identical_weights_prunes_and_has_its_card(key, export_dir, tiny_repo, tmp_path):
+    """Qwen3-VL (dense and MoE) stock checkpoint -> MFPruner repo: byte-identical weights, loaded in a
+    fresh process as remote code with the stock model's weights bit for bit, pruning at the
+    default ratio; the card names the family, its cue A and its processor."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from conftest import random_image
+    from mfpruner_core import resolve_budget
+    from mfpruner_lib.tiny_models import qwen_inputs
+
+    stock_class, config_class, model_class, base_model = QWEN3_EXPORTS[key]
+    base = tiny_repo(key, stock=True)
+    out = export(str(base), export_dir / f"out-{key}", base_model=base_model, license="apache-2.0")
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(out, trust_remote_code=True)
+    inputs = qwen_inputs(tokenizer, image_processor, [QWEN_PROMPT], images=[random_image(0, (128, 96))])
+    result = run_fresh(out, base, tmp_path, stock_class=stock_class, inputs=inputs)
+    assert result["classes"][:3] == [config_class, model_class, model_class]
+    assert result["identical"] and result["plain_identical"] and result["extra_keys"] == []
+    assert result["num_visual_tokens"] == [12]  # 128 x 96 px: 4 x 3 merged tokens of 32 px
+    assert_pruned_and_prompt_kept(result, [resolve_budget(12, ratio=0.222)])
+    assert filecmp.cmp(base / "model.safetensors", out / "model.safetensors", shallow=False)
+    assert (out / "modeling_mfpruner_qwen3_vl.py").exists() and (out / "modeling_mfpruner_qwen2_5_vl.py").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == f"mfpruner_{key.replace('-', '_')}" and config["visual_token_ratio"] == 0.222
+    card = ModelCard.load(out / "README.md")
+    assert {"mfpruner", key.replace("-", "_")} <= set(card.data.to_dict()["tags"])
+    assert "last vision block" in card.text and "Qwen3VLProcessor" in card.text
+
+
 def test_qwen_refuses_clip_text_before_reading_anything(qwen_stock_repo, tmp_path):
     with pytest.raises(ValueError, match=r"--clip-text: Qwen2.5-VL \('qwen2_5_vl'\) has no CLIP text tower"):
         export(str(qwen_stock_repo), tmp_path / "out", clip_text=str(tmp_path / "no-such-clip"))

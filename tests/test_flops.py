@@ -100,6 +100,34 @@ def test_real_geometries():
     qwen = flops.geometry(model_sizes.qwen2_5_vl_7b(), (1024, 1024))
     assert (qwen.vision_patches, qwen.visual_tokens) == (74 * 74, 37 * 37)
     assert sum(qwen.vision_windows) == 74 * 74 and max(qwen.vision_windows) == 64  # 112 px windows: 8 x 8 patches
+    # Qwen3-VL: 1024 px is a multiple of 32 -> 64 x 64 patches of 16 px -> 32 x 32 merged tokens, no windows.
+    for config in (model_sizes.qwen3_vl_8b(), model_sizes.qwen3_vl_30b_a3b()):
+        qwen3 = flops.geometry(config, (1024, 1024))
+        assert (qwen3.vision_patches, qwen3.visual_tokens, qwen3.vision_windows) == (64 * 64, 32 * 32, ())
+
+
+def test_qwen3_vl_tower_is_full_attention_with_deepstack_mergers():
+    """Every Qwen3-VL block attends over the whole image with a two-matrix MLP, and each DeepStack
+    level has its own merger beside the final one."""
+    config = model_sizes.qwen3_vl_8b()
+    v, geo = config.vision_config, flops.geometry(config, (1024, 1024))
+    patches, width = geo.vision_patches, v.hidden_size
+    block = flops.transformer_layer(patches, [patches], width, width, width, v.intermediate_size, gated=False)
+    embed = flops.matmul(patches, 3 * 2 * 16 * 16, width)
+    assert flops.qwen_vision_tower(v, geo) == embed + 27 * block
+    merged = 4 * width
+    one_merger = flops.matmul(1024, merged, merged) + flops.matmul(1024, merged, 4096)
+    assert flops.prefill_flops(config, 60, image_hw=(1024, 1024)).projector == (1 + 3) * one_merger
+
+
+def test_moe_language_model_counts_the_active_experts_and_the_router():
+    text = model_sizes.qwen3_vl_30b_a3b().text_config
+    dense_equivalent = model_sizes.qwen3_vl_8b().text_config
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"):
+        setattr(dense_equivalent, name, getattr(text, name))
+    dense_equivalent.intermediate_size = 8 * 768  # 8 of 128 experts per token, each 768 wide
+    router = 48 * flops.matmul(100, 2048, 128)
+    assert flops.language_model(text, 100) == flops.language_model(dense_equivalent, 100) + router
 
 
 def test_unknown_model_type_is_refused():
@@ -113,7 +141,7 @@ def test_cli_table(capsys, tmp_path):
     flops_cli.main(["--output", str(tmp_path / "flops.md")])
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 3 * 5 + 1 + 3  # 3 LLaVA models x (unpruned + 4 budgets), Qwen: unpruned + 3
+    assert len(rows) == 3 * 5 + 3 * (1 + 3)  # 3 LLaVA models x (unpruned + 4 budgets), 3 Qwen models: unpruned + 3
     assert [r for r in rows if r.startswith("| LLaVA-1.5-7B | 32 |")][0].split(" | ")[3] == "94.6%"
     assert any(r.startswith("| LLaVA-1.6-vicuna-7B") and "2928 / 2928" in r for r in rows)
     assert (tmp_path / "flops.md").read_text().count("\n| ") == len(rows) + 1

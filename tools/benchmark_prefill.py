@@ -16,7 +16,8 @@ discarded, medians of the rest). Reported per setting:
 
 Families: LLaVA-1.5 (336 px, 576 visual tokens; budgets 192/128/64/32), LLaVA-NeXT (a 672x672 image:
 5 tiles, 2,928 visual tokens; keep-ratios 0.222/0.111/0.056), Qwen2.5-VL (a 1024x1024 image, 1,369
-visual tokens; keep-ratios 0.444/0.333/0.222).
+visual tokens; keep-ratios 0.444/0.333/0.222), Qwen3-VL and Qwen3-VL MoE (a 1024x1024 image, 1,024
+visual tokens; the same keep-ratios; their tables are not yet published).
 
 Sizes: "smoke" (tiny, seconds, for CI), "cpu" (real token counts, narrow and shallow towers),
 "real" (the published sizes; meant for `--device cuda`). Absolute times mean something only on a
@@ -33,6 +34,7 @@ budgets, and four small calls (stock encoding, pruning, LLM-only prefill, FLOPs)
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -314,13 +316,13 @@ def build_qwen2_5_vl(size: str, dtype: torch.dtype, device: str):
     return instantiate(MFPrunerQwen2_5_VLForConditionalGeneration, config, dtype, device)
 
 
-def qwen_random_inputs(model, size: str, seed: int, device: str, text_tokens: int) -> dict:
-    """One image of QWEN_SIZES[size]["image_hw"], resized as the 7B repo's processor does (mfpruner_lib.flops'
-    geometry): random patches (patches, 3 x 2 x 14 x 14), <|vision_start|> placeholders <|vision_end|>."""
+def qwen_random_inputs(model, size: str, seed: int, device: str, text_tokens: int, sizes: dict = QWEN_SIZES) -> dict:
+    """One image of sizes[size]["image_hw"], resized as the real repo's processor does (mfpruner_lib.flops'
+    geometry): random patches (patches, 3 x 2 x p x p), <|vision_start|> placeholders <|vision_end|>."""
     config = model.config
     v = config.vision_config
     generator = torch.Generator().manual_seed(seed)
-    geo = flops.geometry(config, QWEN_SIZES[size]["image_hw"])
+    geo = flops.geometry(config, sizes[size]["image_hw"])
     side = int(geo.vision_patches**0.5)  # square images: side x side patches
     image = torch.cat([
         torch.tensor([config.vision_start_token_id]), torch.full((geo.visual_tokens,), config.image_token_id),
@@ -360,7 +362,9 @@ def qwen_cue_attention(model, inputs) -> dict:
     from modeling_mfpruner_qwen2_5_vl import attention_and_received_per_patch, last_full_attention_block
 
     visual = model.model.visual
-    attn = visual.blocks[last_full_attention_block(visual)].attn
+    # Qwen3-VL's tower has no windows: cue A is read in its last block
+    cue_block = last_full_attention_block(visual) if hasattr(visual, "fullatt_block_indexes") else len(visual.blocks) - 1
+    attn = visual.blocks[cue_block].attn
     length = int(inputs["image_grid_thw"].prod(-1).sum())  # patches before the 2x2 merge
     parameter = next(attn.parameters())
     hidden, cu_seqlens, rotary = bench_utils.vision_attention_inputs(
@@ -390,8 +394,92 @@ def qwen_lm_prefill(model, pruned):
     return model.lm_head(hidden[:, -1:])
 
 
-def qwen_flops(config, size: str, text_tokens: int, kept: int | None):
-    return flops.prefill_flops(config, text_tokens, kept, image_hw=QWEN_SIZES[size]["image_hw"])
+def qwen_flops(config, size: str, text_tokens: int, kept: int | None, sizes: dict = QWEN_SIZES):
+    return flops.prefill_flops(config, text_tokens, kept, image_hw=sizes[size]["image_hw"])
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL
+
+# A 1024x1024 image (Qwen3-VL-8B's processor keeps it): 64 x 64 patches of 16 px, merged 2 x 2 into
+# 1,024 visual tokens; every vision block attends over the whole image; DeepStack mergers after
+# some blocks. "cpu": 2 vision blocks x 384 (DeepStack after block 0), LLM 8 x 1024.
+QWEN3_VL_SIZES = {
+    "smoke": dict(
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True}),
+        token_ids=QWEN_SMALL_TOKEN_IDS, image_hw=(256, 256),  # the processor's minimum: 64 tokens
+    ),
+    "cpu": dict(
+        vision=dict(depth=2, hidden_size=384, intermediate_size=1024, num_heads=6, out_hidden_size=1024, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[0]),
+        text=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16, head_dim=64,
+                  num_key_value_heads=4, vocab_size=32064, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12],
+                                   "mrope_interleaved": True}),
+        token_ids=dict(image_token_id=32000, video_token_id=32001, vision_start_token_id=32002,
+                       vision_end_token_id=32003),
+        image_hw=(1024, 1024),
+    ),
+    "real": dict(
+        vision=model_sizes.QWEN3_VL_VISION,
+        text=dict(model_sizes.QWEN3_VL_8B_TEXT,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True}),
+        token_ids=QWEN_TOKEN_IDS, image_hw=(1024, 1024),
+    ),
+}
+
+
+def describe_qwen3_vl(size: str) -> str:
+    v, t, (h, w) = QWEN3_VL_SIZES[size]["vision"], QWEN3_VL_SIZES[size]["text"], QWEN3_VL_SIZES[size]["image_hw"]
+    return (
+        f"Qwen3-VL vision {v['depth']} blocks x {v['hidden_size']} (all full attention, DeepStack after "
+        f"{v['deepstack_visual_indexes']}), one {h}x{w} image; Qwen3 LLM {t['num_hidden_layers']} layers x "
+        f"{t['hidden_size']} (MLP {t['intermediate_size']}, {t['num_key_value_heads']} KV heads)"
+    )
+
+
+# Qwen3-VL MoE: the same towers and image; the LLM's MLPs are experts (the real one: Qwen3-VL-30B-A3B's).
+QWEN3_VL_MOE_SIZES = {
+    "smoke": dict(QWEN3_VL_SIZES["smoke"], text=dict(
+        QWEN3_VL_SIZES["smoke"]["text"], moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    "cpu": dict(QWEN3_VL_SIZES["cpu"], text=dict(
+        QWEN3_VL_SIZES["cpu"]["text"], moe_intermediate_size=352, num_experts=16, num_experts_per_tok=8)),
+    "real": dict(
+        QWEN3_VL_SIZES["real"],
+        vision=dict(model_sizes.QWEN3_VL_VISION, out_hidden_size=model_sizes.QWEN3_VL_30B_A3B_TEXT["hidden_size"]),
+        text=dict(model_sizes.QWEN3_VL_30B_A3B_TEXT, rope_parameters=QWEN3_VL_SIZES["real"]["text"]["rope_parameters"]),
+    ),
+}
+
+
+def build_qwen3_vl(size: str, dtype: torch.dtype, device: str, moe: bool = False):
+    from configuration_mfpruner import MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig
+    from modeling_mfpruner_qwen3_vl import (
+        MFPrunerQwen3VLForConditionalGeneration,
+        MFPrunerQwen3VLMoeForConditionalGeneration,
+    )
+
+    sizes = (QWEN3_VL_MOE_SIZES if moe else QWEN3_VL_SIZES)[size]
+    text = dict(sizes["text"], bos_token_id=None, eos_token_id=None)
+    config_class = MFPrunerQwen3VLMoeConfig if moe else MFPrunerQwen3VLConfig
+    config = model_sizes.qwen2_5_vl_config(sizes["vision"], text, config_class=config_class, **sizes["token_ids"])
+    model_class = MFPrunerQwen3VLMoeForConditionalGeneration if moe else MFPrunerQwen3VLForConditionalGeneration
+    return instantiate(model_class, config, dtype, device)
+
+
+def qwen3_vl_lm_prefill(model, pruned):
+    """The language model on the pruned inputs: the stock model scatters the kept tokens and adds their
+    DeepStack levels (`mm_encoder_outputs`), with the gathered (4, B, L') M-RoPE positions."""
+    hidden = model.model(
+        inputs_embeds=pruned["inputs_embeds"], attention_mask=pruned["attention_mask"],
+        position_ids=pruned["position_ids"], mm_encoder_outputs=pruned["mm_encoder_outputs"], use_cache=True,
+    ).last_hidden_state
+    return model.lm_head(hidden[:, -1:])
 
 
 # One entry per family of the registry (mfpruner_lib.families), under its key.
@@ -428,6 +516,30 @@ FAMILIES = {
         lm_prefill=qwen_lm_prefill,
         prefill_flops=qwen_flops,
         note={size: describe_qwen(size) for size in SIZES},
+        cue_attention=qwen_cue_attention,
+    ),
+    "qwen3-vl": Family(
+        name=families.FAMILIES["qwen3-vl"].name,
+        build=build_qwen3_vl,
+        inputs=functools.partial(qwen_random_inputs, sizes=QWEN3_VL_SIZES),
+        budgets=ratio_budgets(QWEN_RATIOS),
+        encode=qwen_encode,
+        prune=qwen_prune,
+        lm_prefill=qwen3_vl_lm_prefill,
+        prefill_flops=functools.partial(qwen_flops, sizes=QWEN3_VL_SIZES),
+        note={size: describe_qwen3_vl(size) for size in SIZES},
+        cue_attention=qwen_cue_attention,
+    ),
+    "qwen3-vl-moe": Family(
+        name=families.FAMILIES["qwen3-vl-moe"].name,
+        build=functools.partial(build_qwen3_vl, moe=True),
+        inputs=functools.partial(qwen_random_inputs, sizes=QWEN3_VL_MOE_SIZES),
+        budgets=ratio_budgets(QWEN_RATIOS),
+        encode=qwen_encode,
+        prune=qwen_prune,
+        lm_prefill=qwen3_vl_lm_prefill,
+        prefill_flops=functools.partial(qwen_flops, sizes=QWEN3_VL_MOE_SIZES),
+        note={size: describe_qwen3_vl(size) + " (MoE)" for size in SIZES},
         cue_attention=qwen_cue_attention,
     ),
 }

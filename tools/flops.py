@@ -10,7 +10,7 @@ from mfpruner_core import resolve_budget
 from mfpruner_lib import model_sizes
 from mfpruner_lib.cli import ArgumentParser, refusals_as_errors
 from mfpruner_lib.families import FAMILIES
-from mfpruner_lib.flops import fastv_reduction, geometry, prefill_flops
+from mfpruner_lib.flops import fastv_reduction, geometry, mlp_width, prefill_flops
 
 
 TEXT_TOKENS = 60  # a LLaVA-1.5 prompt: system line + question + template
@@ -41,7 +41,7 @@ def real_model_rows(models: list[tuple], text_tokens: int = TEXT_TOKENS) -> list
             pruned = prefill_flops(config, text_tokens, k, model.image_hw, clip_text_config=clip_text)
             rows.append(dict(
                 model=model.name, note=model.note, setting=label, kept=k, all=n,
-                fastv=fastv_reduction(n, k, text.hidden_size, text.intermediate_size),
+                fastv=fastv_reduction(n, k, text.hidden_size, mlp_width(text)),
                 flops=pruned, reduction=1.0 - pruned.total / full.total, speedup=full.total / pruned.total,
             ))
     return rows
