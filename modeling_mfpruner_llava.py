@@ -260,6 +260,7 @@ class MFPrunerLlavaForConditionalGeneration(MFPrunerMixin, LlavaForConditionalGe
     """LLaVA-1.5 with MFPruner: one 336 px tile per image, N = 576 tokens, all of them candidates."""
 
     config_class = MFPrunerLlavaConfig
+    token_layout = "center_crop"  # token -> image region: mfpruner_visualize.TOKEN_LAYOUTS
 
     def encode_images(self, pixel_values, image_sizes=None) -> EncodedImages:
         """Runs the vision tower once, capturing the select layer."""
@@ -306,6 +307,7 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerMixin, LlavaNextForCondi
     """
 
     config_class = MFPrunerLlavaNextConfig
+    token_layout = "anyres"  # token -> image region: mfpruner_visualize.TOKEN_LAYOUTS
 
     def encode_images(self, pixel_values, image_sizes=None) -> EncodedImages:
         """Runs the vision tower once over every tile, capturing the select layer; packs the
