@@ -320,9 +320,10 @@ def build_tiny_qwen2_5_vl_processor(min_pixels: int = 56 * 56, max_pixels: int =
     special tokens and chat template, and the Qwen2-VL image processor (images resized to
     multiples of 28 px between min and max pixels: 4 to 64 visual tokens).
 
-    No `Qwen2_5_VLProcessor`: in transformers 5.x it cannot be built without a video processor,
-    and the video processor needs torchvision (not a requirement here). `qwen_inputs` expands
-    the placeholders as the processor does; with torchvision a real repo's processor works too."""
+    No stock `Qwen2_5_VLProcessor`: in transformers 5.x it cannot be built without a video processor,
+    and the video processor needs torchvision (not a requirement here). The MFPruner repo ships
+    processing_mfpruner.MFPrunerQwen2_5_VLProcessor (images and text) as its AutoProcessor;
+    `qwen_inputs` expands the placeholders as the processor does and also builds video inputs."""
     tokenizer = build_tokenizer(
         special_tokens=QWEN_SPECIAL_TOKENS,
         named_tokens=dict(
@@ -438,6 +439,10 @@ def build_tiny_qwen2_5_vl(
     model.eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
+    if not stock:  # AutoProcessor of the repo: images and text without torchvision (processing_mfpruner)
+        from processing_mfpruner import MFPrunerQwen2_5_VLProcessor
+
+        MFPrunerQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template).save_pretrained(path)
     return path
 
 

@@ -359,3 +359,25 @@ def test_hub_style_repo_draws_away_from_the_checkout(tmp_path):
     # 36 tokens over the 80 x 80 center crop of a 120 x 80 image: 4 kept tokens of (80/6)^2 px each
     assert abs(report["original"] - 4 * (80 / 6) ** 2) <= 4 * 2 * 14
     assert report["axes"] >= 5  # the kept panel, 3 cue heatmaps and the votes (plus colour bars)
+
+
+def test_tiny_qwen_repo_ships_a_processor_that_takes_images(tiny_repo):
+    """AutoProcessor of a tiny Qwen2.5-VL repo processes `images=` without torchvision, exactly as the
+    stock processor's expansion (tiny_models.qwen_inputs), and refuses videos with the reason."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    repo = tiny_repo("qwen2.5-vl")
+    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+    image = random_image(2, (100, 60))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is here?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    expected = tiny_models.qwen_inputs(
+        AutoTokenizer.from_pretrained(repo, trust_remote_code=True),
+        AutoImageProcessor.from_pretrained(repo, trust_remote_code=True), [prompt], images=[image],
+    )
+    assert inputs.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(inputs[name], value), name
+    with pytest.raises(ValueError, match="`videos`.*torchvision"):
+        processor(videos=[np.zeros((2, 56, 56, 3), np.uint8)], text=prompt)
