@@ -381,3 +381,27 @@ def test_tiny_qwen_repo_ships_a_processor_that_takes_images(tiny_repo):
         assert torch.equal(inputs[name], value), name
     with pytest.raises(ValueError, match="`videos`.*torchvision"):
         processor(videos=[np.zeros((2, 56, 56, 3), np.uint8)], text=prompt)
+
+
+def test_example_notebook_runs_headless(tmp_path):
+    """examples/visualize_pruning.ipynb, executed as committed (outputs stripped) on the tiny model
+    it builds: three drawings at shrinking budgets side by side, then the cue figure."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = ROOT / "examples" / "visualize_pruning.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code)  # stripped in git
+    env_before = os.environ.pop("MFPRUNER_MODEL", None)
+    try:
+        NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        if env_before is not None:
+            os.environ["MFPRUNER_MODEL"] = env_before
+    printed = "".join(o.get("text", "") for cell in code for o in cell.outputs if o.output_type == "stream")
+    kept = [int(line.split("kept ")[1].split(" of")[0]) for line in printed.splitlines() if line.startswith("ratio ")]
+    assert kept == [18, 9, 4]  # round(ratio * 36) of the tiny LLaVA-1.5's 36 tokens
+    pictures = [cell for cell in code if any("image/png" in o.get("data", {}) for o in cell.outputs)]
+    assert len(pictures) == 2 and "plt.subplots(1, len(drawings)" in pictures[0].source
+    assert "plot_pruning" in pictures[1].source
