@@ -13,8 +13,8 @@ Top to bottom:
   the API behind the model methods (draw_pruning, plot_pruning) with its checks.
 
 The demo (mfpruner_demo) and the tests draw with these same functions. numpy and PIL are needed
-to draw; matplotlib only for heatmaps and figures. It is imported only when a drawing is asked for,
-so a model that is never drawn needs none of them.
+to draw (both are needed by the processors anyway); matplotlib only for heatmaps and figures,
+imported on first use. The model methods import this module on the first drawing.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
-
-try:  # optional for models that never draw (transformers' remote-code check skips imports in try blocks)
-    from PIL import Image
-except ImportError:  # pragma: no cover - the processors of every family need PIL already
-    Image = None
+import torch
+from PIL import Image
 
 
 def matplotlib_module() -> ModuleType:
+    """matplotlib, imported on first use: the one optional import of the shipped files. Inside a
+    `try`, transformers' remote-code check does not demand it of every repo that loads this file."""
     try:
         import matplotlib
+        import matplotlib.figure
     except ImportError as error:
         raise ImportError("heatmaps and plot_pruning need matplotlib: pip install matplotlib") from error
     return matplotlib
@@ -399,8 +399,6 @@ def single_cue_keeps(result, index: int) -> dict[str, list[int]]:
     """{cue: the tokens that cue alone keeps}: its own top-k over the competing tokens at the kept
     count (newlines kept, as the model does), replayed with the vote of the code the model ran.
     A token's vote count is the number of these sets it is in."""
-    import torch
-
     core = result_core(result)
     candidates = torch.from_numpy(competing_tokens(result, index))
     kept = int((keep_mask(result, index) & candidates.numpy()).sum())
@@ -476,7 +474,7 @@ def image_processor_of(model, processor, kind: str):
 
 def as_picture(image):
     """A PIL image (RGB) of one image: PIL, or an (H, W, 3) array."""
-    if Image is not None and isinstance(image, Image.Image):
+    if isinstance(image, Image.Image):
         return image.convert("RGB")
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] in (3, 4):
@@ -560,8 +558,7 @@ def plot_pruning(model, image, processor=None, result=None, index: int = 0, cues
     then with cues=True one heatmap per cue (the raw score of each token, with its colour bar) and
     the vote count (how many cues keep the token on their own); titled with kept / total and the
     call's settings."""
-    from matplotlib.figure import Figure
-
+    Figure = matplotlib_module().figure.Figure
     result = checked_result(model, result)
     index = checked_index(result, index)
     picture, maps = item_maps(model, image, processor, result, index)

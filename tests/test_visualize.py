@@ -405,3 +405,12 @@ def test_example_notebook_runs_headless(tmp_path):
     pictures = [cell for cell in code if any("image/png" in o.get("data", {}) for o in cell.outputs)]
     assert len(pictures) == 2 and "plt.subplots(1, len(drawings)" in pictures[0].source
     assert "plot_pruning" in pictures[1].source
+
+
+def test_matplotlib_stays_optional_for_loading_a_repo():
+    """transformers' remote-code check demands every top-level import of a shipped file; matplotlib
+    must not be one (it is imported on first use, inside a try)."""
+    from transformers.dynamic_module_utils import get_imports
+
+    assert "matplotlib" not in get_imports(ROOT / "mfpruner_visualize.py")
+    assert "matplotlib" not in get_imports(ROOT / "mfpruner_pipeline.py")
