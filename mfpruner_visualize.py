@@ -28,6 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
+    from .mfpruner_core import select_best_resolution
+else:  # a top-level module of a checkout (tests, tools, the demo), imported by module name
+    from importlib import import_module
+
+    select_best_resolution = import_module("mfpruner_core").select_best_resolution
+
 
 def matplotlib_module() -> ModuleType:
     """matplotlib, imported on first use: the one optional import of the shipped files. Inside a
@@ -113,8 +120,6 @@ class AnyresGeometry:
 def anyres_geometry(image_size: tuple[int, int], image_processor, patch_size: int) -> AnyresGeometry:
     """The LLaVA-NeXT image processor's geometry (select_best_resolution, aspect-kept resize,
     centred zero padding) and the model's `unpad_image`, replayed on sizes only."""
-    from transformers.image_processing_utils import select_best_resolution
-
     width, height = image_size
     best_h, best_w = select_best_resolution((height, width), image_processor.image_grid_pinpoints)
     scale_w, scale_h = best_w / width, best_h / height
@@ -456,7 +461,7 @@ def image_processor_of(model, processor, kind: str):
         source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
         try:
             processor = AutoImageProcessor.from_pretrained(source, local_files_only=True, trust_remote_code=True)
-        except Exception as error:
+        except (OSError, ValueError) as error:  # no such folder / file, or no image processor in it
             raise ValueError(
                 f"`processor` was not given and the model's folder {source!r} has no image processor to read the "
                 "geometry from: pass the processor that made the inputs (processor=processor)"

@@ -302,30 +302,29 @@ def test_every_export_ships_the_drawing_module(key):
 
 
 HUB_STYLE = r"""
-import json, sys
-import numpy as np, torch
+import json, os, sys
+import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-repo = sys.argv[1]
+repo, out = sys.argv[1], sys.argv[2]
 model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 image = Image.new("RGB", (120, 80), (200, 120, 40))
 inputs = processor(images=image, text="<image> What is here?", return_tensors="pt")
 with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
 before = sorted(name for name in sys.modules if name.split(".")[0] == "matplotlib" or name.endswith("mfpruner_visualize"))
-panel = np.asarray(model.draw_pruning(image, processor=processor), dtype=np.float64)
+model.draw_pruning(image, processor=processor).save(os.path.join(out, "panel.png"))
 figure = model.plot_pruning(image, processor=processor)
-result = model.last_pruning
 print(json.dumps({
     "before": before,
     "module": type(model).draw_pruning.__module__,
     "drawing_module": [name for name in sys.modules if name.endswith("mfpruner_visualize")],
-    "project_on_path": [p for p in sys.path if p and __import__("os").path.exists(__import__("os").path.join(p, "mfpruner_lib"))],
-    "kept": len(result.keep_indices[0]), "total": result.num_visual_tokens[0],
-    "original": int((panel == [200, 120, 40]).all(-1).sum()),
-    "axes": len(figure.axes),
+    "project_on_path": [p for p in sys.path if p and os.path.exists(os.path.join(p, "mfpruner_lib"))],
+    "keep_indices": model.last_pruning.keep_indices[0].tolist(),
+    "total": model.last_pruning.num_visual_tokens[0],
+    "titles": [ax.get_title() for ax in figure.axes if ax.get_title()],
 }))
 """
 
@@ -333,7 +332,10 @@ print(json.dumps({
 def test_hub_style_repo_draws_away_from_the_checkout(tmp_path):
     """A tiny exported repo (tools.export of a stock checkpoint, default settings) loaded from a subprocess
     whose cwd is elsewhere and whose sys.path holds no project folder: its default call prunes, it draws
-    with the repo's own copy of the module, and matplotlib is imported only to draw."""
+    with the repo's own copy of the module (dimmed pixels = the pruned boxes), and matplotlib is
+    imported only to draw."""
+    from transformers import AutoProcessor
+
     from tools.export import main as export_main
 
     stock = FAMILIES["llava-1.5"].build_tiny(tmp_path / "stock", stock=True)
@@ -347,7 +349,8 @@ def test_hub_style_repo_draws_away_from_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     done = subprocess.run(
-        [sys.executable, "-I", "-c", HUB_STYLE, str(repo)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-I", "-c", HUB_STYLE, str(repo), str(elsewhere)],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -355,10 +358,12 @@ def test_hub_style_repo_draws_away_from_the_checkout(tmp_path):
     assert report["before"] == []  # neither the drawing module nor matplotlib before the first drawing
     assert report["module"].startswith("transformers_modules.") and report["drawing_module"]
     assert all(name.startswith("transformers_modules.") for name in report["drawing_module"])
-    assert report["total"] == 36 and report["kept"] == 4  # round(0.111 * 36)
-    # 36 tokens over the 80 x 80 center crop of a 120 x 80 image: 4 kept tokens of (80/6)^2 px each
-    assert abs(report["original"] - 4 * (80 / 6) ** 2) <= 4 * 2 * 14
-    assert report["axes"] >= 5  # the kept panel, 3 cue heatmaps and the votes (plus colour bars)
+    assert report["total"] == 36 and len(report["keep_indices"]) == 4  # round(0.111 * 36)
+    assert report["titles"][:5] == ["kept 4 / 36", "attention", "uniqueness", "relevance", "votes (cues keeping it)"]
+    image_processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True).image_processor
+    boxes = visualize.llava_token_boxes((120, 80), image_processor, (6, 6))
+    keep = np.isin(np.arange(36), report["keep_indices"])
+    assert_panel_dims_the_pruned_boxes(Image.open(elsewhere / "panel.png").convert("RGB"), boxes, keep)
 
 
 def test_tiny_qwen_repo_ships_a_processor_that_takes_images(tiny_repo):
@@ -414,3 +419,18 @@ def test_matplotlib_stays_optional_for_loading_a_repo():
 
     assert "matplotlib" not in get_imports(ROOT / "mfpruner_visualize.py")
     assert "matplotlib" not in get_imports(ROOT / "mfpruner_pipeline.py")
+
+
+def test_missing_processor_is_named(tiny_model, tiny_repo, tmp_path):
+    """Without `processor=`, a model whose folder holds no image processor is refused by name."""
+    model = tiny_model("llava-1.5")
+    image = flat_image((84, 84))
+    inputs, _ = call_inputs("llava-1.5", tiny_repo("llava-1.5"), [image])
+    result = run_call(model, inputs, visual_token_budget=4)
+    source = model.config._name_or_path
+    try:
+        model.config._name_or_path = str(tmp_path / "moved-away")
+        with pytest.raises(ValueError, match=r"`processor` was not given and the model's folder .* has no image processor"):
+            model.draw_pruning(image, result=result)
+    finally:
+        model.config._name_or_path = source

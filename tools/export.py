@@ -79,7 +79,7 @@ def architecture_for(model_type: str, base: Path) -> Architecture:
 def budget_for_small_model(config, model_type: str) -> dict:
     """{} for a model whose default budget prunes; else (a small model, e.g. a tiny test repo of 36
     visual tokens under LLaVA-1.5's default 64) the default's share of the real model's tokens as a
-    ratio, with a note: a default call must prune something."""
+    ratio: a default call must prune something."""
     family = by_model_type(model_type)
     if config.visual_token_budget is None or family.anyres or family.real_models[0].image_hw is not None:
         return {}  # a ratio, or a token count that varies with the image
@@ -87,13 +87,7 @@ def budget_for_small_model(config, model_type: str) -> dict:
     if config.visual_token_budget < tokens:
         return {}
     real_tokens = family.geometry(family.real_models[0].config()).visual_tokens
-    ratio = round(config.visual_token_budget / real_tokens, 3)
-    print(
-        f"the default visual_token_budget={config.visual_token_budget} keeps all {tokens} visual tokens of this model: "
-        f"exported with visual_token_ratio={ratio} (the default's share of {family.real_models[0].name}'s {real_tokens}); "
-        "pass --budget or --ratio to choose",
-        file=sys.stderr,
-    )
+    ratio = round(config.visual_token_budget / real_tokens, 3)  # the card states it
     return {"visual_token_ratio": ratio, "visual_token_budget": None}
 
 
