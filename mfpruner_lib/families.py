@@ -109,10 +109,7 @@ def demo_tiny_llava_next(folder: str | Path) -> Path:
 
 def demo_tiny_qwen2_5_vl(folder: str | Path) -> Path:
     """Qwen2.5-VL: 28 px per token, images resized to at most 1,024 tokens."""
-    path = tiny_models.build_tiny_qwen2_5_vl(Path(folder) / "tiny-mfpruner-qwen2_5_vl")
-    _, image_processor = tiny_models.build_tiny_qwen2_5_vl_processor(max_pixels=28 * 28 * 1024)
-    image_processor.save_pretrained(path)
-    return path
+    return tiny_models.build_tiny_qwen2_5_vl(Path(folder) / "tiny-mfpruner-qwen2_5_vl", max_pixels=28 * 28 * 1024)
 
 
 # ----------------------------------------------------------------------------- the registry

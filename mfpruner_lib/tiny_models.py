@@ -414,17 +414,18 @@ def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, text_heads: int = 4, 
 
 
 def build_tiny_qwen2_5_vl(
-    path: str | os.PathLike, *, stock: bool = False, seed: int = 0, text_heads: int = 4, **mfpruner
+    path: str | os.PathLike, *, stock: bool = False, seed: int = 0, text_heads: int = 4,
+    max_pixels: int = 28 * 28 * 64, **mfpruner,
 ) -> Path:
     """Writes a tiny Qwen2.5-VL folder. stock=True: a plain `Qwen2_5_VLForConditionalGeneration`
     checkpoint (model_type qwen2_5_vl); else an MFPruner remote-code repo (auto_map, code files).
-    Same seed = same weights in both."""
+    Same seed = same weights in both. max_pixels: the image processor's limit (28 x 28 px a token)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
-    tokenizer, image_processor = build_tiny_qwen2_5_vl_processor()
+    tokenizer, image_processor = build_tiny_qwen2_5_vl_processor(max_pixels=max_pixels)
     torch.manual_seed(seed)
     if stock:
         model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tokenizer, stock=True, text_heads=text_heads))

@@ -434,3 +434,14 @@ def test_missing_processor_is_named(tiny_model, tiny_repo, tmp_path):
             model.draw_pruning(image, result=result)
     finally:
         model.config._name_or_path = source
+
+
+def test_demo_tiny_qwen_processor_keeps_the_real_pixel_limit(tmp_path):
+    """The demo's tiny Qwen2.5-VL repo: its AutoProcessor and AutoImageProcessor both resize to at most
+    1,024 tokens (the real model's limit), as its banner says."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    path = FAMILIES["qwen2.5-vl"].demo_tiny(tmp_path)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    assert processor.image_processor.size["longest_edge"] == 28 * 28 * 1024
+    assert AutoImageProcessor.from_pretrained(path, trust_remote_code=True).size["longest_edge"] == 28 * 28 * 1024
