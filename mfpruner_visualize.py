@@ -569,6 +569,7 @@ def plot_pruning(model, image, processor=None, result=None, index: int = 0, cues
     picture, maps = item_maps(model, image, processor, result, index)
     canvas = token_canvas(picture, maps)
     keep, competing = keep_mask(result, index), competing_tokens(result, index)
+    kept, total = int((keep & competing).sum()), int(competing.sum())  # LLaVA-NeXT's newlines: outside the budget
     layers = {}
     if cues:
         layers = {name: scores[index].float().numpy() for name, scores in result.cue_scores.items()}
@@ -577,7 +578,7 @@ def plot_pruning(model, image, processor=None, result=None, index: int = 0, cues
     figure = Figure(figsize=(panel_size * (1 + len(layers)), panel_size * height / width + 0.8), layout="constrained")
     axes = figure.subplots(1, 1 + len(layers), squeeze=False)[0]
     axes[0].imshow(kept_overlay(canvas, keep))
-    axes[0].set_title(f"kept {int((keep & competing).sum())} / {int(competing.sum())}")
+    axes[0].set_title(f"kept {kept} / {total}")
     background = to_image(shade_unseen(canvas.pixels, canvas.index_map))
     for ax, (name, values) in zip(axes[1:], layers.items()):
         ax.imshow(background)
@@ -588,5 +589,5 @@ def plot_pruning(model, image, processor=None, result=None, index: int = 0, cues
     for ax in axes:
         ax.set_axis_off()
     kind = result.kinds[index] if result.kinds else "image"
-    figure.suptitle(f"{kind} {index}: kept {int((keep & competing).sum())} of {int(competing.sum())} visual tokens ({call_settings(result)})")
+    figure.suptitle(f"{kind} {index}: kept {kept} of {total} visual tokens ({call_settings(result)})")
     return figure

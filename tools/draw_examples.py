@@ -87,10 +87,11 @@ def main(argv=None):
                 save(figure, ROOT / "assets" / "plot_pruning.png")
                 second = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((600, 400))
                 prune(model, processor, [image, second], visual_token_budget=64)
-                side_by_side = [model.draw_pruning(picture, processor=processor, index=i) for i, picture in enumerate((image, second))]
-                save(concatenate(side_by_side), args.out / "multi-image.png", max_width=800)
+                drawings = [model.draw_pruning(picture, processor=processor, index=i) for i, picture in enumerate((image, second))]
+                save(concatenate(drawings), args.out / "multi-image.png", max_width=800)
             if key == "llava-next":
-                save(model.draw_pruning(image, processor=processor, base_tile=True), args.out / "llava-next-base.png", max_width=400)
+                base_tile = model.draw_pruning(image, processor=processor, base_tile=True)
+                save(base_tile, args.out / "llava-next-base.png", max_width=400)
             if key == "qwen2.5-vl":  # 4 frames (2 frame pairs), the window sliding down the picture
                 crops = [np.array(image.crop((0, 40 * f, 448, 40 * f + 392))) for f in range(4)]  # 448 x 392 px
                 frames = torch.stack([torch.from_numpy(crop).permute(2, 0, 1) / 255.0 for crop in crops])
