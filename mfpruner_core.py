@@ -509,6 +509,27 @@ class MFPrunerResult:
 LAYOUT_BASE, LAYOUT_GRID, LAYOUT_NEWLINE = 0, 1, 2
 
 
+# Copied from transformers.image_processing_utils.select_best_resolution (v5.24)
+def select_best_resolution(original_size: tuple, possible_resolutions: list) -> tuple:
+    """(height, width) of the grid pinpoint that keeps the most of the image and wastes the least."""
+    original_height, original_width = original_size
+    best_fit = None
+    max_effective_resolution = 0
+    min_wasted_resolution = float("inf")
+    for height, width in possible_resolutions:
+        scale = min(width / original_width, height / original_height)
+        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
+        effective_resolution = min(downscaled_width * downscaled_height, original_width * original_height)
+        wasted_resolution = (width * height) - effective_resolution
+        if effective_resolution > max_effective_resolution or (
+            effective_resolution == max_effective_resolution and wasted_resolution < min_wasted_resolution
+        ):
+            max_effective_resolution = effective_resolution
+            min_wasted_resolution = wasted_resolution
+            best_fit = (height, width)
+    return best_fit
+
+
 def grid_layout(rows: int, cols: int, part: int = LAYOUT_BASE, device=None) -> torch.Tensor:
     """(rows * cols, 3) long: (part, row, col) of a raster-ordered token map."""
     index = torch.arange(rows * cols, device=device)

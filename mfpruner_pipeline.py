@@ -256,6 +256,34 @@ class MFPrunerPipelineMixin:
     def last_pruning(self, result: MFPrunerResult | None) -> None:
         _results_of_this_thread()[self] = result
 
+    # -- drawing (mfpruner_visualize, imported on first use: numpy / PIL / matplotlib only to draw) --
+
+    # How the family's visual tokens cover the image: a key of mfpruner_visualize.TOKEN_LAYOUTS,
+    # set once per family class ("center_crop", "anyres", "smart_resize").
+    token_layout: str | None = None
+
+    def draw_pruning(self, image, processor=None, result=None, index: int = 0, base_tile: bool = False):
+        """`image` (a PIL image) with the regions of the pruned visual tokens dimmed, the kept regions
+        outlined and the pixels no token sees hatched; same size. result: an MFPrunerResult (default:
+        this thread's `last_pruning`); index: which image / video of the call (a video: pass its frames,
+        drawn in rows); processor: the one that made the inputs (default: the repo's own);
+        base_tile: LLaVA-NeXT's base tile tokens instead of the high-res grid's. See docs/visualization.md."""
+        if __package__:
+            from .mfpruner_visualize import draw_pruning
+        else:
+            draw_pruning = import_module("mfpruner_visualize").draw_pruning
+        return draw_pruning(self, image, processor, result, index, base_tile)
+
+    def plot_pruning(self, image, processor=None, result=None, index: int = 0, cues: bool = True, panel_size: float = 3.6):
+        """A matplotlib Figure: the kept tokens' panel and, with cues=True, one heatmap per cue and the
+        vote count, titled with kept / total and the call's settings (needs matplotlib). Arguments as
+        draw_pruning; panel_size: inches per panel."""
+        if __package__:
+            from .mfpruner_visualize import plot_pruning
+        else:
+            plot_pruning = import_module("mfpruner_visualize").plot_pruning
+        return plot_pruning(self, image, processor, result, index, cues, panel_size)
+
     # -- keywords -----------------------------------------------------------------------------
 
     def pop_pruning_keywords(self, kwargs: dict, known: set[str]) -> dict:

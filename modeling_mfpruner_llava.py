@@ -29,7 +29,15 @@ from transformers import (
 
 if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
     from .configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig
-    from .mfpruner_core import LAYOUT_GRID, LAYOUT_NEWLINE, MFPrunerResult, attention_from_query, check_image_tokens, grid_layout
+    from .mfpruner_core import (
+        LAYOUT_GRID,
+        LAYOUT_NEWLINE,
+        MFPrunerResult,
+        attention_from_query,
+        check_image_tokens,
+        grid_layout,
+        select_best_resolution,
+    )
     from .mfpruner_pipeline import (
         CUE_CAPTURE,
         EncodedPrompt,
@@ -48,7 +56,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
     _core = import_module("mfpruner_core")
     LAYOUT_GRID, LAYOUT_NEWLINE, MFPrunerResult = _core.LAYOUT_GRID, _core.LAYOUT_NEWLINE, _core.MFPrunerResult
     attention_from_query, check_image_tokens = _core.attention_from_query, _core.check_image_tokens
-    grid_layout = _core.grid_layout
+    grid_layout, select_best_resolution = _core.grid_layout, _core.select_best_resolution
     _pipeline = import_module("mfpruner_pipeline")
     CUE_CAPTURE, EncodedPrompt = _pipeline.CUE_CAPTURE, _pipeline.EncodedPrompt
     MFPrunerPipelineMixin, VisualItem = _pipeline.MFPrunerPipelineMixin, _pipeline.VisualItem
@@ -57,27 +65,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
 # ----------------------------------------------------------------------------- anyres geometry
 # Small helpers of the stock LLaVA-NeXT code, copied so that the shipped file imports only public
 # transformers API (exported repos keep this code; a rename inside transformers must not break them).
-
-
-# Copied from transformers.image_processing_utils.select_best_resolution (v5.24)
-def select_best_resolution(original_size: tuple, possible_resolutions: list) -> tuple:
-    """(height, width) of the grid pinpoint that keeps the most of the image and wastes the least."""
-    original_height, original_width = original_size
-    best_fit = None
-    max_effective_resolution = 0
-    min_wasted_resolution = float("inf")
-    for height, width in possible_resolutions:
-        scale = min(width / original_width, height / original_height)
-        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
-        effective_resolution = min(downscaled_width * downscaled_height, original_width * original_height)
-        wasted_resolution = (width * height) - effective_resolution
-        if effective_resolution > max_effective_resolution or (
-            effective_resolution == max_effective_resolution and wasted_resolution < min_wasted_resolution
-        ):
-            max_effective_resolution = effective_resolution
-            min_wasted_resolution = wasted_resolution
-            best_fit = (height, width)
-    return best_fit
+# select_best_resolution lives in mfpruner_core (the drawing code replays it too).
 
 
 def as_size_list(image_size) -> list:
@@ -260,6 +248,7 @@ class MFPrunerLlavaForConditionalGeneration(MFPrunerMixin, LlavaForConditionalGe
     """LLaVA-1.5 with MFPruner: one 336 px tile per image, N = 576 tokens, all of them candidates."""
 
     config_class = MFPrunerLlavaConfig
+    token_layout = "center_crop"  # token -> image region: mfpruner_visualize.TOKEN_LAYOUTS
 
     def encode_images(self, pixel_values, image_sizes=None) -> EncodedImages:
         """Runs the vision tower once, capturing the select layer."""
@@ -306,6 +295,7 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerMixin, LlavaNextForCondi
     """
 
     config_class = MFPrunerLlavaNextConfig
+    token_layout = "anyres"  # token -> image region: mfpruner_visualize.TOKEN_LAYOUTS
 
     def encode_images(self, pixel_values, image_sizes=None) -> EncodedImages:
         """Runs the vision tower once over every tile, capturing the select layer; packs the

@@ -201,6 +201,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
     full-attention vision block, LLM-space relevance; the pipeline does the rest."""
 
     config_class = MFPrunerQwen2_5_VLConfig
+    token_layout = "smart_resize"  # token -> image region: mfpruner_visualize.TOKEN_LAYOUTS
     pixel_input_names = ("pixel_values", "pixel_values_videos")
     visual_input_names = (
         "pixel_values",

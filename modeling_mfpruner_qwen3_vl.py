@@ -127,6 +127,7 @@ class MFPrunerQwen3VLForConditionalGeneration(
     """Qwen3-VL with MFPruner (see the module docstring)."""
 
     config_class = MFPrunerQwen3VLConfig
+    token_layout = "smart_resize"  # token -> image region: mfpruner_visualize.TOKEN_LAYOUTS (Qwen2.5-VL's, 32 px tokens)
     capturing_attention_class = CueCapturingQwen3VLVisionAttention
 
 
@@ -136,6 +137,7 @@ class MFPrunerQwen3VLMoeForConditionalGeneration(
     """Qwen3-VL MoE with MFPruner: the dense model's visual encoding; only the language model differs."""
 
     config_class = MFPrunerQwen3VLMoeConfig
+    token_layout = "smart_resize"  # token -> image region: mfpruner_visualize.TOKEN_LAYOUTS (Qwen2.5-VL's, 32 px tokens)
     capturing_attention_class = CueCapturingQwen3VLMoeVisionAttention
 
 

@@ -24,7 +24,7 @@ model ignores segments whose mask is all zero).
 
 from __future__ import annotations
 
-from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor, ProcessorMixin
+from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor, ProcessorMixin, Qwen2_5_VLProcessor
 
 SENTINELS = ("\x00first-question\x00", "\x00first-answer\x00", "\x00last-question\x00")
 
@@ -214,7 +214,34 @@ class MFPrunerLlavaNextProcessor(CLIPInstructionMixin, LlavaNextProcessor):
     __init__ = MFPrunerLlavaProcessor.__init__
 
 
+class MFPrunerQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    r"""Qwen2_5_VLProcessor for images and text only, without a video processor.
+
+    transformers 5.x builds the stock processor's video processor, which needs torchvision, even for
+    images; this one takes (image_processor, tokenizer) and processes `images=` and `text=` exactly
+    as the stock one does (the tiny Qwen2.5-VL repos of mfpruner_lib.tiny_models ship it, so that
+    their AutoProcessor works without torchvision). Videos: the stock processor (with torchvision).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # Qwen2_5_VLProcessor.__init__ hands three parts to ProcessorMixin; its few lines for two here.
+        self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+        self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError(
+                "`videos`: this processor has no video processor (it needs torchvision in transformers 5.x); "
+                "use the stock Qwen2_5_VLProcessor with torchvision installed for videos"
+            )
+        return super().__call__(images=images, text=text, **kwargs)
+
+
 MFPrunerLlavaProcessor.register_for_auto_class("AutoProcessor")
 MFPrunerLlavaNextProcessor.register_for_auto_class("AutoProcessor")
+MFPrunerQwen2_5_VLProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["CLIPInstructionMixin", "MFPrunerLlavaNextProcessor", "MFPrunerLlavaProcessor"]
+__all__ = ["CLIPInstructionMixin", "MFPrunerLlavaNextProcessor", "MFPrunerLlavaProcessor", "MFPrunerQwen2_5_VLProcessor"]

@@ -16,7 +16,7 @@ from mfpruner_demo.render import cue_heatmap, kept_overlay, shade_unseen, to_ima
 from mfpruner_lib.bench_utils import time_interleaved
 from mfpruner_lib.families import by_model_type
 from mfpruner_lib.flops import fastv_flops
-from mfpruner_lib.token_geometry import anyres_geometry, result_core
+from mfpruner_visualize import anyres_geometry, competing_tokens, cue_votes, keep_mask, single_cue_keeps
 
 MAX_NEW_TOKENS = 48
 TIMING_REPEATS = 3  # timed prefills per setting (after one warm-up each); the median is shown
@@ -124,10 +124,7 @@ def analyze(
     num_tokens = result.num_visual_tokens[0]  # all of the image's tokens, LLaVA-NeXT's newlines included
     # The tokens that compete for the budget: all but LLaVA-NeXT's row newlines, which the model
     # keeps outside the budget (they stand for no region and are drawn on no map).
-    layout = result.layouts[0] if result.layouts else None
-    core = result_core(result)  # the vote and layout codes of the code the model ran
-    candidates = torch.ones(num_tokens, dtype=torch.bool) if layout is None else layout[:, 0] != core.LAYOUT_NEWLINE
-    total = int(candidates.sum())
+    total = int(competing_tokens(result, 0).sum())
     newlines = num_tokens - total
     kept = len(keep_indices) - newlines
     answer = None
@@ -139,23 +136,20 @@ def analyze(
     progress(0.85, desc="Drawing")
     canvas = token_canvas(image, token_maps(demo, image.size, result))
 
-    def mask_of(indices: torch.Tensor) -> np.ndarray:
+    def mask_of(indices) -> np.ndarray:
         mask = np.zeros(num_tokens, dtype=bool)
-        mask[indices.numpy()] = True
+        mask[indices] = True
         return mask
 
     panels = {"original": to_image(shade_unseen(canvas.pixels, canvas.index_map))}
-    heatmaps, cue_kept = {}, {}
-    votes = np.zeros(num_tokens, dtype=np.int64)
+    heatmaps = {}
+    # Each cue alone: its own top-k over the candidates at the same budget (shipped with the model code).
+    cue_kept = single_cue_keeps(result, 0)
     for name, per_image in result.cue_scores.items():
-        scores = per_image[0].float()
-        # That cue alone: its own top-k over the candidates at the same budget (newlines kept, as the model does).
-        single = core.vote_candidates({name: scores[candidates]}, candidates, kept, None, 1, "sum")
-        cue_kept[name] = single.tolist()
-        votes += mask_of(single) & candidates.numpy()
-        panels[name] = kept_overlay(canvas, mask_of(single))
-        heatmaps[name] = cue_heatmap(canvas, scores.numpy())
-    panels["mfpruner"] = kept_overlay(canvas, mask_of(keep_indices))
+        panels[name] = kept_overlay(canvas, mask_of(cue_kept[name]))
+        heatmaps[name] = cue_heatmap(canvas, per_image[0].float().numpy())
+    panels["mfpruner"] = kept_overlay(canvas, keep_mask(result, 0))
+    votes = cue_votes(result, 0)
     heatmaps["votes"] = cue_heatmap(canvas, votes.astype(np.float64), (0.0, float(len(cue_kept))))
 
     text = demo.model.config.get_text_config()

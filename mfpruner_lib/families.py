@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mfpruner_lib import flops, model_sizes, tiny_models, token_geometry
+import mfpruner_visualize
+from mfpruner_lib import flops, model_sizes, tiny_models
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class Family:
     anyres: LLaVA-NeXT's tiles: row-newline tokens outside the budget, a second (base tile) map.
     geometry(config, image_hw): one image's token counts (mfpruner_lib.flops.Geometry).
     real_models / flops_budgets: the FLOPs table's rows: published sizes, the paper's settings.
-    token_boxes: the demo's token -> image-region function (mfpruner_lib.token_geometry).
+    token_boxes: the token -> image-region function (the shipped mfpruner_visualize.TOKEN_LAYOUTS entry
+        of the model class's `token_layout`; tests/test_visualize.py checks they agree).
     demo_tiny(folder): the demo's built-in tiny model with the real model's token geometry;
         demo_geometry: what the demo's banner says about that geometry.
     """
@@ -107,10 +109,7 @@ def demo_tiny_llava_next(folder: str | Path) -> Path:
 
 def demo_tiny_qwen2_5_vl(folder: str | Path) -> Path:
     """Qwen2.5-VL: 28 px per token, images resized to at most 1,024 tokens."""
-    path = tiny_models.build_tiny_qwen2_5_vl(Path(folder) / "tiny-mfpruner-qwen2_5_vl")
-    _, image_processor = tiny_models.build_tiny_qwen2_5_vl_processor(max_pixels=28 * 28 * 1024)
-    image_processor.save_pretrained(path)
-    return path
+    return tiny_models.build_tiny_qwen2_5_vl(Path(folder) / "tiny-mfpruner-qwen2_5_vl", max_pixels=28 * 28 * 1024)
 
 
 def demo_tiny_qwen3_vl(folder: str | Path) -> Path:
@@ -178,7 +177,7 @@ FAMILIES = {family.key: family for family in (  # keyed by Family.key
             RealModel("LLaVA-1.5-13B", model_sizes.llava_1_5_13b, None, True, "336 px, 576 tokens"),
         ),
         flops_budgets=LLAVA_BUDGETS,
-        token_boxes=token_geometry.llava_boxes,
+        token_boxes=mfpruner_visualize.llava_boxes,
         demo_tiny=demo_tiny_llava,
         demo_geometry="LLaVA-1.5 geometry: 576 visual tokens",
     ),
@@ -206,7 +205,7 @@ FAMILIES = {family.key: family for family in (  # keyed by Family.key
             ),
         ),
         flops_budgets=RATIO_BUDGETS,
-        token_boxes=token_geometry.llava_next_token_boxes,
+        token_boxes=mfpruner_visualize.llava_next_token_boxes,
         demo_tiny=demo_tiny_llava_next,
         demo_geometry="LLaVA-1.6 anyres tiles: up to 2,928 visual tokens",
         anyres=True,
@@ -237,7 +236,7 @@ FAMILIES = {family.key: family for family in (  # keyed by Family.key
                       "1024x1024 image (resized to 1036x1036)"),
         ),
         flops_budgets=QWEN_BUDGETS,
-        token_boxes=token_geometry.whole_image_boxes,
+        token_boxes=mfpruner_visualize.whole_image_boxes,
         demo_tiny=demo_tiny_qwen2_5_vl,
         demo_geometry="Qwen2.5-VL geometry: 28 px per visual token, up to 1,024",
         processor_stand_in=True,
@@ -259,7 +258,7 @@ FAMILIES = {family.key: family for family in (  # keyed by Family.key
             RealModel("Qwen3-VL-8B", model_sizes.qwen3_vl_8b, (1024, 1024), False, "1024x1024 image, 32 px per token"),
         ),
         flops_budgets=QWEN_BUDGETS,
-        token_boxes=token_geometry.whole_image_boxes,  # the same smart-resize raster grid as Qwen2.5-VL (32 px tokens)
+        token_boxes=mfpruner_visualize.whole_image_boxes,  # the same smart-resize raster grid as Qwen2.5-VL (32 px tokens)
         demo_tiny=demo_tiny_qwen3_vl,
         demo_geometry="Qwen3-VL geometry: 32 px per visual token, up to 1,024",
         processor_stand_in=True,
@@ -282,7 +281,7 @@ FAMILIES = {family.key: family for family in (  # keyed by Family.key
                       "1024x1024 image, 32 px per token; 8 of 128 experts per token"),
         ),
         flops_budgets=QWEN_BUDGETS,
-        token_boxes=token_geometry.whole_image_boxes,
+        token_boxes=mfpruner_visualize.whole_image_boxes,
         demo_tiny=demo_tiny_qwen3_vl_moe,
         demo_geometry="Qwen3-VL geometry: 32 px per visual token, up to 1,024",
         processor_stand_in=True,

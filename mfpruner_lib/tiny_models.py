@@ -322,9 +322,10 @@ def build_tiny_qwen2_5_vl_processor(min_pixels: int = 56 * 56, max_pixels: int =
     special tokens and chat template, and the Qwen2-VL image processor (images resized to
     multiples of 28 px between min and max pixels: 4 to 64 visual tokens).
 
-    No `Qwen2_5_VLProcessor`: in transformers 5.x it cannot be built without a video processor,
-    and the video processor needs torchvision (not a requirement here). `qwen_inputs` expands
-    the placeholders as the processor does; with torchvision a real repo's processor works too."""
+    No stock `Qwen2_5_VLProcessor`: in transformers 5.x it cannot be built without a video processor,
+    and the video processor needs torchvision (not a requirement here). The MFPruner repo ships
+    processing_mfpruner.MFPrunerQwen2_5_VLProcessor (images and text) as its AutoProcessor;
+    `qwen_inputs` expands the placeholders as the processor does and also builds video inputs."""
     tokenizer = build_tokenizer(
         special_tokens=QWEN_SPECIAL_TOKENS,
         named_tokens=dict(
@@ -429,17 +430,18 @@ def save_tiny_qwen(model, tokenizer, image_processor, path: Path) -> Path:
 
 
 def build_tiny_qwen2_5_vl(
-    path: str | os.PathLike, *, stock: bool = False, seed: int = 0, text_heads: int = 4, **mfpruner
+    path: str | os.PathLike, *, stock: bool = False, seed: int = 0, text_heads: int = 4,
+    max_pixels: int = 28 * 28 * 64, **mfpruner,
 ) -> Path:
     """Writes a tiny Qwen2.5-VL folder. stock=True: a plain `Qwen2_5_VLForConditionalGeneration`
     checkpoint (model_type qwen2_5_vl); else an MFPruner remote-code repo (auto_map, code files).
-    Same seed = same weights in both."""
+    Same seed = same weights in both. max_pixels: the image processor's limit (28 x 28 px a token)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
-    tokenizer, image_processor = build_tiny_qwen2_5_vl_processor()
+    tokenizer, image_processor = build_tiny_qwen2_5_vl_processor(max_pixels=max_pixels)
     torch.manual_seed(seed)
     if stock:
         model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tokenizer, stock=True, text_heads=text_heads))
@@ -449,7 +451,12 @@ def build_tiny_qwen2_5_vl(
         model = MFPrunerQwen2_5_VLForConditionalGeneration(
             tiny_qwen2_5_vl_config(tokenizer, text_heads=text_heads, **mfpruner)
         )
-    return save_tiny_qwen(model, tokenizer, image_processor, path)
+    save_tiny_qwen(model, tokenizer, image_processor, path)
+    if not stock:  # AutoProcessor of the repo: images and text without torchvision (processing_mfpruner)
+        from processing_mfpruner import MFPrunerQwen2_5_VLProcessor
+
+        MFPrunerQwen2_5_VLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template).save_pretrained(path)
+    return path
 
 
 # ----------------------------------------------------------------------------- Qwen3-VL (dense and MoE)

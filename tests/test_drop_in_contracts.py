@@ -568,7 +568,8 @@ def test_split_device_map_gives_the_unsplit_tokens_and_logits(family, request, t
 
 
 SHIPPED = ["mfpruner_core.py", "mfpruner_pipeline.py", "configuration_mfpruner.py", "modeling_mfpruner_llava.py",
-           "modeling_mfpruner_qwen2_5_vl.py", "modeling_mfpruner_qwen3_vl.py", "processing_mfpruner.py"]
+           "modeling_mfpruner_qwen2_5_vl.py", "modeling_mfpruner_qwen3_vl.py", "processing_mfpruner.py",
+           "mfpruner_visualize.py"]
 
 
 def transformers_imports(path: Path) -> list[tuple[str, str, bool]]:

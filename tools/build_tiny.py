@@ -1,6 +1,9 @@
 """Writes a tiny random-weights model folder of one family (mfpruner_lib.tiny_models), no download.
 
     python -m tools.build_tiny OUT [--family llava-1.5] [--stock] [--clip-text] [--seed 0]
+
+The folder loads like a hub repo (AutoModelForImageTextToText / AutoProcessor with
+trust_remote_code=True): a local model to try the API and the drawings (docs/visualization.md).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:  # the shipped model code is flat top-level files 
     sys.path.insert(0, str(ROOT))
 
 from mfpruner_lib.cli import ArgumentParser, local_folder, refusals_as_errors  # noqa: E402
-from mfpruner_lib.families import FAMILIES, Architecture  # noqa: E402
+from mfpruner_lib.families import FAMILIES, Architecture, by_model_type  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- supported models
@@ -77,6 +77,21 @@ def architecture_for(model_type: str, base: Path) -> Architecture:
             f"{sorted(ARCHITECTURES)} (add a family to mfpruner_lib.families for a new MFPruner class)"
         )
     return ARCHITECTURES[model_type]
+
+
+def budget_for_small_model(config, model_type: str) -> dict:
+    """{} for a model whose default budget prunes; else (a small model, e.g. a tiny test repo of 36
+    visual tokens under LLaVA-1.5's default 64) the default's share of the real model's tokens as a
+    ratio: a default call must prune something."""
+    family = by_model_type(model_type)
+    if config.visual_token_budget is None or family.anyres or family.real_models[0].image_hw is not None:
+        return {}  # a ratio, or a token count that varies with the image
+    tokens = family.geometry(config).visual_tokens
+    if config.visual_token_budget < tokens:
+        return {}
+    real_tokens = family.geometry(family.real_models[0].config()).visual_tokens
+    ratio = round(config.visual_token_budget / real_tokens, 3)  # the card states it
+    return {"visual_token_ratio": ratio, "visual_token_budget": None}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -567,6 +582,9 @@ def export(
     settings = {"visual_token_ratio": ratio, "visual_token_budget": None} if ratio is not None else settings
     # fail on bad settings before anything is written
     config = mfpruner_config(base_dir, arch, settings, None)
+    if not settings and (small := budget_for_small_model(config, model_type)):
+        settings = small
+        config = mfpruner_config(base_dir, arch, settings, None)
 
     clip_tensors, clip_tokenizer, clip_text_config = {}, None, None
     if clip_text is not None:
