@@ -28,12 +28,51 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from mfpruner_core import MFPrunerResult, attention_from_query
+from mfpruner_core import MFPrunerResult, attention_from_query, candidate_rows, clip_text_relevance
 
-from .pruning import KeptPlaceholdersMixin, check_supported, head_mean, pop_pixel_input, prune_images
+from .pruning import KEEP, TEXT_IDS, KeptPlaceholdersMixin, check_supported, head_mean, per_item, pop_pixel_input, prune_images, selections_result
+
+# Per-image inputs for repos with a CLIP text tower: the instruction's CLIP token ids and mask,
+# (M, T) window-sized segments, as the repo's processor gives the transformers class.
+CLIP_IDS, CLIP_MASK = "mfpruner_clip_ids", "mfpruner_clip_mask"
 
 
-class MFPrunerLlavaMultiModalProcessor(KeptPlaceholdersMixin, LlavaMultiModalProcessor):
+def uses_clip_text(config) -> bool:
+    """The repo carries a CLIP text tower and its relevance cue is configured to read it."""
+    return config.clip_text_config is not None and "relevance" in config.mfpruner_cues and config.relevance_source != "llm"
+
+
+class CLIPInstructionInputsMixin:
+    """Put before `KeptPlaceholdersMixin`: for a repo whose relevance cue reads the CLIP text tower,
+    adds per image the instruction's CLIP segments. The instruction is found as the repo's
+    processor finds it in a prompt string (`instructions_for`: the last user turn, placeholders
+    removed), from the prompt's non-image token ids decoded; `clip_segments` cuts the CLIP
+    tokenizer's ids into the text tower's windows. Derived from the text ids, which are part of
+    the multimodal cache key. The subclass names the repo's processor class (`clip_processor_class`:
+    vLLM's own processing loads the stock one, without the CLIP tokenizer)."""
+
+    clip_processor_class: str
+    per_image_inputs = (TEXT_IDS, KEEP, CLIP_IDS, CLIP_MASK)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        import processing_mfpruner
+
+        outputs = super()._call_hf_processor(hf_data, hf_kwargs)
+        if uses_clip_text(self.info.get_hf_config()):
+            # the repo's processor (processor_config.json, clip_tokenizer/), loaded once by vLLM's cache
+            processor = self.info.ctx.get_hf_processor(getattr(processing_mfpruner, self.clip_processor_class))
+            prompt = processor.tokenizer.decode(list(hf_kwargs[TEXT_IDS]))
+            token_ids = processor.clip_tokenizer(processor.instructions_for(prompt, None), verbose=False)["input_ids"]
+            ids, mask = processing_mfpruner.clip_segments(token_ids, processor.clip_text_window)  # (1, M, T) each
+            images = len(outputs[KEEP])
+            outputs[CLIP_IDS] = torch.tensor(ids, dtype=torch.long).expand(images, -1, -1).clone()
+            outputs[CLIP_MASK] = torch.tensor(mask, dtype=torch.long).expand(images, -1, -1).clone()
+        return outputs
+
+
+class MFPrunerLlavaMultiModalProcessor(CLIPInstructionInputsMixin, KeptPlaceholdersMixin, LlavaMultiModalProcessor):
+    clip_processor_class = "MFPrunerLlavaProcessor"
+
     def visual_tokens_per_image(self, hf_outputs) -> list[tuple[int, int]]:
         return [(self.info.get_max_image_tokens(), 0)] * len(hf_outputs["pixel_values"])  # 576 for LLaVA-1.5
 
@@ -55,7 +94,9 @@ def packed_tile_positions(image_size, config) -> torch.Tensor:
     return torch.cat([index[0].flatten(), grid.flatten()])
 
 
-class MFPrunerLlavaNextMultiModalProcessor(KeptPlaceholdersMixin, LlavaNextMultiModalProcessor):
+class MFPrunerLlavaNextMultiModalProcessor(CLIPInstructionInputsMixin, KeptPlaceholdersMixin, LlavaNextMultiModalProcessor):
+    clip_processor_class = "MFPrunerLlavaNextProcessor"
+
     def visual_tokens_per_image(self, hf_outputs) -> list[tuple[int, int]]:
         config = self.info.get_hf_config()
         counts = []
@@ -92,9 +133,13 @@ def capture_cls_attention(vision_tower):
         handle.remove()
 
 
+# Checkpoint names of the CLIP text tower and visual projection (tools/export.py --clip-text).
+CLIP_TEXT_WEIGHTS = ("clip_text_model.", "clip_visual_projection.")
+
+
 class MFPrunerLlavaMixin:
-    """What the two LLaVA families share in vLLM: the settings checks, the unused CLIP text tower's
-    weights, and `last_pruning`."""
+    """What the two LLaVA families share in vLLM: the settings checks, the CLIP text tower (the
+    paper's relevance cue) for repos that carry one, and `last_pruning`."""
 
     family = "LLaVA"
 
@@ -108,18 +153,72 @@ class MFPrunerLlavaMixin:
                 f"feature strategy, got {layer!r} / {config.vision_feature_select_strategy!r}"
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if uses_clip_text(config):
+            # The transformers class's modules (replicated on every rank: small next to the LLM), and
+            # the vision tower's post_layernorm, which vLLM does not build below the last layer.
+            from torch import nn
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+            text_config = CLIPTextConfig(**config.clip_text_config)
+            vision = config.vision_config
+            self.clip_text_model = CLIPTextModelWithProjection(text_config).eval()
+            self.clip_visual_projection = nn.Linear(vision.hidden_size, text_config.projection_dim, bias=False)
+            self.clip_post_layernorm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
         self.last_pruning: MFPrunerResult | None = None
 
     def load_weights(self, weights):
-        # A repo with a CLIP text tower served with relevance_source='llm': the tower is not used.
-        unused = ("clip_text_model.", "clip_visual_projection.")
-        return super().load_weights((name, w) for name, w in weights if not name.startswith(unused))
+        """The stock weights through vLLM's loader; the CLIP text tower's and the vision tower's
+        post_layernorm into the CLIP modules (or dropped when the relevance cue does not read them)."""
+        clip_state = {}
+
+        def stock_weights():
+            for name, weight in weights:
+                if name.startswith(CLIP_TEXT_WEIGHTS):
+                    clip_state[name] = weight
+                    continue
+                if name.startswith("vision_tower.") and ".post_layernorm." in name:
+                    clip_state["clip_post_layernorm." + name.rsplit(".", 1)[1]] = weight
+                yield name, weight
+
+        loaded = set(super().load_weights(stock_weights()))
+        if hasattr(self, "clip_text_model"):
+            own = {name: parameter for name, parameter in self.named_parameters() if name.startswith("clip_")}
+            missing = sorted(set(own) - set(clip_state))
+            if missing:
+                raise ValueError(f"mfpruner_vllm: the repo lacks the CLIP text tower weights {missing[:4]}")
+            for name, parameter in own.items():
+                parameter.data.copy_(clip_state[name])
+            loaded |= set(own)
+        return loaded
+
+    def clip_relevance(self, select_features, candidates, clip_ids, clip_mask) -> torch.Tensor | None:
+        """The paper's cue C over one image's candidates, (n,), as the transformers class computes it:
+        select-layer features -> post_layernorm -> visual projection, against the CLIP text tower's
+        embedding of each instruction segment. None when the repo's cue does not read the tower.
+        select_features: (N, C); candidates: (N,) bool or None; clip_ids / clip_mask: (M, T)."""
+        if not hasattr(self, "clip_text_model"):
+            return None
+        if candidates is not None:
+            select_features = candidate_rows(select_features, candidates)
+        image = self.clip_visual_projection(self.clip_post_layernorm(select_features))  # (n, E)
+        device = image.device
+        text = self.clip_text_model(input_ids=clip_ids.to(device), attention_mask=clip_mask.to(device)).text_embeds  # (M, E)
+        segments = clip_mask.bool().any(dim=-1).to(device)  # (M,)
+        return clip_text_relevance(image[None], text[None].to(image.dtype), segments[None])[0]
+
+    def clip_inputs(self, kwargs: dict, images: int) -> list:
+        """Per image (clip ids, clip mask), popped from embed_multimodal's kwargs ((None, None) without them)."""
+        ids, mask = kwargs.pop(CLIP_IDS, None), kwargs.pop(CLIP_MASK, None)
+        if ids is None:
+            return [(None, None)] * images
+        return list(zip(per_item(ids, images), per_item(mask, images)))
 
     def prune(self, images, text_ids, keep) -> list[torch.Tensor]:
-        """images: per image (tokens (N, D), raw [CLS] attention (N,), candidates (N,) bool or None)
-        -> the kept rows of each image; sets `last_pruning`."""
-        kept, self.last_pruning = prune_images(self, images, text_ids, keep)
-        return kept
+        """images: per image (tokens (N, D), raw [CLS] attention (N,), candidates (N,) bool or None,
+        CLIP relevance (n,) or None) -> the kept rows of each image; sets `last_pruning`."""
+        selections = prune_images(self, images, text_ids, keep)
+        self.last_pruning = selections_result(selections, self.config.mfpruner_cues)
+        return [s.rows for s in selections]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -132,14 +231,19 @@ class MFPrunerLlavaForConditionalGeneration(MFPrunerLlavaMixin, LlavaForConditio
     family = "LLaVA-1.5"
 
     def embed_multimodal(self, **kwargs):
+        clip_inputs = self.clip_inputs(kwargs, len(kwargs.get("pixel_values", ())))
         image_input, text_ids, keep = pop_pixel_input(self, kwargs)
         if image_input is None:
             return []
         with capture_cls_attention(self.vision_tower) as captured:
-            features = self._image_pixels_to_features(self.vision_tower, image_input["pixel_values"])
+            features = self._image_pixels_to_features(self.vision_tower, image_input["pixel_values"])  # (I, N, C)
         tokens = self.multi_modal_projector(features)  # (I, N, D)
         attention = captured["attention"][:, 1:]  # (I, N): drop the [CLS] column after the softmax
-        return self.prune([(tokens[i], attention[i], None) for i in range(len(tokens))], text_ids, keep)
+        images = [
+            (tokens[i], attention[i], None, self.clip_relevance(features[i], None, *clip_inputs[i]))
+            for i in range(len(tokens))
+        ]
+        return self.prune(images, text_ids, keep)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -153,6 +257,7 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerLlavaMixin, LlavaNextFor
     family = "LLaVA-NeXT"
 
     def embed_multimodal(self, **kwargs):
+        clip_inputs = self.clip_inputs(kwargs, len(kwargs.get("pixel_values", ())))
         image_input, text_ids, keep = pop_pixel_input(self, kwargs)
         if image_input is None:
             return []
@@ -163,10 +268,12 @@ class MFPrunerLlavaNextForConditionalGeneration(MFPrunerLlavaMixin, LlavaNextFor
         tile_attention = captured["attention"][:, 1:]  # (all tiles, P): [CLS] column dropped after the softmax
         counts = [len(t) for t in tiles]
         images = []
-        for size, tokens, attention in zip(image_input["image_sizes"], tile_tokens.split(counts), tile_attention.split(counts)):
+        per_image = zip(image_input["image_sizes"], tile_tokens.split(counts), tile_attention.split(counts), features.split(counts), clip_inputs)
+        for size, tokens, attention, select_features, (clip_ids, clip_mask) in per_image:
             positions = packed_tile_positions(size.tolist(), self.config).to(tokens.device)  # (N,)
             is_patch, source = positions >= 0, positions.clamp(min=0)  # newlines read patch 0, replaced below
             gathered = tokens.flatten(0, 1)[source]  # (N, D)
             packed = torch.where(is_patch[:, None], gathered, self.image_newline.to(gathered.dtype))
-            images.append((packed, attention.flatten()[source], is_patch))
+            relevance = self.clip_relevance(select_features.flatten(0, 1)[source], is_patch, clip_ids, clip_mask)
+            images.append((packed, attention.flatten()[source], is_patch, relevance))
         return self.prune(images, text_ids, keep)

@@ -7,6 +7,12 @@ transformers classes call.
 
 from __future__ import annotations
 
+import hashlib
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 
 from mfpruner_core import MFPrunerResult, call_budget, candidate_rows, image_cues, resolve_budget, vote_candidates
@@ -32,6 +38,9 @@ class KeptPlaceholdersMixin:
     ids and the number of tokens it keeps become multimodal inputs, and exactly that many
     placeholders are emitted: k = resolve_budget(candidates, budget, ratio) plus the tokens that
     are always kept (LLaVA-NeXT's image-newline tokens)."""
+
+    # The per-image inputs this processor adds to each image's multimodal kwargs (subclasses add theirs).
+    per_image_inputs = (TEXT_IDS, KEEP)
 
     def visual_tokens_per_image(self, hf_outputs) -> list[tuple[int, int]]:
         """(candidates, always kept) visual tokens of each image."""
@@ -60,8 +69,7 @@ class KeptPlaceholdersMixin:
         from vllm.multimodal.inputs import MultiModalFieldConfig
 
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[TEXT_IDS] = MultiModalFieldConfig.batched("image")
-        fields[KEEP] = MultiModalFieldConfig.batched("image")
+        fields.update({name: MultiModalFieldConfig.batched("image") for name in self.per_image_inputs})
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
@@ -92,14 +100,8 @@ def check_supported(vllm_config, family: str) -> None:
             "CUDA graph that bypasses embed_multimodal, where MFPruner selects the tokens; leave it off"
         )
     config = vllm_config.model_config.hf_config
-    if getattr(config, "clip_text_config", None) is not None and config.relevance_source != "llm":
-        raise ValueError(
-            f"mfpruner_vllm serves {family} repos with LLM-space relevance only; this repo carries a CLIP text "
-            "tower (clip_text_config), which the plugin does not run yet. Serve it with "
-            "hf_overrides={'relevance_source': 'llm'} (the text tower is then ignored) or use the transformers class"
-        )
-    if "relevance" in config.mfpruner_cues and config.relevance_source == "clip_text":
-        raise ValueError("mfpruner_vllm: relevance_source='clip_text' is not supported; use 'llm' or 'auto'")
+    if "relevance" in config.mfpruner_cues and config.relevance_source == "clip_text" and getattr(config, "clip_text_config", None) is None:
+        raise ValueError(f"mfpruner_vllm: relevance_source='clip_text' needs a {family} repo with a CLIP text tower (clip_text_config)")
 
 
 def request_budget(config, mm_kwargs) -> tuple[int | None, float | None]:
@@ -116,7 +118,18 @@ def request_budget(config, mm_kwargs) -> tuple[int | None, float | None]:
     )
 
 
-def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=None):
+@dataclass
+class Selection:
+    """One image's pruning decision: its kept rows (k, D) (on the CPU in a `SelectionCache`), kept
+    indices (k,) into its N visual tokens, {cue name: (N,) score}, and N."""
+
+    rows: torch.Tensor
+    keep_indices: torch.Tensor
+    cue_scores: dict[str, torch.Tensor]
+    num_visual_tokens: int
+
+
+def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=None, relevance=None):
     """One image: the configured cues over its candidate tokens (mfpruner_core.image_cues, as the
     transformers classes compute them) -> the vote (mfpruner_core.vote_candidates).
 
@@ -124,7 +137,8 @@ def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=No
     (None when not configured); text_embeds: (T, D) LLM input embeddings of the prompt's non-image
     tokens; keep: the number of placeholders the processor emitted for the image (the kept
     candidates plus every non-candidate); candidates: (N,) bool, the tokens that compete for the
-    budget (None: all). Returns ((keep,) kept indices into the N tokens, ascending;
+    budget (None: all); relevance: (n,) the CLIP text tower's cue C over the candidates (None: the
+    LLM-space cue from text_embeds). Returns ((keep,) kept indices into the N tokens, ascending;
     {name: (N,) cue score, 0 where not a candidate})."""
     if candidates is None:
         candidates = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
@@ -133,6 +147,7 @@ def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=No
         None if attention is None else candidate_rows(attention, candidates),
         candidate_rows(tokens, candidates),
         text_embeds,
+        relevance=relevance,
     )
     budget = keep - int((~candidates).sum())
     indices = vote_candidates(scores, candidates, budget, None, config.min_votes, config.fill_by)
@@ -140,24 +155,22 @@ def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=No
     return indices, full
 
 
-def prune_images(model, images, text_ids, keep) -> tuple[list[torch.Tensor], MFPrunerResult]:
+def prune_images(model, images, text_ids, keep) -> list[Selection]:
     """Every image of one encoder call, in order (each family's embed_multimodal ends here).
 
     images: per image (tokens (N, D), raw vision attention (N,) or None, candidates (N,) bool or
-    None); text_ids / keep: the processor's per-image inputs (the prompt's non-image token ids,
-    embedded by the model's language model, and the placeholder count). Returns (the kept rows of
-    each image, the call's `MFPrunerResult`: kept indices and cue scores per image, on the CPU)."""
-    kept, result = [], MFPrunerResult([], {name: [] for name in model.config.mfpruner_cues}, [], [], 0)
+    None, the CLIP-text relevance (n,) over the candidates or None); text_ids / keep: the
+    processor's per-image inputs (the prompt's non-image token ids, embedded by the model's
+    language model, and the placeholder count). Returns each image's
+    `Selection` (kept rows on the tokens' device; indices and scores on the CPU)."""
+    selections = []
     text_ids, keep = per_item(text_ids, len(images)), per_item(keep, len(images))
-    for (tokens, attention, candidates), ids, k in zip(images, text_ids, keep):
+    for (tokens, attention, candidates, relevance), ids, k in zip(images, text_ids, keep):
         text_embeds = model.language_model.embed_input_ids(ids.to(tokens.device).view(-1))
-        indices, scores = prune_image(model.config, tokens, attention, text_embeds, int(k), candidates)
-        kept.append(tokens[indices])
-        result.keep_indices.append(indices.cpu())
-        result.num_visual_tokens.append(len(tokens))
-        for name, score in scores.items():
-            result.cue_scores[name].append(score.cpu())
-    return kept, result
+        indices, scores = prune_image(model.config, tokens, attention, text_embeds, int(k), candidates, relevance)
+        cpu_scores = {name: score.cpu() for name, score in scores.items()}
+        selections.append(Selection(tokens[indices], indices.cpu(), cpu_scores, len(tokens)))
+    return selections
 
 
 def pop_pixel_input(model, kwargs: dict):
@@ -186,3 +199,53 @@ def head_mean(partial_sum: torch.Tensor, local_heads: int, total_heads: int, tp_
 
         partial_sum = tensor_model_parallel_all_reduce(partial_sum)
     return partial_sum / total_heads
+
+
+# ----------------------------------------------------------------------------- selection cache
+
+
+def content_key(*tensors: torch.Tensor) -> torch.Tensor:
+    """(2,) long: the first 128 bits of the SHA-256 of the tensors' dtypes, shapes and bytes (on
+    the CPU: the processor's outputs). Equal inputs give equal keys in every process."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return torch.tensor(struct.unpack("<2q", digest.digest()[:16]), dtype=torch.long)
+
+
+class SelectionCache:
+    """Selections by content key, least recently used out first: at most `capacity` entries, so
+    a long-running server holds a bounded amount (the kept rows, on the CPU). Thread-safe. A
+    missing entry only costs a recomputation: correctness never depends on a hit."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple[int, int], Selection] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> Selection | None:
+        with self.lock:
+            selection = self.entries.get(key)
+            if selection is not None:
+                self.entries.move_to_end(key)
+            return selection
+
+    def put(self, key: tuple[int, int], selection: Selection) -> None:
+        with self.lock:
+            self.entries[key] = selection
+            self.entries.move_to_end(key)
+            while len(self.entries) > max(self.capacity, 0):
+                self.entries.popitem(last=False)
+
+
+def selections_result(selections: list[Selection], cue_names) -> MFPrunerResult:
+    """The `MFPrunerResult` of one encoder call from its images' selections, in order."""
+    return MFPrunerResult(
+        [s.keep_indices for s in selections],
+        {name: [s.cue_scores[name] for s in selections] for name in cue_names},
+        [s.num_visual_tokens for s in selections],
+        [],
+        0,
+    )

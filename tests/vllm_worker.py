@@ -4,10 +4,13 @@
 
 SPEC: {"repo": path, "cases": [{"name", "requests": [{"prompt", "images": [png paths],
 "mm_processor_kwargs": {...} or null, optional "video_frames": [frames, height, width] (a random
-video)}], "steps"}]}. Loads the repo once with vLLM (one process, float32, greedy) and writes
-per case and request: the prompt token ids vLLM built, the generated ids, each step's
-log-probability of the chosen token, and (single-request cases) the kept indices of the last
-encoder call (`model.last_pruning`), or the error text of a rejected request.
+video)}], "steps", optional "selection_cache_capacity": the Qwen2.5-VL model's selection cache
+size during this case}], optional "count_vision_images": true}. Loads the repo once with vLLM
+(one process, float32, greedy) and writes per case and request: the prompt token ids vLLM built,
+the generated ids, each step's log-probability of the chosen token, (single-request cases) the
+kept indices of the last encoder call (`model.last_pruning`), (with count_vision_images) how many
+images went through the vision tower (`model.visual`) during the case, or the error text of a
+rejected request.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main(spec_path: str, out_path: str) -> None:
         seed=0,
         **spec.get("llm_kwargs", {}),
     )
+    if spec.get("count_vision_images"):
+        llm.apply_model(count_vision_images)
     results = []
     for case in spec["cases"]:
         params = SamplingParams(temperature=0.0, max_tokens=case["steps"], logprobs=0, ignore_eos=True)
@@ -52,13 +57,22 @@ def main(spec_path: str, out_path: str) -> None:
             if request.get("mm_processor_kwargs") is not None:
                 data["mm_processor_kwargs"] = request["mm_processor_kwargs"]
             requests.append(data)
+        capacity = case.get("selection_cache_capacity")
+        if capacity is not None:
+            default = llm.apply_model(lambda model: set_selection_cache_capacity(model, capacity))[0]
+        images_before = llm.apply_model(lambda model: getattr(model, "vision_images", 0))[0]
         try:
             outputs = llm.generate(requests, params, use_tqdm=False)
         except Exception as error:  # a rejected request: report it, keep serving the next cases
             traceback.print_exc()
             results.append({"name": case["name"], "error": f"{type(error).__name__}: {error}"})
             continue
+        finally:
+            if capacity is not None:
+                llm.apply_model(lambda model: set_selection_cache_capacity(model, default))
         entry = {"name": case["name"], "requests": []}
+        if spec.get("count_vision_images"):
+            entry["vision_images"] = llm.apply_model(lambda model: model.vision_images)[0] - images_before
         for output in outputs:
             completion = output.outputs[0]
             entry["requests"].append(
@@ -73,6 +87,24 @@ def main(spec_path: str, out_path: str) -> None:
             entry["keep_indices"] = [idx.tolist() for idx in pruning.keep_indices]
         results.append(entry)
     open(out_path, "w").write(json.dumps(results))
+
+
+def count_vision_images(model) -> None:
+    """Counts, in `model.vision_images`, the images each call of the vision tower receives (its grid rows)."""
+    model.vision_images = 0
+
+    def count(module, args, kwargs):
+        model.vision_images += len(kwargs["grid_thw"] if "grid_thw" in kwargs else args[1])
+
+    model.visual.register_forward_pre_hook(count, with_kwargs=True)
+
+
+def set_selection_cache_capacity(model, capacity: int) -> int:
+    """Sets the capacity of the model's selection cache, emptied; returns the previous capacity."""
+    previous = model.selection_cache.capacity
+    model.selection_cache.capacity = capacity
+    model.selection_cache.entries.clear()
+    return previous
 
 
 if __name__ == "__main__":
