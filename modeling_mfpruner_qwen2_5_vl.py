@@ -93,12 +93,23 @@ def get_vision_window_index(grid_thw, spatial_merge_size: int, window_size: int,
 # ----------------------------------------------------------------------------- cue A: attention received
 
 
-def last_full_attention_block(visual) -> int:
-    """Index of the last full-attention (not windowed) vision block, where cue A is read."""
-    full = [i for i in visual.fullatt_block_indexes if i < len(visual.blocks)]
-    if not full:
-        raise ValueError("the vision config has no full-attention block (`fullatt_block_indexes`); cue A needs one")
-    return max(full)
+def last_full_attention_block(visual) -> int | None:
+    """Index of the last full-attention (not windowed) vision block, where cue A is read; None when
+    `fullatt_block_indexes` names no block of the tower (a valid stock config: every block windowed)."""
+    full = [i for i in visual.fullatt_block_indexes if 0 <= i < len(visual.blocks)]
+    return max(full) if full else None
+
+
+def check_attention_cue_block(block: int | None, cues) -> None:
+    """Cue A is read only from a full-attention block: a windowed block's attention stays inside its
+    window, so its column sums would rank tokens within windows, not across the image. A tower
+    without one prunes with the other cues; asking it for cue A is refused at the pruning call."""
+    if block is None and "attention" in cues:
+        raise ValueError(
+            "`mfpruner_cues` includes 'attention' (cue A), but this vision config has no full-attention block "
+            "(`vision_config.fullatt_block_indexes` names none of its blocks): set `mfpruner_cues` without "
+            "'attention' (e.g. mfpruner_cues=['uniqueness', 'relevance']), or pass prune_visual_tokens=False"
+        )
 
 
 def attention_and_received_per_patch(attn, hidden_states, cu_seqlens, position_embeddings, query_chunk: int):
@@ -200,7 +211,10 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
 
     def __init__(self, config: MFPrunerQwen2_5_VLConfig):
         super().__init__(config)
-        block = self.model.visual.blocks[last_full_attention_block(self.model.visual)]
+        self.cue_block = last_full_attention_block(self.model.visual)
+        if self.cue_block is None:
+            return  # no cue A here; the other cues and pruning off work as usual (check_attention_cue_block)
+        block = self.model.visual.blocks[self.cue_block]
         stock = block.attn
         capturing = CueCapturingVisionAttention(stock.config)
         capturing.qkv, capturing.proj = stock.qkv, stock.proj  # the very same weights
@@ -228,6 +242,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
     def encode_visual(self, input_ids, inputs_embeds, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
         """Images then videos through the tower (cue A captured when configured), scattered into
         the prompt embeddings; the unpruned M-RoPE positions (3, B, L)."""
+        check_attention_cue_block(self.cue_block, cues)
         merge = self.config.vision_config.spatial_merge_size
         image_id, video_id = self.config.image_token_id, self.config.video_token_id
         is_image, is_video = input_ids == image_id, input_ids == video_id
