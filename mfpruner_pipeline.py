@@ -87,16 +87,33 @@ CUE_CAPTURE: ContextVar[dict | None] = ContextVar("mfpruner_cue_capture", defaul
 STOCK_CALL: ContextVar[bool] = ContextVar("mfpruner_stock_call", default=False)
 
 
+# How many capture buffers are active, over all threads. The vision hooks read CUE_CAPTURE only
+# when one is: a ContextVar is not traceable, and a stock call compiled with
+# torch.compile(fullgraph=True) runs the hooks too (dynamo guards on this count instead).
+_ACTIVE_CAPTURES = 0
+_CAPTURES_LOCK = threading.Lock()
+
+
+def current_cue_capture() -> dict | None:
+    """The capture buffer of this thread / task's pruning call, None outside one."""
+    return CUE_CAPTURE.get() if _ACTIVE_CAPTURES else None
+
+
 @contextmanager
 def cue_capture(**settings):
     """Activates a fresh capture buffer for the vision forward passes inside the block (this
     thread / task only); yields it. `settings` are put in the buffer for the hooks to read."""
+    global _ACTIVE_CAPTURES
     captured = dict(settings)
+    with _CAPTURES_LOCK:
+        _ACTIVE_CAPTURES += 1
     token = CUE_CAPTURE.set(captured)
     try:
         yield captured
     finally:
         CUE_CAPTURE.reset(token)
+        with _CAPTURES_LOCK:
+            _ACTIVE_CAPTURES -= 1
 
 
 @contextmanager
@@ -202,6 +219,14 @@ class MFPrunerPipelineMixin:
         generate() reads the signature (e.g. to send `logits_to_keep`)."""
         super().__init_subclass__(**kwargs)
         stock_forward = getattr(super(MFPrunerPipelineMixin, cls), "forward", None)
+        if stock_forward is not None:
+            # Read once per class: forward() must compile with torch.compile(fullgraph=True), and
+            # `inspect` is not traceable.
+            stock_parameters = list(inspect.signature(stock_forward).parameters.values())[1:]  # without self
+            cls.stock_forward_positional = tuple(
+                p.name for p in stock_parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            )
+            cls.stock_forward_names = frozenset(p.name for p in stock_parameters if p.kind != p.VAR_KEYWORD)
         if stock_forward is None or "forward" in vars(cls) or getattr(cls.forward, "__mfpruner__", False):
             return  # an intermediate mixin (no stock class yet), an own forward(), or a family's subclass
 
@@ -256,11 +281,25 @@ class MFPrunerPipelineMixin:
         """Pops the MFPruner keywords from `kwargs`; refuses a misspelled one (a name that is not
         a known argument but close to an MFPruner keyword)."""
         settings = {name: kwargs.pop(name) for name in PRUNING_KEYWORDS if name in kwargs}
-        check_call_kwargs(kwargs, known, PRUNING_KEYWORDS)
+        unchecked = [name for name in kwargs if name not in known and name not in UNLIKE_PRUNING_KEYWORDS]
+        if unchecked:
+            remember_unlike_pruning_keywords(unchecked, known)
         return settings
 
-    def stock_forward_arguments(self) -> set[str]:
-        return set(inspect.signature(super().forward).parameters) - {"kwargs", "self"}
+    def stock_forward_arguments(self) -> frozenset[str]:
+        return self.stock_forward_names
+
+    def bind_stock_forward(self, args: tuple, kwargs: dict) -> dict:
+        """{name: value} of a stock forward() call, as inspect's bind_partial gives it (traceable)."""
+        names = self.stock_forward_positional
+        if len(args) > len(names):
+            raise TypeError(f"forward() takes {len(names)} positional arguments but {len(args)} were given")
+        call = dict(zip(names, args))
+        for name in kwargs:
+            if name in call:
+                raise TypeError(f"forward() got multiple values for argument '{name}'")
+        call.update(kwargs)
+        return call
 
     def wants_pruning(self, call: dict, settings: dict) -> bool:
         prune = settings.get("prune_visual_tokens")
@@ -456,9 +495,10 @@ class MFPrunerPipelineMixin:
         clip_input_ids, clip_attention_mask."""
         stock_forward = super(MFPrunerPipelineMixin, self).forward
         settings = self.pop_pruning_keywords(kwargs, self.stock_forward_arguments())
-        call = inspect.signature(stock_forward).bind_partial(*args, **kwargs).arguments
-        call.update(call.pop("kwargs", {}))
-        if STOCK_CALL.get() or not self.wants_pruning(call, settings):
+        call = self.bind_stock_forward(args, kwargs)
+        # STOCK_CALL is read only for a call that would prune: a ContextVar is not traceable, and the
+        # compiled calls (decoding steps, pruning off) must not reach it.
+        if not self.wants_pruning(call, settings) or STOCK_CALL.get():
             return stock_forward(*args, **kwargs)
         caller_positions = call.get("position_ids") is not None
         pruned, result = self.prune_call(call, settings, left_pad=None)
@@ -571,6 +611,21 @@ class MFPrunerPipelineMixin:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+# Names checked before and found unlike every MFPruner keyword (so accepted under any `known`).
+# forward() compiled with fullgraph=True looks them up here: the fuzzy match (difflib) does not
+# trace. Seeded with what generate() passes beyond the stock signature (read by its decorators).
+UNLIKE_PRUNING_KEYWORDS: set[str] = set()
+
+
+def remember_unlike_pruning_keywords(names, known) -> None:
+    """Refuses a name close to an MFPruner keyword (check_call_kwargs); remembers the others."""
+    check_call_kwargs(dict.fromkeys(names), known, PRUNING_KEYWORDS)
+    UNLIKE_PRUNING_KEYWORDS.update(name for name in names if name not in PRUNING_KEYWORDS)
+
+
+remember_unlike_pruning_keywords(("use_cache", "return_dict"), ())
 
 
 def scatter_to_all(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

