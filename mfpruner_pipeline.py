@@ -17,8 +17,13 @@ Contract (see docs/api.md): the only difference from the stock model is the shor
 prefill. Stock arguments pass through untouched; `max_length` / `min_length` count the original
 prompt; `generate()` returns the original prompt followed by the new tokens, and the cache it
 fills carries its keep mask, so that continuing from it (re-feeding the returned sequences) works.
-Refused with a ValueError while pruning: assisted decoding, a non-empty cache of another origin
-with pixel inputs, `inputs_embeds` instead of `input_ids`.
+Assisted decoding continues from a pruned cache (prefill_all_but_the_last_token). Refused with a
+ValueError while pruning: a non-empty cache of another origin with pixel inputs, `inputs_embeds`
+instead of `input_ids`.
+
+torch.compile(fullgraph=True): forward() without a pruning step (pruning off, every decoding
+step) traces: keyword checks use per-class argument sets and remembered names, and the ContextVars
+are read only by calls that prune or capture (the pruning prefill itself runs eagerly).
 
 Thread safety: nothing per call is stored on the model. The vision hooks are installed once in
 __init__ and write only into the capture buffer of the current context (`CUE_CAPTURE`, a
@@ -75,8 +80,8 @@ logger = logging.getLogger(__name__)
 
 # Keywords MFPruner adds to forward() / generate(); popped before the stock code sees the call.
 PRUNING_KEYWORDS = MFPRUNER_CALL_KWARGS
-# generate() options that run assisted decoding (transformers mishandles a prompt given as
-# `inputs_embeds` there, so a pruned prompt would not match greedy search).
+# generate() options that run assisted decoding: its first step appends the draft's tokens to the
+# prompt's ids, so a pruned prompt is prefilled first (prefill_all_but_the_last_token).
 ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 # The attribute a cache filled by a pruned generate() carries: a PrunedCacheRecord.
 PRUNED_CACHE_MARK = "mfpruner_pruned_prompt"
@@ -241,6 +246,13 @@ class MFPrunerPipelineMixin:
         forward.__doc__ = MFPrunerPipelineMixin.pruning_forward.__doc__
         forward.__mfpruner__ = True
         cls.forward = forward
+
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            return MFPrunerPipelineMixin.step_inputs(self, *args, **kwargs)
+
+        stock_step_inputs = super(MFPrunerPipelineMixin, cls).prepare_inputs_for_generation
+        prepare_inputs_for_generation.__signature__ = inspect.signature(stock_step_inputs)  # generate() reads it
+        cls.prepare_inputs_for_generation = prepare_inputs_for_generation
 
     def encode_visual(self, input_ids, inputs_embeds, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
         """The family's visual encoding: its visual tokens scattered into `inputs_embeds` (B, L, D),
@@ -536,11 +548,17 @@ class MFPrunerPipelineMixin:
                 return super().generate(*args, **kwargs)
         self.refuse_unsupported_generation(call, cache)
 
-        prompt_ids = call.get("input_ids")  # None: prune_call refuses with the clear error
+        prompt_ids, prompt_mask = call.get("input_ids"), call.get("attention_mask")  # no ids: prune_call refuses
         pruned, result = self.prune_call(call, settings, left_pad=True)
         pruned.pop("vision_outputs", None)
         record = PrunedCacheRecord(result.keep_mask, self.rope_deltas(pruned.get("position_ids"), pruned["attention_mask"]))
-        output = self.generate_on_compacted(call, pruned, prompt_ids, record, cache)
+        if assisted_decoding(call, self.generation_config):
+            cache = self.prefill_all_but_the_last_token(pruned, record, cache)
+            call.update(input_ids=prompt_ids, attention_mask=prompt_mask)
+            call[self.cache_argument_name()] = cache
+            output = self.continue_from_pruned_cache(call, record, cache)
+        else:
+            output = self.generate_on_compacted(call, pruned, prompt_ids, record, cache)
         if not isinstance(output, torch.Tensor):
             output.pruning = result
         return output
@@ -557,6 +575,34 @@ class MFPrunerPipelineMixin:
             if filled is not None:
                 setattr(filled, PRUNED_CACHE_MARK, record)
         return output
+
+    def cache_argument_name(self) -> str:
+        return "cache" if "cache" in self.stock_forward_names else "past_key_values"  # transformers < 5.25
+
+    def prefill_all_but_the_last_token(self, compacted: dict, record: PrunedCacheRecord, cache):
+        """Assisted decoding appends the draft's tokens to the prompt's ids at its first step, so a
+        prompt given as embeddings never reaches it whole. Instead the pruned prompt but its last
+        token goes into the cache here, from its embeddings; the stock generate() then continues
+        from that cache (continue_from_pruned_cache) with ids only: the last prompt token (text,
+        embedded from its id) and the draft's. Returns the cache, marked with `record`."""
+        from transformers import DynamicCache
+
+        visual_ids = torch.tensor([item for item in self.visual_token_ids() if item is not None])
+        if bool(torch.isin(compacted["input_ids"][:, -1].cpu(), visual_ids).any()):
+            raise ValueError(
+                "assisted decoding with pruning needs a prompt that ends with text (e.g. the chat template's "
+                "assistant turn), not with a visual token: the draft continues from the last token's id"
+            )
+        cache = DynamicCache(config=self.config) if cache is None else cache
+        head = {name: value[..., :-1, :] if name == "inputs_embeds" else value[..., :-1] for name, value in compacted.items()}
+        head.pop("input_ids")
+        with torch.no_grad(), stock_call():
+            self(**head, **{self.cache_argument_name(): cache}, use_cache=True, logits_to_keep=1)
+        setattr(cache, PRUNED_CACHE_MARK, record)
+        return cache
+
+    def visual_token_ids(self) -> tuple:
+        return (self.config.image_token_id, getattr(self.config, "video_token_id", None))
 
     def continue_from_pruned_cache(self, call: dict, record: PrunedCacheRecord, cache):
         """generate(input_ids=<sequences of a pruned generate() + more>, cache=<its cache>): drops the
@@ -595,14 +641,21 @@ class MFPrunerPipelineMixin:
             compacted["position_ids"] = positions
         return self.generate_on_compacted(call, compacted, input_ids, PrunedCacheRecord(keep.cpu(), deltas), cache)
 
+    def step_inputs(self, input_ids, *args, **kwargs):
+        """The stock prepare_inputs_for_generation(); only the first step of assisted decoding from a
+        pruned cache changes: transformers 5.25 feeds that step's whole prompt + draft (it assumes an
+        empty cache), so it is given the positions the cache does not hold yet, as later steps are."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (
+            getattr(cache, PRUNED_CACHE_MARK, None) is not None
+            and "next_sequence_length" in kwargs
+            and kwargs["next_sequence_length"] is None
+            and kwargs.get("is_first_iteration")
+        ):
+            kwargs["next_sequence_length"] = input_ids.shape[1] - cache.get_seq_length()
+        return super(MFPrunerPipelineMixin, self).prepare_inputs_for_generation(input_ids, *args, **kwargs)
+
     def refuse_unsupported_generation(self, call: dict, cache) -> None:
-        config = call.get("generation_config") or self.generation_config
-        for option in ASSISTED_DECODING_OPTIONS:
-            if call.get(option) is not None or getattr(config, option, None) is not None:
-                raise ValueError(
-                    f"`{option}` (assisted decoding) is not supported with pruning: transformers does not match greedy "
-                    "search for a prompt given as embeddings. Pass prune_visual_tokens=False for assisted decoding"
-                )
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "a non-empty cache cannot be combined with pruning (its positions would not match the pruned prompt); "
@@ -626,6 +679,11 @@ def remember_unlike_pruning_keywords(names, known) -> None:
 
 
 remember_unlike_pruning_keywords(("use_cache", "return_dict"), ())
+
+
+def assisted_decoding(call: dict, generation_config) -> bool:
+    config = call.get("generation_config") or generation_config
+    return any(call.get(option) is not None or getattr(config, option, None) is not None for option in ASSISTED_DECODING_OPTIONS)
 
 
 def scatter_to_all(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

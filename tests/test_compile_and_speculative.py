@@ -72,3 +72,56 @@ def test_static_cache_compiled_decoding_after_a_pruned_prefill_equals_eager(fami
     assert "_compiled_call" in model.__dict__  # the decoding steps did go through torch.compile
     model.__dict__.pop("_compiled_call")
     assert torch.equal(compiled, eager)
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+
+
+@pytest.mark.parametrize("option", ["assistant_model", "prompt_lookup_num_tokens"])
+@pytest.mark.parametrize("settings", [{"visual_token_ratio": 0.5}, {"visual_token_budget": 3}])
+def test_speculative_decoding_with_pruning_equals_greedy(family, option, settings):
+    """A draft model (the stock twin, run as a text model on the ids) or prompt lookup proposes
+    tokens; the verifier continues from the pruned cache, so the tokens are greedy search's on the
+    pruned prompt, and the returned cache continues like the plain call's."""
+    model, inputs = family.model, family.single
+    options = dict(GREEDY, max_new_tokens=6, return_dict_in_generate=True, **settings)
+    greedy = model.generate(**inputs, **options)
+    draft = {"assistant_model": family.stock} if option == "assistant_model" else {"prompt_lookup_num_tokens": 2}
+    assisted = model.generate(**inputs, **options, **draft)
+    assert torch.equal(assisted.sequences, greedy.sequences)
+    assert assisted.pruning.lm_input_length == greedy.pruning.lm_input_length < inputs["input_ids"].shape[1]
+    assert torch.equal(assisted.pruning.keep_mask, greedy.pruning.keep_mask)
+    more = torch.cat([greedy.sequences, greedy.sequences[:, -2:]], dim=-1)
+    mask = torch.ones_like(more)
+    continued = [model.generate(input_ids=more, attention_mask=mask, cache=out.cache, **GREEDY) for out in (greedy, assisted)]
+    assert torch.equal(continued[0], continued[1])
+
+
+def test_speculative_decoding_on_a_prompt_ending_with_a_kept_visual_token_is_refused(family):
+    model, inputs = family.model, dict(family.single)
+    ids = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
+    visual = torch.isin(inputs["input_ids"][0], torch.tensor([i for i in ids if i is not None]))
+    end = int(visual.nonzero().max()) + 1
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if name in inputs:
+            inputs[name] = inputs[name][:, :end]
+    with pytest.raises(ValueError, match="assisted decoding with pruning needs a prompt that ends with text"):
+        model.generate(**inputs, **GREEDY, prompt_lookup_num_tokens=2, visual_token_ratio=1.0)
+
+
+# ----------------------------------------------------------------------------- deprecations
+
+
+@pytest.mark.parametrize("prune", [True, False], ids=["pruned", "stock"])
+def test_our_call_paths_raise_no_deprecation_warning(family, prune):
+    """generate() (also continuing from its cache) and forward() run with deprecation warnings as
+    errors: nothing on our paths uses a name transformers is retiring (e.g. `past_key_values`)."""
+    model, inputs = family.model, family.single
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        with torch.no_grad():
+            model(**inputs, prune_visual_tokens=prune)
+        out = model.generate(**inputs, **GREEDY, prune_visual_tokens=prune, return_dict_in_generate=True)
+        more = torch.cat([out.sequences, out.sequences[:, -1:]], dim=-1)
+        model.generate(input_ids=more, attention_mask=torch.ones_like(more), cache=out.cache, **GREEDY)

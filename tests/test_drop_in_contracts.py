@@ -307,13 +307,6 @@ def test_forward_without_return_dict_returns_the_stock_tuple(family):
     assert family.model.last_pruning.lm_input_length == ours[0].shape[1]
 
 
-@pytest.mark.parametrize("option", ["assistant_model", "prompt_lookup_num_tokens"])
-def test_assisted_decoding_with_pruning_is_refused(family, option):
-    value = family.stock if option == "assistant_model" else 2
-    with pytest.raises(ValueError, match=f"`{option}` \\(assisted decoding\\) is not supported with pruning"):
-        family.model.generate(**family.single, **{option: value}, **GREEDY)
-
-
 def outcome(call):
     try:
         return call()
