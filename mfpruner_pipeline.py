@@ -570,8 +570,7 @@ class MFPrunerPipelineMixin:
         call.update(prompt_lengths_for_pruned_prompt(call, self.generation_config, removed))
         output = super().generate(**call, **compacted)
         output = restore_prompt(output, prompt_ids, compacted["input_ids"].shape[1])
-        returned_cache = getattr(output, "cache", None) if not isinstance(output, torch.Tensor) else None
-        for filled in (cache, returned_cache):
+        for filled in (cache, returned_cache(output)):
             if filled is not None:
                 setattr(filled, PRUNED_CACHE_MARK, record)
         return output
@@ -585,19 +584,18 @@ class MFPrunerPipelineMixin:
         token goes into the cache here, from its embeddings; the stock generate() then continues
         from that cache (continue_from_pruned_cache) with ids only: the last prompt token (text,
         embedded from its id) and the draft's. Returns the cache, marked with `record`."""
-        from transformers import DynamicCache
-
         visual_ids = torch.tensor([item for item in self.visual_token_ids() if item is not None])
         if bool(torch.isin(compacted["input_ids"][:, -1].cpu(), visual_ids).any()):
             raise ValueError(
                 "assisted decoding with pruning needs a prompt that ends with text (e.g. the chat template's "
                 "assistant turn), not with a visual token: the draft continues from the last token's id"
             )
-        cache = DynamicCache(config=self.config) if cache is None else cache
         head = {name: value[..., :-1, :] if name == "inputs_embeds" else value[..., :-1] for name, value in compacted.items()}
         head.pop("input_ids")
+        if cache is not None:  # the caller's empty cache; else the stock forward makes one
+            head[self.cache_argument_name()] = cache
         with torch.no_grad(), stock_call():
-            self(**head, **{self.cache_argument_name(): cache}, use_cache=True, logits_to_keep=1)
+            cache = returned_cache(self(**head, use_cache=True, logits_to_keep=1))
         setattr(cache, PRUNED_CACHE_MARK, record)
         return cache
 
@@ -679,6 +677,15 @@ def remember_unlike_pruning_keywords(names, known) -> None:
 
 
 remember_unlike_pruning_keywords(("use_cache", "return_dict"), ())
+
+
+def returned_cache(output):
+    """The cache on a forward() / generate() output (`cache` from transformers 5.25, before it
+    `past_key_values`); None for a tensor output or none returned."""
+    if isinstance(output, torch.Tensor):
+        return None
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def assisted_decoding(call: dict, generation_config) -> bool:
