@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import CompileConfig
 
+from conftest import cache_keyword, output_cache
 from test_drop_in_contracts import GREEDY, family  # noqa: F401 - the per-family fixture
 
 
@@ -93,7 +94,8 @@ def test_speculative_decoding_with_pruning_equals_greedy(family, option, setting
     assert torch.equal(assisted.pruning.keep_mask, greedy.pruning.keep_mask)
     more = torch.cat([greedy.sequences, greedy.sequences[:, -2:]], dim=-1)
     mask = torch.ones_like(more)
-    continued = [model.generate(input_ids=more, attention_mask=mask, cache=out.cache, **GREEDY) for out in (greedy, assisted)]
+    continued = [model.generate(input_ids=more, attention_mask=mask, **{cache_keyword(): output_cache(out)}, **GREEDY)
+        for out in (greedy, assisted)]
     assert torch.equal(continued[0], continued[1])
 
 
@@ -124,4 +126,4 @@ def test_our_call_paths_raise_no_deprecation_warning(family, prune):
             model(**inputs, prune_visual_tokens=prune)
         out = model.generate(**inputs, **GREEDY, prune_visual_tokens=prune, return_dict_in_generate=True)
         more = torch.cat([out.sequences, out.sequences[:, -1:]], dim=-1)
-        model.generate(input_ids=more, attention_mask=torch.ones_like(more), cache=out.cache, **GREEDY)
+        model.generate(input_ids=more, attention_mask=torch.ones_like(more), **{cache_keyword(): output_cache(out)}, **GREEDY)
