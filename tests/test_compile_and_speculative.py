@@ -60,19 +60,25 @@ def test_forward_pruning_off_compiles_with_fullgraph(family):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-def test_static_cache_compiled_decoding_after_a_pruned_prefill_equals_eager(family):
-    """generate(cache_implementation="static", compile_config=fullgraph) with pruning on: the
+@pytest.mark.parametrize("settings", [{"visual_token_ratio": 0.5}, {"prune_visual_tokens": False}], ids=["pruned", "off"])
+def test_static_cache_compiled_decoding_equals_eager(family, settings):
+    """generate(cache_implementation="static", compile_config=fullgraph), pruning on or off: the
     prefill runs eagerly, every decoding step through the compiled forward (a graph break would
-    raise), and the tokens are the eager ones."""
+    raise; a second call must not recompile), and the tokens are the eager ones."""
     model, inputs = family.model, family.batch
-    options = dict(GREEDY, max_new_tokens=5, cache_implementation="static", visual_token_ratio=0.5)
+    options = dict(GREEDY, max_new_tokens=5, cache_implementation="static", **settings)
     eager = model.generate(**inputs, **options, disable_compile=True)
     torch._dynamo.reset()
     model.__dict__.pop("_compiled_call", None)
-    compiled = model.generate(**inputs, **options, compile_config=fullgraph_config())
-    assert "_compiled_call" in model.__dict__  # the decoding steps did go through torch.compile
-    model.__dict__.pop("_compiled_call")
-    assert torch.equal(compiled, eager)
+    config = fullgraph_config()
+    try:
+        compiled = model.generate(**inputs, **options, compile_config=config)
+        assert "_compiled_call" in model.__dict__  # the decoding steps did go through torch.compile
+        with torch.compiler.set_stance("fail_on_recompile"):  # and a second call reuses the graphs
+            again = model.generate(**inputs, **options, compile_config=config)
+    finally:
+        model.__dict__.pop("_compiled_call", None)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
 
 
 # ----------------------------------------------------------------------------- speculative decoding
