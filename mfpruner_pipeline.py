@@ -17,8 +17,13 @@ Contract (see docs/api.md): the only difference from the stock model is the shor
 prefill. Stock arguments pass through untouched; `max_length` / `min_length` count the original
 prompt; `generate()` returns the original prompt followed by the new tokens, and the cache it
 fills carries its keep mask, so that continuing from it (re-feeding the returned sequences) works.
-Refused with a ValueError while pruning: assisted decoding, a non-empty cache of another origin
-with pixel inputs, `inputs_embeds` instead of `input_ids`.
+Assisted decoding continues from a pruned cache (prefill_all_but_the_last_token). Refused with a
+ValueError while pruning: a non-empty cache of another origin with pixel inputs, `inputs_embeds`
+instead of `input_ids`.
+
+torch.compile(fullgraph=True): forward() without a pruning step (pruning off, every decoding
+step) traces: keyword checks use per-class argument sets and remembered names, and the ContextVars
+are read only by calls that prune or capture (the pruning prefill itself runs eagerly).
 
 Thread safety: nothing per call is stored on the model. The vision hooks are installed once in
 __init__ and write only into the capture buffer of the current context (`CUE_CAPTURE`, a
@@ -75,8 +80,8 @@ logger = logging.getLogger(__name__)
 
 # Keywords MFPruner adds to forward() / generate(); popped before the stock code sees the call.
 PRUNING_KEYWORDS = MFPRUNER_CALL_KWARGS
-# generate() options that run assisted decoding (transformers mishandles a prompt given as
-# `inputs_embeds` there, so a pruned prompt would not match greedy search).
+# generate() options that run assisted decoding: its first step appends the draft's tokens to the
+# prompt's ids, so a pruned prompt is prefilled first (prefill_all_but_the_last_token).
 ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 # The attribute a cache filled by a pruned generate() carries: a PrunedCacheRecord.
 PRUNED_CACHE_MARK = "mfpruner_pruned_prompt"
@@ -87,16 +92,33 @@ CUE_CAPTURE: ContextVar[dict | None] = ContextVar("mfpruner_cue_capture", defaul
 STOCK_CALL: ContextVar[bool] = ContextVar("mfpruner_stock_call", default=False)
 
 
+# How many capture buffers are active, over all threads. The vision hooks read CUE_CAPTURE only
+# when one is: a ContextVar is not traceable, and a stock call compiled with
+# torch.compile(fullgraph=True) runs the hooks too (dynamo guards on this count instead).
+_ACTIVE_CAPTURES = 0
+_CAPTURES_LOCK = threading.Lock()
+
+
+def current_cue_capture() -> dict | None:
+    """The capture buffer of this thread / task's pruning call, None outside one."""
+    return CUE_CAPTURE.get() if _ACTIVE_CAPTURES else None
+
+
 @contextmanager
 def cue_capture(**settings):
     """Activates a fresh capture buffer for the vision forward passes inside the block (this
     thread / task only); yields it. `settings` are put in the buffer for the hooks to read."""
+    global _ACTIVE_CAPTURES
     captured = dict(settings)
+    with _CAPTURES_LOCK:
+        _ACTIVE_CAPTURES += 1
     token = CUE_CAPTURE.set(captured)
     try:
         yield captured
     finally:
         CUE_CAPTURE.reset(token)
+        with _CAPTURES_LOCK:
+            _ACTIVE_CAPTURES -= 1
 
 
 @contextmanager
@@ -202,6 +224,14 @@ class MFPrunerPipelineMixin:
         generate() reads the signature (e.g. to send `logits_to_keep`)."""
         super().__init_subclass__(**kwargs)
         stock_forward = getattr(super(MFPrunerPipelineMixin, cls), "forward", None)
+        if stock_forward is not None:
+            # Read once per class: forward() must compile with torch.compile(fullgraph=True), and
+            # `inspect` is not traceable.
+            stock_parameters = list(inspect.signature(stock_forward).parameters.values())[1:]  # without self
+            cls.stock_forward_positional = tuple(
+                p.name for p in stock_parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            )
+            cls.stock_forward_names = frozenset(p.name for p in stock_parameters if p.kind != p.VAR_KEYWORD)
         if stock_forward is None or "forward" in vars(cls) or getattr(cls.forward, "__mfpruner__", False):
             return  # an intermediate mixin (no stock class yet), an own forward(), or a family's subclass
 
@@ -216,6 +246,13 @@ class MFPrunerPipelineMixin:
         forward.__doc__ = MFPrunerPipelineMixin.pruning_forward.__doc__
         forward.__mfpruner__ = True
         cls.forward = forward
+
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            return MFPrunerPipelineMixin.step_inputs(self, *args, **kwargs)
+
+        stock_step_inputs = super(MFPrunerPipelineMixin, cls).prepare_inputs_for_generation
+        prepare_inputs_for_generation.__signature__ = inspect.signature(stock_step_inputs)  # generate() reads it
+        cls.prepare_inputs_for_generation = prepare_inputs_for_generation
 
     def encode_visual(self, input_ids, inputs_embeds, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
         """The family's visual encoding: its visual tokens scattered into `inputs_embeds` (B, L, D),
@@ -290,14 +327,28 @@ class MFPrunerPipelineMixin:
         """Pops the MFPruner keywords from `kwargs`; refuses a misspelled one (a name that is not
         a known argument but close to an MFPruner keyword)."""
         settings = {name: kwargs.pop(name) for name in PRUNING_KEYWORDS if name in kwargs}
-        check_call_kwargs(kwargs, known, PRUNING_KEYWORDS)
+        unchecked = [name for name in kwargs if name not in known and name not in UNLIKE_PRUNING_KEYWORDS]
+        if unchecked:
+            remember_unlike_pruning_keywords(unchecked, known)
         for name, value in settings.items():  # None: the config's value
             if value is not None:
                 check_setting(name, value, self.config.relevance_sources)
         return settings
 
-    def stock_forward_arguments(self) -> set[str]:
-        return set(inspect.signature(super().forward).parameters) - {"kwargs", "self"}
+    def stock_forward_arguments(self) -> frozenset[str]:
+        return self.stock_forward_names
+
+    def bind_stock_forward(self, args: tuple, kwargs: dict) -> dict:
+        """{name: value} of a stock forward() call, as inspect's bind_partial gives it (traceable)."""
+        names = self.stock_forward_positional
+        if len(args) > len(names):
+            raise TypeError(f"forward() takes {len(names)} positional arguments but {len(args)} were given")
+        call = dict(zip(names, args))
+        for name in kwargs:
+            if name in call:
+                raise TypeError(f"forward() got multiple values for argument '{name}'")
+        call.update(kwargs)
+        return call
 
     def wants_pruning(self, call: dict, settings: dict) -> bool:
         prune = settings.get("prune_visual_tokens")
@@ -494,9 +545,10 @@ class MFPrunerPipelineMixin:
         clip_input_ids, clip_attention_mask."""
         stock_forward = super(MFPrunerPipelineMixin, self).forward
         settings = self.pop_pruning_keywords(kwargs, self.stock_forward_arguments())
-        call = inspect.signature(stock_forward).bind_partial(*args, **kwargs).arguments
-        call.update(call.pop("kwargs", {}))
-        if STOCK_CALL.get() or not self.wants_pruning(call, settings):
+        call = self.bind_stock_forward(args, kwargs)
+        # STOCK_CALL is read only for a call that would prune: a ContextVar is not traceable, and the
+        # compiled calls (decoding steps, pruning off) must not reach it.
+        if not self.wants_pruning(call, settings) or STOCK_CALL.get():
             return stock_forward(*args, **kwargs)
         caller_positions = call.get("position_ids") is not None
         pruned, result = self.prune_call(call, settings, left_pad=None)
@@ -534,11 +586,17 @@ class MFPrunerPipelineMixin:
                 return super().generate(*args, **kwargs)
         self.refuse_unsupported_generation(call, cache)
 
-        prompt_ids = call.get("input_ids")  # None: prune_call refuses with the clear error
+        prompt_ids, prompt_mask = call.get("input_ids"), call.get("attention_mask")  # no ids: prune_call refuses
         pruned, result = self.prune_call(call, settings, left_pad=True)
         pruned.pop("vision_outputs", None)
         record = PrunedCacheRecord(result.keep_mask, self.rope_deltas(pruned.get("position_ids"), pruned["attention_mask"]))
-        output = self.generate_on_compacted(call, pruned, prompt_ids, record, cache)
+        if assisted_decoding(call, self.generation_config):
+            cache = self.prefill_all_but_the_last_token(pruned, record, cache)
+            call.update(input_ids=prompt_ids, attention_mask=prompt_mask)
+            call[self.cache_argument_name()] = cache
+            output = self.continue_from_pruned_cache(call, record, cache)
+        else:
+            output = self.generate_on_compacted(call, pruned, prompt_ids, record, cache)
         if not isinstance(output, torch.Tensor):
             output.pruning = result
         return output
@@ -550,11 +608,37 @@ class MFPrunerPipelineMixin:
         call.update(prompt_lengths_for_pruned_prompt(call, self.generation_config, removed))
         output = super().generate(**call, **compacted)
         output = restore_prompt(output, prompt_ids, compacted["input_ids"].shape[1])
-        returned_cache = getattr(output, "cache", None) if not isinstance(output, torch.Tensor) else None
-        for filled in (cache, returned_cache):
+        for filled in (cache, returned_cache(output)):
             if filled is not None:
                 setattr(filled, PRUNED_CACHE_MARK, record)
         return output
+
+    def cache_argument_name(self) -> str:
+        return "cache" if "cache" in self.stock_forward_names else "past_key_values"  # transformers < 5.25
+
+    def prefill_all_but_the_last_token(self, compacted: dict, record: PrunedCacheRecord, cache):
+        """Assisted decoding appends the draft's tokens to the prompt's ids at its first step, so a
+        prompt given as embeddings never reaches it whole. Instead the pruned prompt but its last
+        token goes into the cache here, from its embeddings; the stock generate() then continues
+        from that cache (continue_from_pruned_cache) with ids only: the last prompt token (text,
+        embedded from its id) and the draft's. Returns the cache, marked with `record`."""
+        visual_ids = torch.tensor([item for item in self.visual_token_ids() if item is not None])
+        if bool(torch.isin(compacted["input_ids"][:, -1].cpu(), visual_ids).any()):
+            raise ValueError(
+                "assisted decoding with pruning needs a prompt that ends with text (e.g. the chat template's "
+                "assistant turn), not with a visual token: the draft continues from the last token's id"
+            )
+        head = {name: value[..., :-1, :] if name == "inputs_embeds" else value[..., :-1] for name, value in compacted.items()}
+        head.pop("input_ids")
+        if cache is not None:  # the caller's empty cache; else the stock forward makes one
+            head[self.cache_argument_name()] = cache
+        with torch.no_grad(), stock_call():
+            cache = returned_cache(self(**head, use_cache=True, logits_to_keep=1))
+        setattr(cache, PRUNED_CACHE_MARK, record)
+        return cache
+
+    def visual_token_ids(self) -> tuple:
+        return (self.config.image_token_id, getattr(self.config, "video_token_id", None))
 
     def continue_from_pruned_cache(self, call: dict, record: PrunedCacheRecord, cache):
         """generate(input_ids=<sequences of a pruned generate() + more>, cache=<its cache>): drops the
@@ -593,14 +677,21 @@ class MFPrunerPipelineMixin:
             compacted["position_ids"] = positions
         return self.generate_on_compacted(call, compacted, input_ids, PrunedCacheRecord(keep.cpu(), deltas), cache)
 
+    def step_inputs(self, input_ids, *args, **kwargs):
+        """The stock prepare_inputs_for_generation(); only the first step of assisted decoding from a
+        pruned cache changes: transformers 5.25 feeds that step's whole prompt + draft (it assumes an
+        empty cache), so it is given the positions the cache does not hold yet, as later steps are."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (
+            getattr(cache, PRUNED_CACHE_MARK, None) is not None
+            and "next_sequence_length" in kwargs
+            and kwargs["next_sequence_length"] is None
+            and kwargs.get("is_first_iteration")
+        ):
+            kwargs["next_sequence_length"] = input_ids.shape[1] - cache.get_seq_length()
+        return super(MFPrunerPipelineMixin, self).prepare_inputs_for_generation(input_ids, *args, **kwargs)
+
     def refuse_unsupported_generation(self, call: dict, cache) -> None:
-        config = call.get("generation_config") or self.generation_config
-        for option in ASSISTED_DECODING_OPTIONS:
-            if call.get(option) is not None or getattr(config, option, None) is not None:
-                raise ValueError(
-                    f"`{option}` (assisted decoding) is not supported with pruning: transformers does not match greedy "
-                    "search for a prompt given as embeddings. Pass prune_visual_tokens=False for assisted decoding"
-                )
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
                 "a non-empty cache cannot be combined with pruning (its positions would not match the pruned prompt); "
@@ -609,6 +700,35 @@ class MFPrunerPipelineMixin:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+# Names checked before and found unlike every MFPruner keyword (so accepted under any `known`).
+# forward() compiled with fullgraph=True looks them up here: the fuzzy match (difflib) does not
+# trace. Seeded with what generate() passes beyond the stock signature (read by its decorators).
+UNLIKE_PRUNING_KEYWORDS: set[str] = set()
+
+
+def remember_unlike_pruning_keywords(names, known) -> None:
+    """Refuses a name close to an MFPruner keyword (check_call_kwargs); remembers the others."""
+    check_call_kwargs(dict.fromkeys(names), known, PRUNING_KEYWORDS)
+    UNLIKE_PRUNING_KEYWORDS.update(name for name in names if name not in PRUNING_KEYWORDS)
+
+
+remember_unlike_pruning_keywords(("use_cache", "return_dict"), ())
+
+
+def returned_cache(output):
+    """The cache on a forward() / generate() output (`cache` from transformers 5.25, before it
+    `past_key_values`); None for a tensor output or none returned."""
+    if isinstance(output, torch.Tensor):
+        return None
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def assisted_decoding(call: dict, generation_config) -> bool:
+    config = call.get("generation_config") or generation_config
+    return any(call.get(option) is not None or getattr(config, option, None) is not None for option in ASSISTED_DECODING_OPTIONS)
 
 
 def scatter_to_all(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -39,11 +39,11 @@ if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's 
         select_best_resolution,
     )
     from .mfpruner_pipeline import (
-        CUE_CAPTURE,
         EncodedPrompt,
         MFPrunerPipelineMixin,
         VisualItem,
         cue_capture,
+        current_cue_capture,
         register_stock_key_layout,
     )
 else:  # a top-level module of a checkout (tests, tools, app.py). By module name: transformers' remote-code
@@ -58,7 +58,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
     attention_from_query, check_image_tokens = _core.attention_from_query, _core.check_image_tokens
     grid_layout, select_best_resolution = _core.grid_layout, _core.select_best_resolution
     _pipeline = import_module("mfpruner_pipeline")
-    CUE_CAPTURE, EncodedPrompt = _pipeline.CUE_CAPTURE, _pipeline.EncodedPrompt
+    current_cue_capture, EncodedPrompt = _pipeline.current_cue_capture, _pipeline.EncodedPrompt
     MFPrunerPipelineMixin, VisualItem = _pipeline.MFPrunerPipelineMixin, _pipeline.VisualItem
     cue_capture, register_stock_key_layout = _pipeline.cue_capture, _pipeline.register_stock_key_layout
 
@@ -133,15 +133,15 @@ def install_clip_cue_hooks(vision_tower, select_layer: int) -> list:
         return x.detach().view(x.shape[0], x.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
 
     def on_query(module, args, out):
-        if (captured := CUE_CAPTURE.get()) is not None:
+        if (captured := current_cue_capture()) is not None:
             captured["q_cls"] = heads(out[:, :1])[:, :, 0]
 
     def on_keys(module, args, out):
-        if (captured := CUE_CAPTURE.get()) is not None:
+        if (captured := current_cue_capture()) is not None:
             captured["k"] = heads(out)
 
     def on_layer(module, args, out):
-        if (captured := CUE_CAPTURE.get()) is not None:
+        if (captured := current_cue_capture()) is not None:
             captured["hidden"] = (out[0] if isinstance(out, tuple) else out).detach()
 
     return [

@@ -28,11 +28,11 @@ if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's 
     from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig
     from .mfpruner_core import attention_with_received, check_image_tokens, grid_layout
     from .mfpruner_pipeline import (
-        CUE_CAPTURE,
         EncodedPrompt,
         MFPrunerPipelineMixin,
         VisualItem,
         cue_capture,
+        current_cue_capture,
         register_stock_key_layout,
     )
 else:  # a top-level module of a checkout (tests, tools, app.py). By module name: transformers' remote-code
@@ -45,7 +45,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
     attention_with_received, check_image_tokens = _core.attention_with_received, _core.check_image_tokens
     grid_layout = _core.grid_layout
     _pipeline = import_module("mfpruner_pipeline")
-    CUE_CAPTURE, EncodedPrompt = _pipeline.CUE_CAPTURE, _pipeline.EncodedPrompt
+    current_cue_capture, EncodedPrompt = _pipeline.current_cue_capture, _pipeline.EncodedPrompt
     MFPrunerPipelineMixin, VisualItem = _pipeline.MFPrunerPipelineMixin, _pipeline.VisualItem
     cue_capture, register_stock_key_layout = _pipeline.cue_capture, _pipeline.register_stock_key_layout
 
@@ -93,12 +93,23 @@ def get_vision_window_index(grid_thw, spatial_merge_size: int, window_size: int,
 # ----------------------------------------------------------------------------- cue A: attention received
 
 
-def last_full_attention_block(visual) -> int:
-    """Index of the last full-attention (not windowed) vision block, where cue A is read."""
-    full = [i for i in visual.fullatt_block_indexes if i < len(visual.blocks)]
-    if not full:
-        raise ValueError("the vision config has no full-attention block (`fullatt_block_indexes`); cue A needs one")
-    return max(full)
+def last_full_attention_block(visual) -> int | None:
+    """Index of the last full-attention (not windowed) vision block, where cue A is read; None when
+    `fullatt_block_indexes` names no block of the tower (a valid stock config: every block windowed)."""
+    full = [i for i in visual.fullatt_block_indexes if 0 <= i < len(visual.blocks)]
+    return max(full) if full else None
+
+
+def check_attention_cue_block(block: int | None, cues) -> None:
+    """Cue A is read only from a full-attention block: a windowed block's attention stays inside its
+    window, so its column sums would rank tokens within windows, not across the image. A tower
+    without one prunes with the other cues; asking it for cue A is refused at the pruning call."""
+    if block is None and "attention" in cues:
+        raise ValueError(
+            "`mfpruner_cues` includes 'attention' (cue A), but this vision config has no full-attention block "
+            "(`vision_config.fullatt_block_indexes` names none of its blocks): set `mfpruner_cues` without "
+            "'attention' (e.g. mfpruner_cues=['uniqueness', 'relevance']), or pass prune_visual_tokens=False"
+        )
 
 
 def attention_and_received_per_patch(attn, hidden_states, cu_seqlens, position_embeddings, query_chunk: int):
@@ -133,7 +144,7 @@ class CueCapturingAttentionMixin:
     (buffer["received"]) in one pass; otherwise it is exactly the stock forward."""
 
     def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-        captured = CUE_CAPTURE.get()
+        captured = current_cue_capture()
         if captured is None or "query_chunk" not in captured:
             return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
         with torch.no_grad():  # THE place cue A is computed
@@ -214,8 +225,10 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
 
     def __init__(self, config: MFPrunerQwen2_5_VLConfig):
         super().__init__(config)
-        block = self.model.visual.blocks[last_full_attention_block(self.model.visual)]
-        install_cue_capture(block, CueCapturingVisionAttention)
+        self.cue_block = last_full_attention_block(self.model.visual)
+        if self.cue_block is None:
+            return  # no cue A here; the other cues and pruning off work as usual (check_attention_cue_block)
+        install_cue_capture(self.model.visual.blocks[self.cue_block], CueCapturingVisionAttention)
 
     # -- visual encoding --------------------------------------------------------------------
 
@@ -247,6 +260,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_
     def encode_visual(self, input_ids, inputs_embeds, attention_mask, visual: dict, cues: list[str]) -> EncodedPrompt:
         """Images then videos through the tower (cue A captured when configured), scattered into
         the prompt embeddings; the unpruned M-RoPE positions (3, B, L)."""
+        check_attention_cue_block(self.cue_block, cues)
         merge = self.config.vision_config.spatial_merge_size
         image_id, video_id = self.config.image_token_id, self.config.video_token_id
         is_image, is_video = input_ids == image_id, input_ids == video_id

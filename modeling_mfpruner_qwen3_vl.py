@@ -95,7 +95,8 @@ class MFPrunerQwen3VLMixin:
 
     def __init__(self, config):
         super().__init__(config)
-        install_cue_capture(self.model.visual.blocks[-1], self.capturing_attention_class)
+        self.cue_block = len(self.model.visual.blocks) - 1  # every Qwen3-VL block attends over the whole image
+        install_cue_capture(self.model.visual.blocks[self.cue_block], self.capturing_attention_class)
 
     def merged_attention(self, received, grid_thw) -> torch.Tensor:
         """(S,) attention received per patch -> (S / 4,) per visual token: the mean over each merge group

@@ -221,6 +221,21 @@ def assert_remote_code_repo(repo: Path, config_class: str, model_class: str):
     return config
 
 
+def cache_keyword() -> str:
+    """The cache's keyword in forward() / generate(): `cache` from transformers 5.25, before it
+    `past_key_values` (the suite runs at both ends of the supported range)."""
+    import inspect
+
+    from transformers import GenerationMixin
+
+    return "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The cache on a forward() / generate() output, under either name (see cache_keyword)."""
+    return getattr(output, "cache", None) if cache_keyword() == "cache" else output.past_key_values
+
+
 def stock_twin_of(model, stock_model):
     """A model of the stock class holding exactly `model`'s weights: `stock_model` itself when it
     holds them already (the tiny repos of a family share their weights), else a copy loaded with

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -1090,13 +1091,31 @@ HELD_EXPORT = textwrap.dedent(
 )
 
 
-def start_held_export(stock_base: Path, out: Path) -> subprocess.Popen:
+def default_signal_dispositions() -> None:
+    """In the child before exec: SIGINT and SIGTERM as a fresh shell gives them. A test run started
+    with them ignored (`nohup`, a background job) would otherwise pass SIG_IGN on, and the child
+    would never see the signal the test sends."""
+    import signal
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
+@contextmanager
+def held_export(stock_base: Path, out: Path):
+    """The held export CLI (see HELD_EXPORT), killed on the way out whatever the test did."""
     process = subprocess.Popen(
         [sys.executable, "-c", HELD_EXPORT, str(stock_base), str(out)],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_signal_dispositions,
     )
-    assert process.stdout.readline().strip() == "READY", process.stderr.read()[-3000:]
-    return process
+    try:
+        assert process.stdout.readline().strip() == "READY", process.stderr.read()[-3000:]
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 @pytest.mark.parametrize("signal_name, exit_code", [("SIGTERM", 143), ("SIGINT", 130)])
@@ -1104,10 +1123,10 @@ def test_sigterm_cleans_up_like_sigint(stock_base, tmp_path, signal_name, exit_c
     import signal
 
     out = tmp_path / "out"
-    process = start_held_export(stock_base, out)
-    assert len(leftovers(tmp_path)) == 1  # the staging folder, with the first shard
-    process.send_signal(getattr(signal, signal_name))
-    _, err = process.communicate(timeout=60)
+    with held_export(stock_base, out) as process:
+        assert len(leftovers(tmp_path)) == 1  # the staging folder, with the first shard
+        process.send_signal(getattr(signal, signal_name))
+        _, err = process.communicate(timeout=60)
     assert process.returncode == exit_code, err[-3000:]
     assert "interrupted" in err and "Traceback" not in err
     assert leftovers(tmp_path) == [] and not out.exists()
@@ -1117,9 +1136,9 @@ def test_the_next_run_removes_staging_folders_of_killed_exports(stock_base, tmp_
     import signal
 
     out = tmp_path / "out"
-    process = start_held_export(stock_base, out)
-    process.send_signal(signal.SIGKILL)  # no clean-up possible
-    process.communicate(timeout=60)
+    with held_export(stock_base, out) as process:
+        process.send_signal(signal.SIGKILL)  # no clean-up possible
+        process.communicate(timeout=60)
     stale = leftovers(tmp_path)
     assert len(stale) == 1 and stale[0].startswith(f".out.partial-{process.pid}-")
     # a staging folder of a live export to the same OUT (this process) and another OUT's are kept

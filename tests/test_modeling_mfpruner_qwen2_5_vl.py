@@ -444,3 +444,38 @@ def test_bad_inputs_raise_clear_errors(qwen_model, prompts):
 def test_bad_config_raises_clear_errors(settings, field):
     with pytest.raises(ValueError, match=field):
         MFPrunerQwen2_5_VLConfig(**settings)
+
+
+# ----------------------------------------------------------------------------- a tower without a full-attention block
+
+
+@pytest.mark.parametrize("fullatt_block_indexes", [[], [7, 15]])  # none, or only past the last block (stock-valid)
+def test_tower_without_full_attention_block_constructs_and_prunes_without_cue_a(
+    qwen_stock_model, prompts, fullatt_block_indexes
+):
+    """Every config the stock class accepts constructs; pruning off is the stock model; pruning
+    refuses cue A only at a call that needs it, naming `mfpruner_cues`, and works without it."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = qwen_stock_model.config.to_dict()
+    config["vision_config"]["fullatt_block_indexes"] = fullatt_block_indexes
+    stock = Qwen2_5_VLForConditionalGeneration(type(qwen_stock_model.config)(**config)).eval()
+    ours = MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerQwen2_5_VLConfig(**config)).eval()
+    ours.load_state_dict(stock.state_dict())
+    assert ours.cue_block is None
+    inputs = prompts["image"]
+    greedy = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        stock_logits = stock(**inputs).logits
+        torch.testing.assert_close(ours(**inputs, prune_visual_tokens=False).logits, stock_logits, atol=1e-5, rtol=0)
+    stock_tokens = stock.generate(**inputs, **greedy)
+    assert torch.equal(ours.generate(**inputs, **greedy, prune_visual_tokens=False), stock_tokens)
+    text_only = {"input_ids": inputs["input_ids"][:, :5], "attention_mask": inputs["attention_mask"][:, :5]}
+    assert torch.equal(ours.generate(**text_only, **greedy), stock.generate(**text_only, **greedy))
+
+    with pytest.raises(ValueError, match=r"`mfpruner_cues` includes 'attention'.*fullatt_block_indexes"):
+        ours.generate(**inputs, **greedy)
+    ours.config.mfpruner_cues = ["uniqueness", "relevance"]
+    out = ours.generate(**inputs, **greedy, return_dict_in_generate=True)
+    assert list(out.pruning.cue_scores) == ["uniqueness", "relevance"]
+    assert out.pruning.lm_input_length < inputs["input_ids"].shape[1]
