@@ -628,7 +628,12 @@ class MFPrunerPipelineMixin:
                 "assisted decoding with pruning needs a prompt that ends with text (e.g. the chat template's "
                 "assistant turn), not with a visual token: the draft continues from the last token's id"
             )
-        head = {name: value[..., :-1, :] if name == "inputs_embeds" else value[..., :-1] for name, value in compacted.items()}
+        # Per-position tensors lose the last position; other inputs pass as they are (Qwen3-VL's
+        # `mm_encoder_outputs`: the kept visual tokens, which all come before that last text token).
+        head = {
+            name: value if not isinstance(value, torch.Tensor) else value[..., :-1, :] if name == "inputs_embeds" else value[..., :-1]
+            for name, value in compacted.items()
+        }
         head.pop("input_ids")
         if cache is not None:  # the caller's empty cache; else the stock forward makes one
             head[self.cache_argument_name()] = cache
