@@ -7,6 +7,8 @@ Sizes are copied from the published `config.json` files:
   Qwen/Qwen2.5-VL-7B-Instruct                              window-attention ViT + Qwen2.5-7B
   Qwen/Qwen3-VL-8B-Instruct                                full-attention ViT with DeepStack + Qwen3-8B
   Qwen/Qwen3-VL-30B-A3B-Instruct                           the same ViT + Qwen3-30B-A3B (MoE, 8 of 128 experts)
+  Qwen/Qwen3.5-27B                                         the same ViT without DeepStack + a hybrid LLM
+                                                           (48 Gated DeltaNet layers, 16 full-attention layers)
   openai/clip-vit-large-patch14-336 (text tower)           the paper's relevance cue for LLaVA
 """
 
@@ -19,6 +21,7 @@ from transformers import (
     LlavaConfig,
     LlavaNextConfig,
     Qwen2_5_VLConfig,
+    Qwen3_5Config,
     Qwen3VLConfig,
     Qwen3VLMoeConfig,
 )
@@ -62,6 +65,18 @@ QWEN3_VL_30B_A3B_TEXT = dict(
     hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
     num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
     moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+)
+# Qwen3.5-27B: the config.json of Qwen/Qwen3.5-27B as copied in public repositories (not read from the hub
+# here: no network); the language model's numbers agree across three independent copies.
+QWEN3_5_27B_VISION = dict(
+    depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=5120, patch_size=16,
+    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh",
+)
+QWEN3_5_27B_TEXT = dict(
+    hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24, num_key_value_heads=4,
+    head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48, linear_key_head_dim=128,
+    linear_value_head_dim=128, linear_conv_kernel_dim=4, vocab_size=248320, max_position_embeddings=262144,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 16,
 )
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -108,6 +123,10 @@ def qwen3_vl_8b():
 def qwen3_vl_30b_a3b():
     vision = dict(QWEN3_VL_VISION, out_hidden_size=QWEN3_VL_30B_A3B_TEXT["hidden_size"])
     return qwen2_5_vl_config(vision, QWEN3_VL_30B_A3B_TEXT, config_class=Qwen3VLMoeConfig)
+
+
+def qwen3_5_27b():
+    return qwen2_5_vl_config(QWEN3_5_27B_VISION, QWEN3_5_27B_TEXT, config_class=Qwen3_5Config)
 
 
 def clip_text_l():
