@@ -18,6 +18,7 @@ from transformers import (
     LlavaNextConfig,
     Qwen2_5_VLConfig,
     Qwen3_5Config,
+    Qwen3_5MoeConfig,
     Qwen3VLConfig,
     Qwen3VLMoeConfig,
 )
@@ -306,6 +307,14 @@ class MFPrunerQwen3_5Config(MFPrunerQwenVLSettings, Qwen3_5Config):
     model_type = "mfpruner_qwen3_5"
 
 
+@strict
+class MFPrunerQwen3_5MoeConfig(MFPrunerQwenVLSettings, Qwen3_5MoeConfig):
+    r"""Qwen3.5 MoE config with MFPruner settings (Qwen/Qwen3.5-35B-A3B, 122B-A10B, 397B-A17B): the
+    dense Qwen3.5's settings and defaults; only the language model's MLPs differ (experts)."""
+
+    model_type = "mfpruner_qwen3_5_moe"
+
+
 # The MFPruner fields of the configs: the mixin's, and the Qwen configs' `attention_query_chunk`.
 MFPRUNER_CONFIG_FIELDS = tuple(f.name for f in fields(MFPrunerSettings)) + ("attention_query_chunk",)
 
@@ -318,6 +327,7 @@ __all__ = [
     "MFPrunerQwen3VLConfig",
     "MFPrunerQwen3VLMoeConfig",
     "MFPrunerQwen3_5Config",
+    "MFPrunerQwen3_5MoeConfig",
     "MFPrunerQwenVLSettings",
     "MFPrunerSettings",
     "check_call_kwargs",

@@ -128,6 +128,11 @@ def demo_tiny_qwen3_5(folder: str | Path) -> Path:
     return demo_tiny_qwen3(folder, "tiny-mfpruner-qwen3_5", tiny_models.build_tiny_qwen3_5)
 
 
+def demo_tiny_qwen3_5_moe(folder: str | Path) -> Path:
+    """Qwen3.5 MoE: Qwen3-VL's geometry (32 px per token, at most 1,024 tokens)."""
+    return demo_tiny_qwen3(folder, "tiny-mfpruner-qwen3_5_moe", tiny_models.build_tiny_qwen3_5_moe)
+
+
 def demo_tiny_qwen3(folder: str | Path, name: str, build: Callable) -> Path:
     path = build(Path(folder) / name)
     _, image_processor = tiny_models.build_tiny_qwen3_vl_processor(max_pixels=32 * 32 * 1024)
@@ -312,6 +317,29 @@ FAMILIES = {family.key: family for family in (  # keyed by Family.key
         flops_budgets=QWEN_BUDGETS,
         token_boxes=token_geometry.whole_image_boxes,
         demo_tiny=demo_tiny_qwen3_5,
+        demo_geometry="Qwen3.5 geometry: 32 px per visual token, up to 1,024",
+        processor_stand_in=True,
+    ),
+    Family(
+        key="qwen3.5-moe",
+        name="Qwen3.5 MoE",
+        model_type="qwen3_5_moe",
+        stock_model_class="Qwen3_5MoeForConditionalGeneration",
+        export=qwen3_vl_architecture(
+            "configuration_mfpruner.MFPrunerQwen3_5MoeConfig",
+            "modeling_mfpruner_qwen3_5.MFPrunerQwen3_5MoeForConditionalGeneration",
+            ("qwen3_5_moe",),
+            "Qwen3.5 MoE",
+        ),
+        build_tiny=tiny_models.build_tiny_qwen3_5_moe,
+        geometry=flops.qwen3_vl_geometry,
+        real_models=(
+            RealModel("Qwen3.5-35B-A3B", model_sizes.qwen3_5_35b_a3b, (1024, 1024), False,
+                      "1024x1024 image, 32 px per token; 8 of 256 experts + a shared expert per token"),
+        ),
+        flops_budgets=QWEN_BUDGETS,
+        token_boxes=token_geometry.whole_image_boxes,
+        demo_tiny=demo_tiny_qwen3_5_moe,
         demo_geometry="Qwen3.5 geometry: 32 px per visual token, up to 1,024",
         processor_stand_in=True,
     ),

@@ -68,10 +68,11 @@ def transformer_layer(
 
 def mlp_width(text_config) -> int:
     """The gated MLP width each token goes through: the dense MLP's, or (MoE: Qwen3-VL-30B-A3B) the
-    active experts' together (`num_experts_per_tok` x `moe_intermediate_size`)."""
+    active experts' together (`num_experts_per_tok` x `moe_intermediate_size`), plus the shared
+    expert's where there is one (Qwen3.5 MoE)."""
     c = text_config
     if getattr(c, "num_experts", 0):
-        return c.num_experts_per_tok * c.moe_intermediate_size
+        return c.num_experts_per_tok * c.moe_intermediate_size + getattr(c, "shared_expert_intermediate_size", 0)
     return c.intermediate_size
 
 
@@ -112,6 +113,8 @@ def language_model(text_config, length: int) -> int:
     mlp = 3 * matmul(length, c.hidden_size, mlp_width(c))
     linear = gated_deltanet(length, c) + mlp if hybrid else 0
     router = matmul(length, c.hidden_size, c.num_experts) if getattr(c, "num_experts", 0) else 0
+    if getattr(c, "shared_expert_intermediate_size", 0):
+        router += matmul(length, c.hidden_size, 1)  # the shared expert's gate
     layers = sum(linear if kind == "linear_attention" else attention for kind in layer_types)
     return layers + len(layer_types) * router + matmul(1, c.hidden_size, c.vocab_size)
 
@@ -321,4 +324,4 @@ def prefill_flops(
 
 
 def kind_is_qwen(config) -> bool:
-    return config.model_type.endswith(("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"))
+    return config.model_type.endswith(("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"))

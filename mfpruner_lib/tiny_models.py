@@ -11,7 +11,7 @@ Tests, the benchmarks and the demo's default model use them. Each is its family 
   Qwen3-VL    4 vision blocks with 2 DeepStack levels, 16 px patches, a 3-layer text model
               (`build_tiny_qwen3_vl`; MoE: `build_tiny_qwen3_vl_moe`)
   Qwen3.5     Qwen3-VL's tower without DeepStack, a 4-layer text model (3 linear-attention layers,
-              1 full-attention layer) (`build_tiny_qwen3_5`)
+              1 full-attention layer) (`build_tiny_qwen3_5`; MoE: `build_tiny_qwen3_5_moe`)
 A tiny CLIP checkpoint (the paper's text tower) and the hub's older LLaVA layout are here too, for
 the export's tests. Command line: `python -m tools.build_tiny`.
 """
@@ -556,11 +556,12 @@ def build_tiny_qwen3_vl_moe(path: str | os.PathLike, *, stock: bool = False, see
 # ----------------------------------------------------------------------------- Qwen3.5
 
 
-def tiny_qwen3_5_config(tokenizer, stock: bool = False, **mfpruner):
+def tiny_qwen3_5_config(tokenizer, stock: bool = False, moe: bool = False, **mfpruner):
     """Qwen3.5 with the real layout at toy width: Qwen3-VL's tiny tower without DeepStack, a 4-layer
-    text model in the published pattern (3 Gated DeltaNet linear-attention layers, then 1 full-attention
-    layer), gated full attention with a quarter of each head rotated, interleaved M-RoPE."""
-    from transformers import Qwen3_5Config
+    text model in the published pattern (3 Gated DeltaNet linear-attention layers, then 1
+    full-attention layer), gated full attention with a quarter of each head rotated, interleaved
+    M-RoPE; moe=True: Qwen3.5 MoE (4 experts, 2 per token, and a shared expert)."""
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
 
     ids = tokenizer.convert_tokens_to_ids
     vision = dict(
@@ -575,32 +576,44 @@ def tiny_qwen3_5_config(tokenizer, stock: bool = False, **mfpruner):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                          "mrope_section": [2, 1, 1], "mrope_interleaved": True},
     )
+    if moe:
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        del text["intermediate_size"]
     kwargs = qwen_config_kwargs(tokenizer, vision, text)
     if stock:
-        return Qwen3_5Config(**kwargs)
-    from configuration_mfpruner import MFPrunerQwen3_5Config
+        return (Qwen3_5MoeConfig if moe else Qwen3_5Config)(**kwargs)
+    from configuration_mfpruner import MFPrunerQwen3_5Config, MFPrunerQwen3_5MoeConfig
 
-    return MFPrunerQwen3_5Config(**kwargs, **mfpruner)
+    return (MFPrunerQwen3_5MoeConfig if moe else MFPrunerQwen3_5Config)(**kwargs, **mfpruner)
 
 
-def build_tiny_qwen3_5(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
-    """Writes a tiny Qwen3.5 folder (Qwen3-VL's tiny tokenizer and image processor). stock=True: a plain
-    stock checkpoint (model_type qwen3_5); else an MFPruner remote-code repo. Same seed = same weights."""
-    from transformers import Qwen3_5ForConditionalGeneration
+def build_tiny_qwen3_5(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, moe: bool = False, **mfpruner) -> Path:
+    """Writes a tiny Qwen3.5 folder (Qwen3-VL's tiny tokenizer and image processor; moe=True: Qwen3.5 MoE).
+    stock=True: a plain stock checkpoint (model_type qwen3_5 / qwen3_5_moe); else an MFPruner remote-code
+    repo. Same seed = same weights."""
+    from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
     tokenizer, image_processor = build_tiny_qwen3_vl_processor()
-    config = tiny_qwen3_5_config(tokenizer, stock=stock, **mfpruner)
+    config = tiny_qwen3_5_config(tokenizer, stock=stock, moe=moe, **mfpruner)
     torch.manual_seed(seed)
     if stock:
-        model = Qwen3_5ForConditionalGeneration(config)
+        model = (Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration)(config)
     else:
-        from modeling_mfpruner_qwen3_5 import MFPrunerQwen3_5ForConditionalGeneration
+        from modeling_mfpruner_qwen3_5 import (
+            MFPrunerQwen3_5ForConditionalGeneration,
+            MFPrunerQwen3_5MoeForConditionalGeneration,
+        )
 
-        model = MFPrunerQwen3_5ForConditionalGeneration(config)
+        model = (MFPrunerQwen3_5MoeForConditionalGeneration if moe else MFPrunerQwen3_5ForConditionalGeneration)(config)
     return save_tiny_qwen(model, tokenizer, image_processor, path)
+
+
+def build_tiny_qwen3_5_moe(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
+    """A tiny Qwen3.5 MoE folder (see `build_tiny_qwen3_5`)."""
+    return build_tiny_qwen3_5(path, stock=stock, seed=seed, moe=True, **mfpruner)
 
 
 # ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)

@@ -27,7 +27,7 @@ LLAVA_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 LONG_PROMPT = "USER: <image>\nDescribe every object you can see in this picture. ASSISTANT:"
 QWEN_QUESTION = "What is in the image?"
 FAMILIES = [family.model_type for family in REGISTRY.values()]  # every registry family, by model_type
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")  # M-RoPE, images through `qwen_inputs`
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # M-RoPE, images through `qwen_inputs`
 GREEDY = dict(do_sample=False, max_new_tokens=4)
 
 
@@ -631,7 +631,9 @@ def test_shipped_files_import_only_public_transformers_api():
     ]
     assert listing["modeling_mfpruner_qwen3_5.py"] == [
         "transformers:Qwen3_5ForConditionalGeneration",
+        "transformers:Qwen3_5MoeForConditionalGeneration",
         "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5VisionAttention",
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeVisionAttention",
     ]
     assert all(m.endswith("(guarded)") for m in listing["mfpruner_pipeline.py"])
 

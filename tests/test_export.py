@@ -744,6 +744,8 @@ QWEN3_EXPORTS = {  # registry key: (stock class, MFPruner config and model class
                      "MFPrunerQwen3VLMoeForConditionalGeneration", "Qwen/Qwen3-VL-30B-A3B-Instruct"),
     "qwen3.5": ("Qwen3_5ForConditionalGeneration", "MFPrunerQwen3_5Config", "MFPrunerQwen3_5ForConditionalGeneration",
                 "Qwen/Qwen3.5-27B"),
+    "qwen3.5-moe": ("Qwen3_5MoeForConditionalGeneration", "MFPrunerQwen3_5MoeConfig",
+                    "MFPrunerQwen3_5MoeForConditionalGeneration", "Qwen/Qwen3.5-35B-A3B"),
 }
 
 

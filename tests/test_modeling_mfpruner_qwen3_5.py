@@ -1,4 +1,4 @@
-"""MFPruner Qwen3.5: the hybrid language model's recurrent state. A pruned, left-padded batch gives each
+"""MFPruner Qwen3.5 (dense and MoE): the hybrid language model's recurrent state. A pruned, left-padded batch gives each
 row the linear-attention (Gated DeltaNet) state of that row alone, and generation continues from the
 returned cache. Qwen3.5's visual side (Qwen3-VL's without DeepStack: loading, stock equivalence,
 budgets, positions, cue A, videos, batching, errors) is tested with Qwen3-VL's in
@@ -13,12 +13,10 @@ from mfpruner_lib.tiny_models import qwen_inputs
 from tests.conftest import random_image
 from tests.test_modeling_mfpruner_qwen3_vl import chat
 
-KEY = "qwen3.5"
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model(KEY)
+@pytest.fixture(scope="module", params=["qwen3.5", "qwen3.5-moe"])
+def model(request, tiny_model):
+    """Dense and MoE: the same hybrid layers (the MoE's MLPs are experts)."""
+    return tiny_model(request.param)
 
 
 def linear_layers(model) -> list[int]:

@@ -1,4 +1,4 @@
-"""MFPruner Qwen3-VL (dense and MoE) and Qwen3.5 (the same visual encoding without DeepStack): loading,
+"""MFPruner Qwen3-VL and Qwen3.5, dense and MoE (Qwen3.5: the same visual encoding without DeepStack): loading,
 equivalence with the stock model, DeepStack levels, M-RoPE positions, cue A in the last vision block,
 videos with timestamps, batching, input errors. Qwen3.5's recurrent state: test_modeling_mfpruner_qwen3_5.py.
 Tiny random models (mfpruner_lib.tiny_models); the drop-in contracts (threads, caches, max_length,
@@ -15,7 +15,12 @@ import transformers
 from safetensors import safe_open
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision, eager_attention_forward
 
-from configuration_mfpruner import MFPrunerQwen3_5Config, MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig
+from configuration_mfpruner import (
+    MFPrunerQwen3_5Config,
+    MFPrunerQwen3_5MoeConfig,
+    MFPrunerQwen3VLConfig,
+    MFPrunerQwen3VLMoeConfig,
+)
 from mfpruner_core import resolve_budget
 from mfpruner_lib.families import FAMILIES
 from mfpruner_lib.tiny_models import qwen3_vl_video_inputs, qwen_inputs
@@ -24,13 +29,13 @@ from modeling_mfpruner_qwen3_vl import (
     MFPrunerQwen3VLMoeForConditionalGeneration,
     gather_deepstack,
 )
-from modeling_mfpruner_qwen3_5 import MFPrunerQwen3_5ForConditionalGeneration
+from modeling_mfpruner_qwen3_5 import MFPrunerQwen3_5ForConditionalGeneration, MFPrunerQwen3_5MoeForConditionalGeneration
 from tests.conftest import random_image
 
 QUESTION = "What is in the image?"
-KEYS = ["qwen3-vl", "qwen3-vl-moe", "qwen3.5"]
+KEYS = ["qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe"]
 CLASSES = {"qwen3-vl": MFPrunerQwen3VLForConditionalGeneration, "qwen3-vl-moe": MFPrunerQwen3VLMoeForConditionalGeneration,
-           "qwen3.5": MFPrunerQwen3_5ForConditionalGeneration}
+           "qwen3.5": MFPrunerQwen3_5ForConditionalGeneration, "qwen3.5-moe": MFPrunerQwen3_5MoeForConditionalGeneration}
 GREEDY = dict(max_new_tokens=5, do_sample=False)
 
 
@@ -168,7 +173,7 @@ def test_every_deepstack_level_is_gathered_with_the_kept_indices(pair, prompts, 
     Qwen3.5's tower has no DeepStack: none is computed and none is passed."""
     key, model, _ = pair
     inputs = prompts[prompt]
-    if key == "qwen3.5":
+    if key.startswith("qwen3.5"):
         calls, handle = language_model_calls(model)
         try:
             model.generate(**inputs, max_new_tokens=2, do_sample=False, visual_token_ratio=0.333)
@@ -360,7 +365,8 @@ def test_bad_inputs_raise_clear_errors(pair, prompts):
         model.generate(**inputs, max_new_tokens=1, visual_token_ratio=1.5)
 
 
-@pytest.mark.parametrize("config_class", [MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig, MFPrunerQwen3_5Config])
+@pytest.mark.parametrize("config_class", [MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig, MFPrunerQwen3_5Config,
+                                          MFPrunerQwen3_5MoeConfig])
 @pytest.mark.parametrize(
     "settings, field",
     [({"relevance_source": "clip_text"}, "relevance_source"), ({"attention_query_chunk": 0}, "attention_query_chunk"),

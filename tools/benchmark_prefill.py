@@ -488,6 +488,23 @@ QWEN3_5_SIZES = {
 }
 
 
+# Qwen3.5 MoE: the same towers, image and layer pattern; the LLM's MLPs are experts with a shared one
+# (the real one: Qwen3.5-35B-A3B's).
+QWEN3_5_MOE_EXPERTS = {"smoke": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                     num_experts_per_tok=2),
+                       "cpu": dict(moe_intermediate_size=352, shared_expert_intermediate_size=352, num_experts=16,
+                                   num_experts_per_tok=8)}
+QWEN3_5_MOE_SIZES = {
+    **{size: dict(QWEN3_5_SIZES[size], text=dict(QWEN3_5_SIZES[size]["text"], **experts))
+       for size, experts in QWEN3_5_MOE_EXPERTS.items()},
+    "real": dict(
+        QWEN3_5_SIZES["real"],
+        vision=dict(model_sizes.QWEN3_5_27B_VISION, out_hidden_size=model_sizes.QWEN3_5_35B_A3B_TEXT["hidden_size"]),
+        text=dict(model_sizes.QWEN3_5_35B_A3B_TEXT, rope_parameters=QWEN3_5_SIZES["real"]["text"]["rope_parameters"]),
+    ),
+}
+
+
 def describe_qwen3_5(size: str) -> str:
     v, t, (h, w) = QWEN3_5_SIZES[size]["vision"], QWEN3_5_SIZES[size]["text"], QWEN3_5_SIZES[size]["image_hw"]
     return (
@@ -497,10 +514,13 @@ def describe_qwen3_5(size: str) -> str:
     )
 
 
-def build_qwen3_5(size: str, dtype: torch.dtype, device: str):
-    from configuration_mfpruner import MFPrunerQwen3_5Config
-    from modeling_mfpruner_qwen3_5 import MFPrunerQwen3_5ForConditionalGeneration
+def build_qwen3_5(size: str, dtype: torch.dtype, device: str, moe: bool = False):
+    from configuration_mfpruner import MFPrunerQwen3_5Config, MFPrunerQwen3_5MoeConfig
+    from modeling_mfpruner_qwen3_5 import MFPrunerQwen3_5ForConditionalGeneration, MFPrunerQwen3_5MoeForConditionalGeneration
 
+    if moe:
+        return build_qwen_sized(QWEN3_5_MOE_SIZES[size], MFPrunerQwen3_5MoeConfig, MFPrunerQwen3_5MoeForConditionalGeneration,
+                                dtype, device)
     return build_qwen_sized(QWEN3_5_SIZES[size], MFPrunerQwen3_5Config, MFPrunerQwen3_5ForConditionalGeneration, dtype, device)
 
 
@@ -604,6 +624,18 @@ FAMILIES = {
         lm_prefill=qwen3_vl_lm_prefill,  # the stock model scatters the kept tokens (`mm_encoder_outputs`)
         prefill_flops=functools.partial(qwen_flops, sizes=QWEN3_5_SIZES),
         note={size: describe_qwen3_5(size) for size in SIZES},
+        cue_attention=qwen_cue_attention,
+    ),
+    "qwen3.5-moe": Family(
+        name=families.FAMILIES["qwen3.5-moe"].name,
+        build=functools.partial(build_qwen3_5, moe=True),
+        inputs=functools.partial(qwen_random_inputs, sizes=QWEN3_5_MOE_SIZES),
+        budgets=ratio_budgets(QWEN_RATIOS),
+        encode=qwen_encode,
+        prune=qwen_prune,
+        lm_prefill=qwen3_vl_lm_prefill,
+        prefill_flops=functools.partial(qwen_flops, sizes=QWEN3_5_MOE_SIZES),
+        note={size: describe_qwen3_5(size) + " (MoE)" for size in SIZES},
         cue_attention=qwen_cue_attention,
     ),
 }
