@@ -18,9 +18,11 @@ the export's tests. Command line: `python -m tools.build_tiny`.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -528,24 +530,27 @@ def tiny_qwen3_vl_config(tokenizer, stock: bool = False, moe: bool = False, **mf
 def build_tiny_qwen3_vl(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, moe: bool = False, **mfpruner) -> Path:
     """Writes a tiny Qwen3-VL folder (moe=True: Qwen3-VL MoE). stock=True: a plain stock checkpoint
     (model_type qwen3_vl / qwen3_vl_moe); else an MFPruner remote-code repo. Same seed = same weights."""
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+    if stock:
+        from transformers import Qwen3VLForConditionalGeneration as Dense, Qwen3VLMoeForConditionalGeneration as Moe
+    else:
+        from modeling_mfpruner_qwen3_vl import (
+            MFPrunerQwen3VLForConditionalGeneration as Dense,
+            MFPrunerQwen3VLMoeForConditionalGeneration as Moe,
+        )
+    config_for = functools.partial(tiny_qwen3_vl_config, stock=stock, moe=moe, **mfpruner)
+    return write_tiny_qwen3(path, seed, config_for, Moe if moe else Dense)
 
+
+def write_tiny_qwen3(path: str | os.PathLike, seed: int, config_for: Callable, model_class) -> Path:
+    """A tiny Qwen3-VL-style folder (Qwen3-VL's tiny tokenizer and image processor): `config_for(tokenizer)`,
+    random weights from `seed`, saved by `save_tiny_qwen`."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
     tokenizer, image_processor = build_tiny_qwen3_vl_processor()
-    config = tiny_qwen3_vl_config(tokenizer, stock=stock, moe=moe, **mfpruner)
+    config = config_for(tokenizer)
     torch.manual_seed(seed)
-    if stock:
-        model = (Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration)(config)
-    else:
-        from modeling_mfpruner_qwen3_vl import (
-            MFPrunerQwen3VLForConditionalGeneration,
-            MFPrunerQwen3VLMoeForConditionalGeneration,
-        )
-
-        model = (MFPrunerQwen3VLMoeForConditionalGeneration if moe else MFPrunerQwen3VLForConditionalGeneration)(config)
-    return save_tiny_qwen(model, tokenizer, image_processor, path)
+    return save_tiny_qwen(model_class(config), tokenizer, image_processor, path)
 
 
 def build_tiny_qwen3_vl_moe(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
@@ -591,24 +596,15 @@ def build_tiny_qwen3_5(path: str | os.PathLike, *, stock: bool = False, seed: in
     """Writes a tiny Qwen3.5 folder (Qwen3-VL's tiny tokenizer and image processor; moe=True: Qwen3.5 MoE).
     stock=True: a plain stock checkpoint (model_type qwen3_5 / qwen3_5_moe); else an MFPruner remote-code
     repo. Same seed = same weights."""
-    from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
-
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    tokenizer, image_processor = build_tiny_qwen3_vl_processor()
-    config = tiny_qwen3_5_config(tokenizer, stock=stock, moe=moe, **mfpruner)
-    torch.manual_seed(seed)
     if stock:
-        model = (Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration)(config)
+        from transformers import Qwen3_5ForConditionalGeneration as Dense, Qwen3_5MoeForConditionalGeneration as Moe
     else:
         from modeling_mfpruner_qwen3_5 import (
-            MFPrunerQwen3_5ForConditionalGeneration,
-            MFPrunerQwen3_5MoeForConditionalGeneration,
+            MFPrunerQwen3_5ForConditionalGeneration as Dense,
+            MFPrunerQwen3_5MoeForConditionalGeneration as Moe,
         )
-
-        model = (MFPrunerQwen3_5MoeForConditionalGeneration if moe else MFPrunerQwen3_5ForConditionalGeneration)(config)
-    return save_tiny_qwen(model, tokenizer, image_processor, path)
+    config_for = functools.partial(tiny_qwen3_5_config, stock=stock, moe=moe, **mfpruner)
+    return write_tiny_qwen3(path, seed, config_for, Moe if moe else Dense)
 
 
 def build_tiny_qwen3_5_moe(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
