@@ -82,8 +82,9 @@ def gated_deltanet(tokens: int, text_config) -> int:
     in_proj_z to the value width, in_proj_b and in_proj_a to one scalar per value head, out_proj back),
     the depthwise causal convolution (kernel taps per channel), and the delta rule per token and value
     head on its (key dim x value dim) state in the recurrent form: read k^T S, write k (x) delta, read
-    q^T S (3 products of the state's size). Left out: the decay and gate element-wise products,
-    the L2 norms and the gated RMSNorm."""
+    q^T S (3 products of the state's size; the stock prefill's chunked form adds an intra-chunk term
+    of 64-token chunks, not counted). Left out: the decay and gate element-wise products, the L2
+    norms and the gated RMSNorm."""
     c = text_config
     key_width, value_width = c.linear_num_key_heads * c.linear_key_head_dim, c.linear_num_value_heads * c.linear_value_head_dim
     conv_width = 2 * key_width + value_width
