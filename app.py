@@ -3,7 +3,7 @@ visual tokens MFPruner keeps, what each cue alone would keep at the same budget,
 shorter and faster the language model's prefill gets.
 
     pip install -r requirements.txt && python app.py            # built-in tiny LLaVA-1.5, random weights
-    python app.py --tiny llava_next                              # tiny LLaVA-NeXT (or qwen2_5_vl, qwen3_vl, qwen3_vl_moe)
+    python app.py --tiny llava_next                              # tiny LLaVA-NeXT (or qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe)
     python app.py --model <hub id or local MFPruner repo>        # a real model (or MFPRUNER_MODEL=...)
 
 This file only reads the command line and launches: the demo is the `mfpruner_demo` package

@@ -12,7 +12,16 @@ from dataclasses import dataclass, fields
 
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from transformers import CLIPTextConfig, LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+from transformers import (
+    CLIPTextConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    Qwen2_5_VLConfig,
+    Qwen3_5Config,
+    Qwen3_5MoeConfig,
+    Qwen3VLConfig,
+    Qwen3VLMoeConfig,
+)
 
 if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
     from .mfpruner_core import CUE_NAMES, check_budget, check_min_votes, check_ratio
@@ -290,6 +299,22 @@ class MFPrunerQwen3VLMoeConfig(MFPrunerQwenVLSettings, Qwen3VLMoeConfig):
     model_type = "mfpruner_qwen3_vl_moe"
 
 
+@strict
+class MFPrunerQwen3_5Config(MFPrunerQwenVLSettings, Qwen3_5Config):
+    r"""Qwen3.5 config with MFPruner settings (Qwen/Qwen3.5-9B, 27B, ...): Qwen2.5-VL's settings and
+    defaults. Qwen3.5's tower is Qwen3-VL's without DeepStack; cue A is read in its last block."""
+
+    model_type = "mfpruner_qwen3_5"
+
+
+@strict
+class MFPrunerQwen3_5MoeConfig(MFPrunerQwenVLSettings, Qwen3_5MoeConfig):
+    r"""Qwen3.5 MoE config with MFPruner settings (Qwen/Qwen3.5-35B-A3B, 122B-A10B, 397B-A17B): the
+    dense Qwen3.5's settings and defaults; only the language model's MLPs differ (experts)."""
+
+    model_type = "mfpruner_qwen3_5_moe"
+
+
 # The MFPruner fields of the configs: the mixin's, and the Qwen configs' `attention_query_chunk`.
 MFPRUNER_CONFIG_FIELDS = tuple(f.name for f in fields(MFPrunerSettings)) + ("attention_query_chunk",)
 
@@ -301,6 +326,8 @@ __all__ = [
     "MFPrunerQwen2_5_VLConfig",
     "MFPrunerQwen3VLConfig",
     "MFPrunerQwen3VLMoeConfig",
+    "MFPrunerQwen3_5Config",
+    "MFPrunerQwen3_5MoeConfig",
     "MFPrunerQwenVLSettings",
     "MFPrunerSettings",
     "check_call_kwargs",

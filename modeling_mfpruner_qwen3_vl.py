@@ -117,7 +117,8 @@ class MFPrunerQwen3VLMixin:
         for name, output in kept_vision_outputs(encoded, keep_indices).items():
             kind = name.split("_")[0]  # "image_outputs" -> "image"
             kept = [idx for item, idx in zip(encoded.items, keep_indices) if item.kind == kind]
-            output.deepstack_features = gather_deepstack(output.deepstack_features, kept)
+            if getattr(output, "deepstack_features", None) is not None:  # Qwen3.5's tower has no DeepStack
+                output.deepstack_features = gather_deepstack(output.deepstack_features, kept)
             outputs[kind] = output
         return {"mm_encoder_outputs": outputs}
 

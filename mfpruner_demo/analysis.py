@@ -15,7 +15,7 @@ from mfpruner_demo.loading import DemoModel
 from mfpruner_demo.render import cue_heatmap, kept_overlay, shade_unseen, to_image, token_canvas, token_maps
 from mfpruner_lib.bench_utils import time_interleaved
 from mfpruner_lib.families import by_model_type
-from mfpruner_lib.flops import fastv_flops
+from mfpruner_lib.flops import fastv_flops, mlp_width
 from mfpruner_visualize import anyres_geometry, competing_tokens, cue_votes, keep_mask, single_cue_keeps
 
 MAX_NEW_TOKENS = 48
@@ -153,7 +153,7 @@ def analyze(
     heatmaps["votes"] = cue_heatmap(canvas, votes.astype(np.float64), (0.0, float(len(cue_kept))))
 
     text = demo.model.config.get_text_config()
-    dims = (text.hidden_size, text.intermediate_size, text.num_hidden_layers)
+    dims = (text.hidden_size, mlp_width(text), text.num_hidden_layers)  # MoE: the active (and shared) experts
     full_length = int(inputs["input_ids"].shape[1])
     pruned_length = int(result.lm_input_length)
     # FastV's visual-token FLOPs over the image tokens the LLM sees (LLaVA-NeXT: newlines included).

@@ -122,6 +122,16 @@ def demo_tiny_qwen3_vl_moe(folder: str | Path) -> Path:
     return demo_tiny_qwen3(folder, "tiny-mfpruner-qwen3_vl_moe", tiny_models.build_tiny_qwen3_vl_moe)
 
 
+def demo_tiny_qwen3_5(folder: str | Path) -> Path:
+    """Qwen3.5: Qwen3-VL's geometry (32 px per token, at most 1,024 tokens)."""
+    return demo_tiny_qwen3(folder, "tiny-mfpruner-qwen3_5", tiny_models.build_tiny_qwen3_5)
+
+
+def demo_tiny_qwen3_5_moe(folder: str | Path) -> Path:
+    """Qwen3.5 MoE: Qwen3-VL's geometry (32 px per token, at most 1,024 tokens)."""
+    return demo_tiny_qwen3(folder, "tiny-mfpruner-qwen3_5_moe", tiny_models.build_tiny_qwen3_5_moe)
+
+
 def demo_tiny_qwen3(folder: str | Path, name: str, build: Callable) -> Path:
     path = build(Path(folder) / name)
     _, image_processor = tiny_models.build_tiny_qwen3_vl_processor(max_pixels=32 * 32 * 1024)
@@ -284,6 +294,52 @@ FAMILIES = {family.key: family for family in (  # keyed by Family.key
         token_boxes=mfpruner_visualize.whole_image_boxes,
         demo_tiny=demo_tiny_qwen3_vl_moe,
         demo_geometry="Qwen3-VL geometry: 32 px per visual token, up to 1,024",
+        processor_stand_in=True,
+    ),
+    Family(
+        key="qwen3.5",
+        name="Qwen3.5",
+        model_type="qwen3_5",
+        stock_model_class="Qwen3_5ForConditionalGeneration",
+        export=qwen3_vl_architecture(
+            "configuration_mfpruner.MFPrunerQwen3_5Config",
+            "modeling_mfpruner_qwen3_5.MFPrunerQwen3_5ForConditionalGeneration",
+            ("qwen3_5",),
+            "Qwen3.5",
+        ),
+        build_tiny=tiny_models.build_tiny_qwen3_5,
+        geometry=flops.qwen3_vl_geometry,  # Qwen3-VL's tower and processor geometry (no DeepStack)
+        real_models=(
+            RealModel("Qwen3.5-27B", model_sizes.qwen3_5_27b, (1024, 1024), False,
+                      "1024x1024 image, 32 px per token; 48 linear-attention + 16 full-attention layers"),
+        ),
+        flops_budgets=QWEN_BUDGETS,
+        token_boxes=mfpruner_visualize.whole_image_boxes,
+        demo_tiny=demo_tiny_qwen3_5,
+        demo_geometry="Qwen3.5 geometry: 32 px per visual token, up to 1,024",
+        processor_stand_in=True,
+    ),
+    Family(
+        key="qwen3.5-moe",
+        name="Qwen3.5 MoE",
+        model_type="qwen3_5_moe",
+        stock_model_class="Qwen3_5MoeForConditionalGeneration",
+        export=qwen3_vl_architecture(
+            "configuration_mfpruner.MFPrunerQwen3_5MoeConfig",
+            "modeling_mfpruner_qwen3_5.MFPrunerQwen3_5MoeForConditionalGeneration",
+            ("qwen3_5_moe",),
+            "Qwen3.5 MoE",
+        ),
+        build_tiny=tiny_models.build_tiny_qwen3_5_moe,
+        geometry=flops.qwen3_vl_geometry,
+        real_models=(
+            RealModel("Qwen3.5-35B-A3B", model_sizes.qwen3_5_35b_a3b, (1024, 1024), False,
+                      "1024x1024 image, 32 px per token; 8 of 256 experts + a shared expert per token"),
+        ),
+        flops_budgets=QWEN_BUDGETS,
+        token_boxes=mfpruner_visualize.whole_image_boxes,
+        demo_tiny=demo_tiny_qwen3_5_moe,
+        demo_geometry="Qwen3.5 geometry: 32 px per visual token, up to 1,024",
         processor_stand_in=True,
     ),
 )}

@@ -68,25 +68,56 @@ def transformer_layer(
 
 def mlp_width(text_config) -> int:
     """The gated MLP width each token goes through: the dense MLP's, or (MoE: Qwen3-VL-30B-A3B) the
-    active experts' together (`num_experts_per_tok` x `moe_intermediate_size`)."""
+    active experts' together (`num_experts_per_tok` x `moe_intermediate_size`), plus the shared
+    expert's where there is one (Qwen3.5 MoE)."""
     c = text_config
     if getattr(c, "num_experts", 0):
-        return c.num_experts_per_tok * c.moe_intermediate_size
+        return c.num_experts_per_tok * c.moe_intermediate_size + getattr(c, "shared_expert_intermediate_size", 0)
     return c.intermediate_size
+
+
+def gated_deltanet(tokens: int, text_config) -> int:
+    """Qwen3.5's linear-attention token mixer (Gated DeltaNet) over `tokens` tokens, linear in tokens.
+    Counted: the projections of the stock module (in_proj_qkv to 2 key widths + the value width,
+    in_proj_z to the value width, in_proj_b and in_proj_a to one scalar per value head, out_proj back),
+    the depthwise causal convolution (kernel taps per channel), and the delta rule per token and value
+    head on its (key dim x value dim) state in the recurrent form: read k^T S, write k (x) delta, read
+    q^T S (3 products of the state's size; the stock prefill's chunked form adds an intra-chunk term
+    of 64-token chunks, not counted). Left out: the decay and gate element-wise products, the L2
+    norms and the gated RMSNorm."""
+    c = text_config
+    key_width, value_width = c.linear_num_key_heads * c.linear_key_head_dim, c.linear_num_value_heads * c.linear_value_head_dim
+    conv_width = 2 * key_width + value_width
+    projections = (
+        matmul(tokens, c.hidden_size, conv_width) + matmul(tokens, c.hidden_size, value_width)
+        + 2 * matmul(tokens, c.hidden_size, c.linear_num_value_heads) + matmul(tokens, value_width, c.hidden_size)
+    )
+    convolution = 2 * tokens * conv_width * c.linear_conv_kernel_dim
+    delta_rule = 3 * 2 * tokens * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim
+    return projections + convolution + delta_rule
 
 
 def language_model(text_config, length: int) -> int:
     """Llama / Qwen2 / Qwen3 decoder over `length` prompt tokens + the LM head on the last position
-    (MoE: the active experts and the router)."""
+    (MoE: the active experts and the router). Qwen3.5 (`layer_types` with "linear_attention"): those
+    layers' attention is a Gated DeltaNet (`gated_deltanet`), and its full-attention layers' q_proj
+    also writes the output gate (twice the query width)."""
     c = text_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    layer = transformer_layer(
+    layer_types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    hybrid = "linear_attention" in layer_types
+    attention = matmul(length, c.hidden_size, c.num_attention_heads * head_dim) if hybrid else 0  # the output gate
+    attention += transformer_layer(
         length, [length], c.hidden_size, c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim,
         mlp_width(c), gated=True,
     )
-    if getattr(c, "num_experts", 0):
-        layer += matmul(length, c.hidden_size, c.num_experts)  # the router
-    return c.num_hidden_layers * layer + matmul(1, c.hidden_size, c.vocab_size)
+    mlp = 3 * matmul(length, c.hidden_size, mlp_width(c))
+    linear = gated_deltanet(length, c) + mlp if hybrid else 0
+    router = matmul(length, c.hidden_size, c.num_experts) if getattr(c, "num_experts", 0) else 0
+    if getattr(c, "shared_expert_intermediate_size", 0):
+        router += matmul(length, c.hidden_size, 1)  # the shared expert's gate
+    layers = sum(linear if kind == "linear_attention" else attention for kind in layer_types)
+    return layers + len(layer_types) * router + matmul(1, c.hidden_size, c.vocab_size)
 
 
 def clip_vision_tower(vision_config, tiles: int) -> int:
@@ -192,7 +223,7 @@ def qwen2_5_vl_geometry(config, image_hw: tuple[int, int]) -> Geometry:
 
 
 def qwen3_vl_geometry(config, image_hw: tuple[int, int]) -> Geometry:
-    """Qwen3-VL (dense and MoE): the image is resized to multiples of 32 px (published pixel limits),
+    """Qwen3-VL (dense and MoE) and Qwen3.5 (the same tower without DeepStack): the image is resized to multiples of 32 px (published pixel limits),
     cut into 16 px patches, every block attends over the whole image, merged 2x2 into tokens."""
     grid_h, grid_w = qwen_patch_grid(config.vision_config, image_hw, QWEN3_VL_MIN_PIXELS, QWEN3_VL_MAX_PIXELS)
     tokens = grid_h * grid_w // config.vision_config.spatial_merge_size**2
@@ -294,4 +325,4 @@ def prefill_flops(
 
 
 def kind_is_qwen(config) -> bool:
-    return config.model_type.endswith(("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"))
+    return config.model_type.endswith(("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"))

@@ -7,6 +7,10 @@ Sizes are copied from the published `config.json` files:
   Qwen/Qwen2.5-VL-7B-Instruct                              window-attention ViT + Qwen2.5-7B
   Qwen/Qwen3-VL-8B-Instruct                                full-attention ViT with DeepStack + Qwen3-8B
   Qwen/Qwen3-VL-30B-A3B-Instruct                           the same ViT + Qwen3-30B-A3B (MoE, 8 of 128 experts)
+  Qwen/Qwen3.5-27B                                         the same ViT without DeepStack + a hybrid LLM
+                                                           (48 Gated DeltaNet layers, 16 full-attention layers)
+  Qwen/Qwen3.5-35B-A3B                                     the same ViT + a hybrid MoE LLM (8 of 256 experts + a
+                                                           shared expert; 30 Gated DeltaNet, 10 full-attention layers)
   openai/clip-vit-large-patch14-336 (text tower)           the paper's relevance cue for LLaVA
 """
 
@@ -19,6 +23,8 @@ from transformers import (
     LlavaConfig,
     LlavaNextConfig,
     Qwen2_5_VLConfig,
+    Qwen3_5Config,
+    Qwen3_5MoeConfig,
     Qwen3VLConfig,
     Qwen3VLMoeConfig,
 )
@@ -62,6 +68,27 @@ QWEN3_VL_30B_A3B_TEXT = dict(
     hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
     num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
     moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+)
+# Qwen3.5-27B: the config.json of Qwen/Qwen3.5-27B as copied in public repositories (not read from the hub
+# here: no network); the language model's numbers agree across three independent copies.
+QWEN3_5_27B_VISION = dict(
+    depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=5120, patch_size=16,
+    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh",
+)
+QWEN3_5_27B_TEXT = dict(
+    hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24, num_key_value_heads=4,
+    head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48, linear_key_head_dim=128,
+    linear_value_head_dim=128, linear_conv_kernel_dim=4, vocab_size=248320, max_position_embeddings=262144,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 16,
+)
+# Qwen3.5-35B-A3B: likewise from copies of its config.json (four agree on the language model); the
+# tower is taken to be the 27B's with the output width of this language model.
+QWEN3_5_35B_A3B_TEXT = dict(
+    hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel_dim=4, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, vocab_size=248320, max_position_embeddings=262144,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 10,
 )
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -108,6 +135,15 @@ def qwen3_vl_8b():
 def qwen3_vl_30b_a3b():
     vision = dict(QWEN3_VL_VISION, out_hidden_size=QWEN3_VL_30B_A3B_TEXT["hidden_size"])
     return qwen2_5_vl_config(vision, QWEN3_VL_30B_A3B_TEXT, config_class=Qwen3VLMoeConfig)
+
+
+def qwen3_5_27b():
+    return qwen2_5_vl_config(QWEN3_5_27B_VISION, QWEN3_5_27B_TEXT, config_class=Qwen3_5Config)
+
+
+def qwen3_5_35b_a3b():
+    vision = dict(QWEN3_5_27B_VISION, out_hidden_size=QWEN3_5_35B_A3B_TEXT["hidden_size"])
+    return qwen2_5_vl_config(vision, QWEN3_5_35B_A3B_TEXT, config_class=Qwen3_5MoeConfig)
 
 
 def clip_text_l():

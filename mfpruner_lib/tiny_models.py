@@ -10,15 +10,19 @@ Tests, the benchmarks and the demo's default model use them. Each is its family 
               model; `qwen_inputs` stands in for its processor (`build_tiny_qwen2_5_vl`)
   Qwen3-VL    4 vision blocks with 2 DeepStack levels, 16 px patches, a 3-layer text model
               (`build_tiny_qwen3_vl`; MoE: `build_tiny_qwen3_vl_moe`)
+  Qwen3.5     Qwen3-VL's tower without DeepStack, a 4-layer text model (3 linear-attention layers,
+              1 full-attention layer) (`build_tiny_qwen3_5`; MoE: `build_tiny_qwen3_5_moe`)
 A tiny CLIP checkpoint (the paper's text tower) and the hub's older LLaVA layout are here too, for
 the export's tests. Command line: `python -m tools.build_tiny`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -406,16 +410,22 @@ def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, text_heads: int = 4, 
         eos_token_id=ids("<|im_end|>"), bos_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [n * 4 // text_heads for n in (2, 3, 3)]},
     )
-    kwargs = dict(
-        vision_config=vision, text_config=text,
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-    )
+    kwargs = qwen_config_kwargs(tokenizer, vision, text)
     if stock:
         return Qwen2_5_VLConfig(**kwargs)
     from configuration_mfpruner import MFPrunerQwen2_5_VLConfig
 
     return MFPrunerQwen2_5_VLConfig(**kwargs, **mfpruner)
+
+
+def qwen_config_kwargs(tokenizer, vision: dict, text: dict) -> dict:
+    """A Qwen-VL config's sub-configs and its vision token ids from the tiny tokenizer."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        vision_config=vision, text_config=text,
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
 
 
 def save_tiny_qwen(model, tokenizer, image_processor, path: Path) -> Path:
@@ -516,11 +526,7 @@ def tiny_qwen3_vl_config(tokenizer, stock: bool = False, moe: bool = False, **mf
     )
     if moe:
         text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
-    kwargs = dict(
-        vision_config=vision, text_config=text,
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-    )
+    kwargs = qwen_config_kwargs(tokenizer, vision, text)
     if stock:
         return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(**kwargs)
     from configuration_mfpruner import MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig
@@ -531,29 +537,86 @@ def tiny_qwen3_vl_config(tokenizer, stock: bool = False, moe: bool = False, **mf
 def build_tiny_qwen3_vl(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, moe: bool = False, **mfpruner) -> Path:
     """Writes a tiny Qwen3-VL folder (moe=True: Qwen3-VL MoE). stock=True: a plain stock checkpoint
     (model_type qwen3_vl / qwen3_vl_moe); else an MFPruner remote-code repo. Same seed = same weights."""
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+    if stock:
+        from transformers import Qwen3VLForConditionalGeneration as Dense, Qwen3VLMoeForConditionalGeneration as Moe
+    else:
+        from modeling_mfpruner_qwen3_vl import (
+            MFPrunerQwen3VLForConditionalGeneration as Dense,
+            MFPrunerQwen3VLMoeForConditionalGeneration as Moe,
+        )
+    config_for = functools.partial(tiny_qwen3_vl_config, stock=stock, moe=moe, **mfpruner)
+    return write_tiny_qwen3(path, seed, config_for, Moe if moe else Dense)
 
+
+def write_tiny_qwen3(path: str | os.PathLike, seed: int, config_for: Callable, model_class) -> Path:
+    """A tiny Qwen3-VL-style folder (Qwen3-VL's tiny tokenizer and image processor): `config_for(tokenizer)`,
+    random weights from `seed`, saved by `save_tiny_qwen`."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
     tokenizer, image_processor = build_tiny_qwen3_vl_processor()
-    config = tiny_qwen3_vl_config(tokenizer, stock=stock, moe=moe, **mfpruner)
+    config = config_for(tokenizer)
     torch.manual_seed(seed)
-    if stock:
-        model = (Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration)(config)
-    else:
-        from modeling_mfpruner_qwen3_vl import (
-            MFPrunerQwen3VLForConditionalGeneration,
-            MFPrunerQwen3VLMoeForConditionalGeneration,
-        )
-
-        model = (MFPrunerQwen3VLMoeForConditionalGeneration if moe else MFPrunerQwen3VLForConditionalGeneration)(config)
-    return save_tiny_qwen(model, tokenizer, image_processor, path)
+    return save_tiny_qwen(model_class(config), tokenizer, image_processor, path)
 
 
 def build_tiny_qwen3_vl_moe(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
     """A tiny Qwen3-VL MoE folder (see `build_tiny_qwen3_vl`)."""
     return build_tiny_qwen3_vl(path, stock=stock, seed=seed, moe=True, **mfpruner)
+
+
+# ----------------------------------------------------------------------------- Qwen3.5
+
+
+def tiny_qwen3_5_config(tokenizer, stock: bool = False, moe: bool = False, **mfpruner):
+    """Qwen3.5 with the real layout at toy width: Qwen3-VL's tiny tower without DeepStack, a 4-layer
+    text model in the published pattern (3 Gated DeltaNet linear-attention layers, then 1
+    full-attention layer), gated full attention with a quarter of each head rotated, interleaved
+    M-RoPE; moe=True: Qwen3.5 MoE (4 experts, 2 per token, and a shared expert)."""
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    vision = dict(
+        depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=QWEN3_VL_PATCH,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+    )
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=1024,
+        pad_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), bos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    )
+    if moe:
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        del text["intermediate_size"]
+    kwargs = qwen_config_kwargs(tokenizer, vision, text)
+    if stock:
+        return (Qwen3_5MoeConfig if moe else Qwen3_5Config)(**kwargs)
+    from configuration_mfpruner import MFPrunerQwen3_5Config, MFPrunerQwen3_5MoeConfig
+
+    return (MFPrunerQwen3_5MoeConfig if moe else MFPrunerQwen3_5Config)(**kwargs, **mfpruner)
+
+
+def build_tiny_qwen3_5(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, moe: bool = False, **mfpruner) -> Path:
+    """Writes a tiny Qwen3.5 folder (Qwen3-VL's tiny tokenizer and image processor; moe=True: Qwen3.5 MoE).
+    stock=True: a plain stock checkpoint (model_type qwen3_5 / qwen3_5_moe); else an MFPruner remote-code
+    repo. Same seed = same weights."""
+    if stock:
+        from transformers import Qwen3_5ForConditionalGeneration as Dense, Qwen3_5MoeForConditionalGeneration as Moe
+    else:
+        from modeling_mfpruner_qwen3_5 import (
+            MFPrunerQwen3_5ForConditionalGeneration as Dense,
+            MFPrunerQwen3_5MoeForConditionalGeneration as Moe,
+        )
+    config_for = functools.partial(tiny_qwen3_5_config, stock=stock, moe=moe, **mfpruner)
+    return write_tiny_qwen3(path, seed, config_for, Moe if moe else Dense)
+
+
+def build_tiny_qwen3_5_moe(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:
+    """A tiny Qwen3.5 MoE folder (see `build_tiny_qwen3_5`)."""
+    return build_tiny_qwen3_5(path, stock=stock, seed=seed, moe=True, **mfpruner)
 
 
 # ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)

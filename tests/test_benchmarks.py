@@ -52,7 +52,7 @@ def by_key(results):
 def test_prefill_smoke_runs_every_family(prefill_run):
     results, _ = prefill_run
     assert [r["key"] for r in results] == sorted(benchmark_prefill.FAMILIES)
-    assert set(benchmark_prefill.FAMILIES) == {"llava-1.5", "llava-next", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"}
+    assert set(benchmark_prefill.FAMILIES) == {"llava-1.5", "llava-next", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe"}
 
 
 def test_prefill_smoke_rows_llava_1_5(prefill_run):
@@ -78,6 +78,8 @@ def test_prefill_smoke_rows_llava_next(prefill_run):
     ("qwen2.5-vl", 16, [7, 5, 4]),  # a 112x112 image: 8 x 8 patches of 14 px, merged 2 x 2
     ("qwen3-vl", 64, [28, 21, 14]),  # a 256x256 image (Qwen3-VL's processor minimum): 16 x 16 patches of 16 px
     ("qwen3-vl-moe", 64, [28, 21, 14]),
+    ("qwen3.5", 64, [28, 21, 14]),  # Qwen3-VL's tower and image without DeepStack, a hybrid LLM
+    ("qwen3.5-moe", 64, [28, 21, 14]),
 ])
 def test_prefill_smoke_rows_qwen(prefill_run, key, tokens, kept):
     result = by_key(prefill_run[0])[key]
@@ -117,6 +119,8 @@ def test_prefill_cue_attention_pair_times_the_same_attention_with_and_without_th
     ("qwen2.5-vl", "| unpruned | 16 / 16 | 28 |"),
     ("qwen3-vl", "| unpruned | 64 / 64 | 76 |"),
     ("qwen3-vl-moe", "| unpruned | 64 / 64 | 76 |"),
+    ("qwen3.5", "| unpruned | 64 / 64 | 76 |"),
+    ("qwen3.5-moe", "| unpruned | 64 / 64 | 76 |"),
 ])
 def test_prefill_smoke_files(prefill_run, key, unpruned_row):
     results, out = prefill_run

@@ -27,7 +27,7 @@ LLAVA_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 LONG_PROMPT = "USER: <image>\nDescribe every object you can see in this picture. ASSISTANT:"
 QWEN_QUESTION = "What is in the image?"
 FAMILIES = [family.model_type for family in REGISTRY.values()]  # every registry family, by model_type
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # M-RoPE, images through `qwen_inputs`
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # M-RoPE, images through `qwen_inputs`
 GREEDY = dict(do_sample=False, max_new_tokens=4)
 
 
@@ -46,7 +46,7 @@ def family(request):
     stock = request.getfixturevalue("tiny_model")(key, stock=True)
     if name in QWEN_FAMILIES:
         tokenizer, image_processor = request.getfixturevalue("qwen_processing" if name == "qwen2_5_vl" else "qwen3_processing")
-        token_px = 28 if name == "qwen2_5_vl" else 32  # Qwen2.5-VL: 2 x 2 patches of 14 px; Qwen3-VL: of 16 px
+        token_px = 28 if name == "qwen2_5_vl" else 32  # Qwen2.5-VL: 2 x 2 patches of 14 px; Qwen3-VL, Qwen3.5: of 16 px
         single = qwen_inputs(tokenizer, image_processor, [qwen_chat()], images=[random_image(1, (4 * token_px, 3 * token_px))])
         batch = qwen_inputs(
             tokenizer,
@@ -565,8 +565,8 @@ def test_split_device_map_gives_the_unsplit_tokens_and_logits(family, request, t
 
 
 SHIPPED = ["mfpruner_core.py", "mfpruner_pipeline.py", "configuration_mfpruner.py", "modeling_mfpruner_llava.py",
-           "modeling_mfpruner_qwen2_5_vl.py", "modeling_mfpruner_qwen3_vl.py", "processing_mfpruner.py",
-           "mfpruner_visualize.py"]
+           "modeling_mfpruner_qwen2_5_vl.py", "modeling_mfpruner_qwen3_vl.py", "modeling_mfpruner_qwen3_5.py",
+           "processing_mfpruner.py", "mfpruner_visualize.py"]
 
 
 def transformers_imports(path: Path) -> list[tuple[str, str, bool]]:
@@ -626,6 +626,12 @@ def test_shipped_files_import_only_public_transformers_api():
         "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionAttention",
         "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeVisionAttention",
     ]
+    assert listing["modeling_mfpruner_qwen3_5.py"] == [
+        "transformers:Qwen3_5ForConditionalGeneration",
+        "transformers:Qwen3_5MoeForConditionalGeneration",
+        "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5VisionAttention",
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeVisionAttention",
+    ]
     assert all(m.endswith("(guarded)") for m in listing["mfpruner_pipeline.py"])
 
 
@@ -644,7 +650,7 @@ def test_shipped_files_still_load_when_transformers_moves_the_conversion_mapping
         from transformers import LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
         import transformers.conversion_mapping as moved  # then: as if transformers moved the helpers
         del moved.get_checkpoint_conversion_mapping, moved.register_checkpoint_conversion_mapping
-        import modeling_mfpruner_llava, modeling_mfpruner_qwen2_5_vl, modeling_mfpruner_qwen3_vl
+        import modeling_mfpruner_llava, modeling_mfpruner_qwen2_5_vl, modeling_mfpruner_qwen3_vl, modeling_mfpruner_qwen3_5
         print("LOADED")
         """
     )
@@ -673,7 +679,8 @@ def test_hub_loaded_result_is_the_class_of_the_repo_s_own_core(family):
 
 @pytest.mark.parametrize("as_package", [False, True])
 @pytest.mark.parametrize("shipped", ["configuration_mfpruner.py", "mfpruner_pipeline.py", "modeling_mfpruner_llava.py",
-                                     "modeling_mfpruner_qwen2_5_vl.py", "modeling_mfpruner_qwen3_vl.py"])
+                                     "modeling_mfpruner_qwen2_5_vl.py", "modeling_mfpruner_qwen3_vl.py",
+                                     "modeling_mfpruner_qwen3_5.py"])
 def test_a_real_import_error_in_a_shipped_module_surfaces(tmp_path, shipped, as_package):
     """A sibling that fails to import (here: mfpruner_core imports a missing package) stops the
     import with that error, both as a checkout's top-level modules and as a package (the way
@@ -711,7 +718,7 @@ def test_saved_repo_loads_outside_the_checkout(llava_repo, qwen_repo, tiny_repo,
     script = (
         "import sys\n"
         "from transformers import AutoModelForImageTextToText\n"
-        f"for repo in ({str(llava_repo)!r}, {str(qwen_repo)!r}, {str(tiny_repo('qwen3-vl'))!r}):\n"
+        f"for repo in ({str(llava_repo)!r}, {str(qwen_repo)!r}, {str(tiny_repo('qwen3-vl'))!r}, {str(tiny_repo('qwen3.5'))!r}):\n"
         "    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)\n"
         "    assert type(model).__module__.startswith('transformers_modules.'), type(model).__module__\n"
         "assert 'mfpruner_core' not in sys.modules\n"

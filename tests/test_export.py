@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from tools import export as export_module
 from tools.export import ARCHITECTURES, export, main
+from mfpruner_lib.families import FAMILIES
 from mfpruner_lib.tiny_models import build_tiny_clip, build_tiny_llava, rewrite_as_hub_layout
 
 from conftest import refused
@@ -742,12 +743,16 @@ QWEN3_EXPORTS = {  # registry key: (stock class, MFPruner config and model class
                  "Qwen/Qwen3-VL-8B-Instruct"),
     "qwen3-vl-moe": ("Qwen3VLMoeForConditionalGeneration", "MFPrunerQwen3VLMoeConfig",
                      "MFPrunerQwen3VLMoeForConditionalGeneration", "Qwen/Qwen3-VL-30B-A3B-Instruct"),
+    "qwen3.5": ("Qwen3_5ForConditionalGeneration", "MFPrunerQwen3_5Config", "MFPrunerQwen3_5ForConditionalGeneration",
+                "Qwen/Qwen3.5-27B"),
+    "qwen3.5-moe": ("Qwen3_5MoeForConditionalGeneration", "MFPrunerQwen3_5MoeConfig",
+                    "MFPrunerQwen3_5MoeForConditionalGeneration", "Qwen/Qwen3.5-35B-A3B"),
 }
 
 
 @pytest.mark.parametrize("key", sorted(QWEN3_EXPORTS))
 def test_qwen3_vl_export_loads_fresh_with_identical_weights_prunes_and_has_its_card(key, export_dir, tiny_repo, tmp_path):
-    """Qwen3-VL (dense and MoE) stock checkpoint -> MFPruner repo: byte-identical weights, loaded in a
+    """Qwen3-VL (dense and MoE) and Qwen3.5 stock checkpoint -> MFPruner repo: byte-identical weights, loaded in a
     fresh process as remote code with the stock model's weights bit for bit, pruning at the
     default ratio; the card names the family, its cue A and its processor."""
     from huggingface_hub import ModelCard
@@ -769,11 +774,13 @@ def test_qwen3_vl_export_loads_fresh_with_identical_weights_prunes_and_has_its_c
     assert result["num_visual_tokens"] == [12]  # 128 x 96 px: 4 x 3 merged tokens of 32 px
     assert_pruned_and_prompt_kept(result, [resolve_budget(12, ratio=0.222)])
     assert filecmp.cmp(base / "model.safetensors", out / "model.safetensors", shallow=False)
-    assert (out / "modeling_mfpruner_qwen3_vl.py").exists() and (out / "modeling_mfpruner_qwen2_5_vl.py").exists()
+    shipped = FAMILIES[key].model_class.split(".")[0] + ".py"  # with the Qwen3-VL and Qwen2.5-VL code it imports
+    assert all((out / name).exists() for name in (shipped, "modeling_mfpruner_qwen3_vl.py", "modeling_mfpruner_qwen2_5_vl.py"))
+    model_type = FAMILIES[key].model_type
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == f"mfpruner_{key.replace('-', '_')}" and config["visual_token_ratio"] == 0.222
+    assert config["model_type"] == f"mfpruner_{model_type}" and config["visual_token_ratio"] == 0.222
     card = ModelCard.load(out / "README.md")
-    assert {"mfpruner", key.replace("-", "_")} <= set(card.data.to_dict()["tags"])
+    assert {"mfpruner", model_type} <= set(card.data.to_dict()["tags"])
     assert "last vision block" in card.text and "Qwen3VLProcessor" in card.text
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import CLIPTextConfig
 
 from mfpruner_lib import flops, model_sizes
@@ -101,7 +102,8 @@ def test_real_geometries():
     assert (qwen.vision_patches, qwen.visual_tokens) == (74 * 74, 37 * 37)
     assert sum(qwen.vision_windows) == 74 * 74 and max(qwen.vision_windows) == 64  # 112 px windows: 8 x 8 patches
     # Qwen3-VL: 1024 px is a multiple of 32 -> 64 x 64 patches of 16 px -> 32 x 32 merged tokens, no windows.
-    for config in (model_sizes.qwen3_vl_8b(), model_sizes.qwen3_vl_30b_a3b()):
+    for config in (model_sizes.qwen3_vl_8b(), model_sizes.qwen3_vl_30b_a3b(), model_sizes.qwen3_5_27b(),
+                   model_sizes.qwen3_5_35b_a3b()):
         qwen3 = flops.geometry(config, (1024, 1024))
         assert (qwen3.vision_patches, qwen3.visual_tokens, qwen3.vision_windows) == (64 * 64, 32 * 32, ())
 
@@ -130,6 +132,39 @@ def test_moe_language_model_counts_the_active_experts_and_the_router():
     assert flops.language_model(text, 100) == flops.language_model(dense_equivalent, 100) + router
 
 
+def test_qwen3_5_hybrid_language_model_counts_each_layer_kind_from_the_stock_modules():
+    """Qwen3.5-27B: the Gated DeltaNet layers' projections and convolution are 2 x tokens x the stock
+    module's weights (a meta-device copy), the delta rule 3 state-sized products per token and value
+    head; the full-attention layers' q_proj writes queries and the output gate. All of it linear in
+    the tokens except the full-attention layers' scores."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5Attention, Qwen3_5GatedDeltaNet, Qwen3_5MLP
+
+    text = model_sizes.qwen3_5_27b().text_config
+    assert text.layer_types.count("linear_attention") == 48 and text.layer_types.count("full_attention") == 16
+    with torch.device("meta"):
+        deltanet, attention, mlp = Qwen3_5GatedDeltaNet(text, 0), Qwen3_5Attention(text, 3), Qwen3_5MLP(text, text.intermediate_size)
+    n = 100
+    weights = lambda module: sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight") and p.dim() >= 2)
+    delta_rule = 3 * 2 * n * 48 * 128 * 128
+    assert flops.gated_deltanet(n, text) == 2 * n * weights(deltanet) + delta_rule  # projections + depthwise conv
+    assert flops.gated_deltanet(2 * n, text) == 2 * flops.gated_deltanet(n, text)  # linear in the tokens
+    scores = flops.attention_core([n], 24 * 256)
+    expected = 48 * (flops.gated_deltanet(n, text) + 2 * n * weights(mlp)) + 16 * (2 * n * weights(attention) + scores
+                                                                                   + 2 * n * weights(mlp))
+    assert flops.language_model(text, n) == expected + flops.matmul(1, 5120, 248320)
+
+
+def test_qwen3_5_moe_counts_the_active_and_shared_experts_and_both_gates():
+    """Qwen3.5-35B-A3B: each token goes through 8 of 256 experts and the shared expert (each 512 wide),
+    plus the router and the shared expert's one-output gate, in all 40 layers."""
+    text = model_sizes.qwen3_5_35b_a3b().text_config
+    dense_equivalent = model_sizes.qwen3_5_35b_a3b().text_config
+    dense_equivalent.num_experts, dense_equivalent.shared_expert_intermediate_size = 0, 0
+    dense_equivalent.intermediate_size = 8 * 512 + 512
+    gates = 40 * (flops.matmul(100, 2048, 256) + flops.matmul(100, 2048, 1))
+    assert flops.language_model(text, 100) == flops.language_model(dense_equivalent, 100) + gates
+
+
 def test_unknown_model_type_is_refused():
     config = model_sizes.llava_1_5_7b()
     config.model_type = "bert"
@@ -141,7 +176,7 @@ def test_cli_table(capsys, tmp_path):
     flops_cli.main(["--output", str(tmp_path / "flops.md")])
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 3 * 5 + 3 * (1 + 3)  # 3 LLaVA models x (unpruned + 4 budgets), 3 Qwen models: unpruned + 3
+    assert len(rows) == 3 * 5 + 5 * (1 + 3)  # 3 LLaVA models x (unpruned + 4 budgets), 5 Qwen models: unpruned + 3
     assert [r for r in rows if r.startswith("| LLaVA-1.5-7B | 32 |")][0].split(" | ")[3] == "94.6%"
     assert any(r.startswith("| LLaVA-1.6-vicuna-7B") and "2928 / 2928" in r for r in rows)
     assert (tmp_path / "flops.md").read_text().count("\n| ") == len(rows) + 1

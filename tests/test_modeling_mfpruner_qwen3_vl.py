@@ -1,5 +1,6 @@
-"""MFPruner Qwen3-VL (dense and MoE): loading, equivalence with the stock model, DeepStack levels,
-M-RoPE positions, cue A in the last vision block, videos with timestamps, batching, input errors.
+"""MFPruner Qwen3-VL and Qwen3.5, dense and MoE (Qwen3.5: the same visual encoding without DeepStack): loading,
+equivalence with the stock model, DeepStack levels, M-RoPE positions, cue A in the last vision block,
+videos with timestamps, batching, input errors. Qwen3.5's recurrent state: test_modeling_mfpruner_qwen3_5.py.
 Tiny random models (mfpruner_lib.tiny_models); the drop-in contracts (threads, caches, max_length,
 device_map, refusals) are in test_drop_in_contracts.py, parametrised over every family."""
 
@@ -14,7 +15,12 @@ import transformers
 from safetensors import safe_open
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision, eager_attention_forward
 
-from configuration_mfpruner import MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig
+from configuration_mfpruner import (
+    MFPrunerQwen3_5Config,
+    MFPrunerQwen3_5MoeConfig,
+    MFPrunerQwen3VLConfig,
+    MFPrunerQwen3VLMoeConfig,
+)
 from mfpruner_core import resolve_budget
 from mfpruner_lib.families import FAMILIES
 from mfpruner_lib.tiny_models import qwen3_vl_video_inputs, qwen_inputs
@@ -23,11 +29,13 @@ from modeling_mfpruner_qwen3_vl import (
     MFPrunerQwen3VLMoeForConditionalGeneration,
     gather_deepstack,
 )
+from modeling_mfpruner_qwen3_5 import MFPrunerQwen3_5ForConditionalGeneration, MFPrunerQwen3_5MoeForConditionalGeneration
 from tests.conftest import random_image
 
 QUESTION = "What is in the image?"
-KEYS = ["qwen3-vl", "qwen3-vl-moe"]
-CLASSES = {"qwen3-vl": MFPrunerQwen3VLForConditionalGeneration, "qwen3-vl-moe": MFPrunerQwen3VLMoeForConditionalGeneration}
+KEYS = ["qwen3-vl", "qwen3-vl-moe", "qwen3.5", "qwen3.5-moe"]
+CLASSES = {"qwen3-vl": MFPrunerQwen3VLForConditionalGeneration, "qwen3-vl-moe": MFPrunerQwen3VLMoeForConditionalGeneration,
+           "qwen3.5": MFPrunerQwen3_5ForConditionalGeneration, "qwen3.5-moe": MFPrunerQwen3_5MoeForConditionalGeneration}
 GREEDY = dict(max_new_tokens=5, do_sample=False)
 
 
@@ -89,7 +97,7 @@ def test_stock_checkpoint_loads_bit_identically(tiny_repo, key):
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(ours[name], tensor), name
-    if key == "qwen3-vl":  # the hub layout is the module layout: every stored tensor, as stored
+    if key in ("qwen3-vl", "qwen3.5"):  # the hub layout is the module layout: every stored tensor, as stored
         assert all(torch.equal(ours[name], tensor) for name, tensor in stored.items())
         assert len(stored) == len(ours)
 
@@ -106,8 +114,8 @@ def test_save_pretrained_writes_auto_map_and_code(tiny_repo, key):
     }
     assert config["visual_token_ratio"] == 0.222 and config["visual_token_budget"] is None
     assert config["attention_query_chunk"] == 256
-    # the Qwen2.5-VL file ships too: its encoding and cue A code serve Qwen3-VL
-    for name in ("modeling_mfpruner_qwen3_vl.py", "modeling_mfpruner_qwen2_5_vl.py", "configuration_mfpruner.py",
+    # the Qwen2.5-VL file ships too: its encoding and cue A code serve Qwen3-VL (and Qwen3-VL's serve Qwen3.5)
+    for name in (entry.split(".")[0] + ".py", "modeling_mfpruner_qwen3_vl.py", "modeling_mfpruner_qwen2_5_vl.py", "configuration_mfpruner.py",
                  "mfpruner_pipeline.py", "mfpruner_core.py"):
         assert (repo / name).exists(), name
 
@@ -161,9 +169,19 @@ def test_language_model_input_length_follows_budgets(pair, prompts, prompt, sett
 def test_every_deepstack_level_is_gathered_with_the_kept_indices(pair, prompts, prompt):
     """The prefill hands the language model the kept positions as `visual_pos_masks` and, for every
     DeepStack level, the stock vision output's features of exactly the kept tokens (the same indices
-    as the merged tokens); decoding steps get none. Fails if a level were not pruned or used another mask."""
-    _, model, _ = pair
+    as the merged tokens); decoding steps get none. Fails if a level were not pruned or used another mask.
+    Qwen3.5's tower has no DeepStack: none is computed and none is passed."""
+    key, model, _ = pair
     inputs = prompts[prompt]
+    if key.startswith("qwen3.5"):
+        calls, handle = language_model_calls(model)
+        try:
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, visual_token_ratio=0.333)
+        finally:
+            handle.remove()
+        assert not hasattr(model.config.vision_config, "deepstack_visual_indexes")
+        assert all("deepstack_visual_embeds" not in call for call in calls)
+        return
     kind = "image" if "pixel_values" in inputs else "video"
     with torch.no_grad():
         if kind == "image":
@@ -347,7 +365,8 @@ def test_bad_inputs_raise_clear_errors(pair, prompts):
         model.generate(**inputs, max_new_tokens=1, visual_token_ratio=1.5)
 
 
-@pytest.mark.parametrize("config_class", [MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig])
+@pytest.mark.parametrize("config_class", [MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig, MFPrunerQwen3_5Config,
+                                          MFPrunerQwen3_5MoeConfig])
 @pytest.mark.parametrize(
     "settings, field",
     [({"relevance_source": "clip_text"}, "relevance_source"), ({"attention_query_chunk": 0}, "attention_query_chunk"),

@@ -25,7 +25,8 @@ from mfpruner_lib.families import FAMILIES
 from conftest import ROOT, random_image
 
 FLAT = (200, 120, 40)  # the flat colour of the test images
-SIZES = {"llava-1.5": (120, 80), "llava-next": (100, 60), "qwen2.5-vl": (150, 90), "qwen3-vl": (150, 90), "qwen3-vl-moe": (150, 90)}
+SIZES = {"llava-1.5": (120, 80), "llava-next": (100, 60), "qwen2.5-vl": (150, 90), "qwen3-vl": (150, 90), "qwen3-vl-moe": (150, 90),
+         "qwen3.5": (150, 90), "qwen3.5-moe": (150, 90)}
 
 
 def flat_image(size) -> Image.Image:

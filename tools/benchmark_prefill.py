@@ -457,6 +457,80 @@ QWEN3_VL_MOE_SIZES = {
 }
 
 
+# Qwen3.5: Qwen3-VL's tower without DeepStack and image; a hybrid LLM, every 4th layer full attention,
+# the others Gated DeltaNet (the real one: Qwen3.5-27B's).
+def without_deepstack(vision: dict) -> dict:
+    return {name: value for name, value in vision.items() if name != "deepstack_visual_indexes"}
+
+
+QWEN3_5_LINEAR = dict(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+                      linear_conv_kernel_dim=4)
+QWEN3_5_SIZES = {
+    "smoke": dict(
+        QWEN3_VL_SIZES["smoke"], vision=without_deepstack(QWEN3_VL_SIZES["smoke"]["vision"]),
+        text=dict(QWEN3_VL_SIZES["smoke"]["text"], num_hidden_layers=4, head_dim=32, linear_num_key_heads=2,
+                  linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                   "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+    ),
+    "cpu": dict(
+        QWEN3_VL_SIZES["cpu"], vision=without_deepstack(QWEN3_VL_SIZES["cpu"]["vision"]),
+        text=dict(QWEN3_VL_SIZES["cpu"]["text"], head_dim=128, **QWEN3_5_LINEAR,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                   "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
+    ),
+    "real": dict(
+        QWEN3_VL_SIZES["real"], vision=model_sizes.QWEN3_5_27B_VISION,
+        text=dict(model_sizes.QWEN3_5_27B_TEXT,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                   "mrope_section": [11, 11, 10], "mrope_interleaved": True}),
+    ),
+}
+
+
+# Qwen3.5 MoE: the same towers, image and layer pattern; the LLM's MLPs are experts with a shared one
+# (the real one: Qwen3.5-35B-A3B's).
+QWEN3_5_MOE_EXPERTS = {"smoke": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                     num_experts_per_tok=2),
+                       "cpu": dict(moe_intermediate_size=352, shared_expert_intermediate_size=352, num_experts=16,
+                                   num_experts_per_tok=8)}
+QWEN3_5_MOE_SIZES = {
+    **{size: dict(QWEN3_5_SIZES[size], text=dict(QWEN3_5_SIZES[size]["text"], **experts))
+       for size, experts in QWEN3_5_MOE_EXPERTS.items()},
+    "real": dict(
+        QWEN3_5_SIZES["real"],
+        vision=dict(model_sizes.QWEN3_5_27B_VISION, out_hidden_size=model_sizes.QWEN3_5_35B_A3B_TEXT["hidden_size"]),
+        text=dict(model_sizes.QWEN3_5_35B_A3B_TEXT, rope_parameters=QWEN3_5_SIZES["real"]["text"]["rope_parameters"]),
+    ),
+}
+
+
+def describe_qwen3_5(size: str) -> str:
+    v, t, (h, w) = QWEN3_5_SIZES[size]["vision"], QWEN3_5_SIZES[size]["text"], QWEN3_5_SIZES[size]["image_hw"]
+    return (
+        f"Qwen3.5 vision {v['depth']} blocks x {v['hidden_size']} (all full attention, no DeepStack), one {h}x{w} "
+        f"image; hybrid LLM {t['num_hidden_layers']} layers x {t['hidden_size']} (every 4th full attention, the "
+        f"others Gated DeltaNet; MLP {t['intermediate_size']})"
+    )
+
+
+def build_qwen3_5(size: str, dtype: torch.dtype, device: str, moe: bool = False):
+    from configuration_mfpruner import MFPrunerQwen3_5Config, MFPrunerQwen3_5MoeConfig
+    from modeling_mfpruner_qwen3_5 import MFPrunerQwen3_5ForConditionalGeneration, MFPrunerQwen3_5MoeForConditionalGeneration
+
+    if moe:
+        return build_qwen_sized(QWEN3_5_MOE_SIZES[size], MFPrunerQwen3_5MoeConfig, MFPrunerQwen3_5MoeForConditionalGeneration,
+                                dtype, device)
+    return build_qwen_sized(QWEN3_5_SIZES[size], MFPrunerQwen3_5Config, MFPrunerQwen3_5ForConditionalGeneration, dtype, device)
+
+
+def build_qwen_sized(sizes: dict, config_class, model_class, dtype: torch.dtype, device: str):
+    """A Qwen-VL model of one size entry (vision, text, token ids), random weights."""
+    text = dict(sizes["text"], bos_token_id=None, eos_token_id=None)
+    config = model_sizes.qwen2_5_vl_config(sizes["vision"], text, config_class=config_class, **sizes["token_ids"])
+    return instantiate(model_class, config, dtype, device)
+
+
 def build_qwen3_vl(size: str, dtype: torch.dtype, device: str, moe: bool = False):
     from configuration_mfpruner import MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig
     from modeling_mfpruner_qwen3_vl import (
@@ -465,11 +539,9 @@ def build_qwen3_vl(size: str, dtype: torch.dtype, device: str, moe: bool = False
     )
 
     sizes = (QWEN3_VL_MOE_SIZES if moe else QWEN3_VL_SIZES)[size]
-    text = dict(sizes["text"], bos_token_id=None, eos_token_id=None)
     config_class = MFPrunerQwen3VLMoeConfig if moe else MFPrunerQwen3VLConfig
-    config = model_sizes.qwen2_5_vl_config(sizes["vision"], text, config_class=config_class, **sizes["token_ids"])
     model_class = MFPrunerQwen3VLMoeForConditionalGeneration if moe else MFPrunerQwen3VLForConditionalGeneration
-    return instantiate(model_class, config, dtype, device)
+    return build_qwen_sized(sizes, config_class, model_class, dtype, device)
 
 
 def qwen3_vl_lm_prefill(model, pruned):
@@ -540,6 +612,30 @@ FAMILIES = {
         lm_prefill=qwen3_vl_lm_prefill,
         prefill_flops=functools.partial(qwen_flops, sizes=QWEN3_VL_MOE_SIZES),
         note={size: describe_qwen3_vl(size) + " (MoE)" for size in SIZES},
+        cue_attention=qwen_cue_attention,
+    ),
+    "qwen3.5": Family(
+        name=families.FAMILIES["qwen3.5"].name,
+        build=build_qwen3_5,
+        inputs=functools.partial(qwen_random_inputs, sizes=QWEN3_5_SIZES),
+        budgets=ratio_budgets(QWEN_RATIOS),
+        encode=qwen_encode,
+        prune=qwen_prune,
+        lm_prefill=qwen3_vl_lm_prefill,  # the stock model scatters the kept tokens (`mm_encoder_outputs`)
+        prefill_flops=functools.partial(qwen_flops, sizes=QWEN3_5_SIZES),
+        note={size: describe_qwen3_5(size) for size in SIZES},
+        cue_attention=qwen_cue_attention,
+    ),
+    "qwen3.5-moe": Family(
+        name=families.FAMILIES["qwen3.5-moe"].name,
+        build=functools.partial(build_qwen3_5, moe=True),
+        inputs=functools.partial(qwen_random_inputs, sizes=QWEN3_5_MOE_SIZES),
+        budgets=ratio_budgets(QWEN_RATIOS),
+        encode=qwen_encode,
+        prune=qwen_prune,
+        lm_prefill=qwen3_vl_lm_prefill,
+        prefill_flops=functools.partial(qwen_flops, sizes=QWEN3_5_MOE_SIZES),
+        note={size: describe_qwen3_5(size) + " (MoE)" for size in SIZES},
         cue_attention=qwen_cue_attention,
     ),
 }

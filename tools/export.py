@@ -5,7 +5,7 @@
 
 BASE: a local folder, or a hub id with --allow-download (nothing is downloaded otherwise), of a
 model type in ARCHITECTURES: LLaVA-1.5 (`llava`), LLaVA-NeXT (`llava_next`), Qwen2.5-VL (`qwen2_5_vl`),
-Qwen3-VL (`qwen3_vl`), Qwen3-VL MoE (`qwen3_vl_moe`).
+Qwen3-VL (`qwen3_vl`), Qwen3-VL MoE (`qwen3_vl_moe`), Qwen3.5 (`qwen3_5`), Qwen3.5 MoE (`qwen3_5_moe`).
 OUT gets, written in a temporary folder next to it and renamed into place only when complete:
   - the weights as safetensors, sharded as BASE is. Shard files are copied byte for byte, in
     the stock key layout: the MFPruner class registers the stock conversion mapping, which
