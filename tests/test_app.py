@@ -17,7 +17,7 @@ import app
 from mfpruner_demo import analysis as demo_analysis
 from mfpruner_demo import inputs as demo_inputs
 from mfpruner_demo import loading, render, ui
-from mfpruner_lib import token_geometry
+import mfpruner_visualize
 from mfpruner_lib.families import FAMILIES, by_model_type
 from mfpruner_core import resolve_budget, select_tokens, vote
 from mfpruner_lib.flops import fastv_flops
@@ -90,7 +90,7 @@ def test_llava_token_boxes_match_the_processor(demo_model, size):
     mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
     rgb = ((pixels * std + mean) * 255).numpy()
     grid = pixels.shape[1] // 14
-    boxes = token_geometry.llava_token_boxes(size, processor, (grid, grid))
+    boxes = mfpruner_visualize.llava_token_boxes(size, processor, (grid, grid))
     assert boxes.shape == (grid * grid, 4)
     for token, (x0, y0, x1, y1) in enumerate(boxes):
         row, col = divmod(token, grid)
@@ -100,7 +100,7 @@ def test_llava_token_boxes_match_the_processor(demo_model, size):
 
 
 def test_token_index_map_tiles_the_crop_and_leaves_the_borders(demo_model):
-    boxes = token_geometry.llava_token_boxes((120, 80), demo_model.processor.image_processor, (6, 6))
+    boxes = mfpruner_visualize.llava_token_boxes((120, 80), demo_model.processor.image_processor, (6, 6))
     index_map = render.token_index_map(boxes, 120, 80)
     assert set(np.unique(index_map)) == {-1, *range(36)}
     assert (index_map[:, :20] == -1).all() and (index_map[:, -20:] == -1).all()  # cropped sides
@@ -384,7 +384,7 @@ def test_qwen_token_boxes_match_the_processor(qwen_demo, size):
     rows, cols = grid_h // 2, grid_w // 2
     blocks = inputs["pixel_values"].view(rows, cols, 2, 2, 3, 2, 14, 14)  # the processor's patch order
     blocks = blocks.permute(0, 1, 4, 5, 2, 6, 3, 7).reshape(rows * cols, 3, 2, 28, 28)[:, :, 0]  # (N, 3, 28, 28)
-    boxes = token_geometry.whole_image_grid_boxes(size, processor, (rows, cols))
+    boxes = mfpruner_visualize.whole_image_grid_boxes(size, processor, (rows, cols))
     assert_boxes_centre_on(boxes, decoded_sums(blocks, processor, size), tolerance=1.0)
     index_map = render.token_index_map(boxes, *size)
     assert (index_map >= 0).all() and set(np.unique(index_map)) == set(range(rows * cols))  # the whole image
@@ -410,11 +410,11 @@ def test_llava_next_token_boxes_match_the_processor(next_demo, size):
     )
     maps = render.token_maps(next_demo, size, result)
     layout = result.layouts[0]
-    for name, part in (("main", token_geometry.result_core(result).LAYOUT_GRID), ("base", token_geometry.result_core(result).LAYOUT_BASE)):
+    for name, part in (("main", mfpruner_visualize.result_core(result).LAYOUT_GRID), ("base", mfpruner_visualize.result_core(result).LAYOUT_BASE)):
         drawn = ~np.isnan(maps[name][:, 0])
         assert (drawn == (layout[:, 0] == part).numpy()).all(), name  # each patch token on its own map
         assert_boxes_centre_on(maps[name], packed, tolerance=1.5)
-    assert np.isnan(maps["main"][(layout[:, 0] == token_geometry.result_core(result).LAYOUT_NEWLINE).numpy()]).all()
+    assert np.isnan(maps["main"][(layout[:, 0] == mfpruner_visualize.result_core(result).LAYOUT_NEWLINE).numpy()]).all()
 
 
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
@@ -431,7 +431,7 @@ def test_overlay_marks_exactly_the_kept_tokens_for_other_families(request, famil
     candidates = list(range(result.num_visual_tokens[0]))
     seen_from = 0  # Qwen: no crop, the whole image is seen
     if family == "llava_next":  # every patch token drawn once (grid, or base map); newlines nowhere
-        candidates = [t for t in candidates if result.layouts[0][t, 0] != token_geometry.result_core(result).LAYOUT_NEWLINE]
+        candidates = [t for t in candidates if result.layouts[0][t, 0] != mfpruner_visualize.result_core(result).LAYOUT_NEWLINE]
         main_width = render.display_copy(demo_inputs.load_image(path)[0])[0].width
         assert (index_map[:, main_width : main_width + render.INSET_GAP] == render.GROUND).all()
         seen_from = main_width  # the base tile sees the whole image (unpadding may cut grid edges)
