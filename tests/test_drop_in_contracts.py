@@ -323,6 +323,8 @@ def outcome(call):
 def test_assisted_decoding_with_pruning_off_behaves_as_stock(family):
     ours = outcome(lambda: family.model.generate(**family.single, prompt_lookup_num_tokens=2, prune_visual_tokens=False, **GREEDY))
     theirs = outcome(lambda: family.stock.generate(**family.single, prompt_lookup_num_tokens=2, **GREEDY))
+    if isinstance(theirs, str):  # the same refusal, naming our class where the stock names its own
+        theirs = theirs.replace(type(family.stock).__name__, type(family.model).__name__)
     assert type(ours) is type(theirs)
     assert (torch.equal(ours, theirs) if isinstance(ours, torch.Tensor) else ours == theirs)
 
