@@ -407,15 +407,28 @@ def refuse_weights(monkeypatch):
     monkeypatch.setattr(adapter.AutoModelForImageTextToText, "from_pretrained", refuse)
 
 
-def test_qwen_repo_without_its_processor_is_a_clear_error(qwen_repo, offline_env, monkeypatch):
-    """The tiny Qwen2.5-VL repo has a tokenizer and an image processor but no Qwen2_5_VLProcessor
+def without_its_processor(qwen_repo: Path, folder: Path) -> Path:
+    """A copy of the tiny Qwen2.5-VL repo without the processor it ships (MFPrunerQwen2_5_VLProcessor):
+    a tokenizer and an image processor only, as a repo exported from a hub checkpoint holds them."""
+    repo = shutil.copytree(qwen_repo, folder)
+    (repo / "processor_config.json").unlink()
+    tokenizer_config = json.loads((repo / "tokenizer_config.json").read_text())
+    for key in ("auto_map", "processor_class"):
+        tokenizer_config.pop(key, None)
+    (repo / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return repo
+
+
+def test_qwen_repo_without_its_processor_is_a_clear_error(qwen_repo, tmp_path, offline_env, monkeypatch):
+    """A Qwen2.5-VL repo with a tokenizer and an image processor but no Qwen2_5_VLProcessor
     (transformers 5.x builds it only with torchvision). The adapter does not stitch one together:
     the placeholder expansion is the processor's job, so it stops with the remedy."""
     from lmms_eval.models import get_model
 
+    repo = without_its_processor(qwen_repo, tmp_path / "qwen-without-processor")
     refuse_weights(monkeypatch)
     with pytest.raises(ValueError, match="not a multimodal processor.*Qwen2_5_VLProcessor.*needs torchvision"):
-        get_model("mfpruner").create_from_arg_string(f"pretrained={qwen_repo},device=cpu")
+        get_model("mfpruner").create_from_arg_string(f"pretrained={repo},device=cpu")
 
 
 @pytest.mark.skipif(
@@ -427,7 +440,7 @@ def test_qwen_repo_with_its_processor_but_no_torchvision_is_a_clear_error(qwen_r
     torchvision loading it raises ImportError, which the adapter turns into a ValueError with the remedy."""
     from lmms_eval.models import get_model
 
-    repo = shutil.copytree(qwen_repo, tmp_path / "qwen-like-hub")
+    repo = without_its_processor(qwen_repo, tmp_path / "qwen-like-hub")
     config = json.loads((repo / "preprocessor_config.json").read_text())
     (repo / "preprocessor_config.json").write_text(json.dumps({**config, "processor_class": "Qwen2_5_VLProcessor"}))
     refuse_weights(monkeypatch)
