@@ -64,6 +64,8 @@ def run_loaded(path, device_map, inputs: dict, budget: dict, new_tokens: int) ->
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, device_map=device_map).eval()
+    # On `model.device`, as users do (the all-GPU model has no hooks to move them; a split one has).
+    inputs = {name: value.to(model.device) if torch.is_tensor(value) else value for name, value in inputs.items()}
     with torch.inference_mode():
         logits = model(**inputs, **budget).logits.float().cpu()
         kept = [idx.tolist() for idx in model.last_pruning.keep_indices]
