@@ -402,10 +402,15 @@ QWEN3_FAMILIES = ["qwen3_vl_runs", "qwen3_vl_moe_runs"]
 def qwen3_vl_vllm_repo(tiny_dir, moe: bool) -> Path:
     """A tiny MFPruner Qwen3-VL (MoE) repo: 32-wide text heads, 2 DeepStack levels, text attention
     sharpened (as for Qwen2.5-VL) so wrong M-RoPE positions or DeepStack rows show in the log-probabilities."""
-    from mfpruner_lib.tiny_models import build_tiny_qwen3_vl
+    from mfpruner_lib.tiny_models import build_tiny_qwen3_vl, rewrite_qwen3_vl_moe_as_hub_layout
 
-    name = "mfpruner-qwen3_vl_moe-vllm" if moe else "mfpruner-qwen3_vl-vllm"
-    repo = build_tiny_qwen3_vl(tiny_dir / name, moe=moe, text_heads=2, visual_token_ratio=0.25)
+    if not moe:
+        repo = build_tiny_qwen3_vl(tiny_dir / "mfpruner-qwen3_vl-vllm", text_heads=2, visual_token_ratio=0.25)
+    else:  # the experts in the hub layout (vLLM reads only that one), non-square so that transformers reads it too
+        repo = build_tiny_qwen3_vl(
+            tiny_dir / "mfpruner-qwen3_vl_moe-vllm", moe=True, text_heads=2, moe_intermediate_size=48, visual_token_ratio=0.25
+        )
+        rewrite_qwen3_vl_moe_as_hub_layout(repo)
     sharpen_text_attention(repo, factor=8.0)
     return repo
 
