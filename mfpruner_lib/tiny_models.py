@@ -507,10 +507,14 @@ def qwen3_vl_video_inputs(tokenizer, texts: list[str], frames: torch.Tensor, sec
     }
 
 
-def tiny_qwen3_vl_config(tokenizer, stock: bool = False, moe: bool = False, **mfpruner):
+def tiny_qwen3_vl_config(
+    tokenizer, stock: bool = False, moe: bool = False, text_heads: int = 4, moe_intermediate_size: int = 32, **mfpruner
+):
     """Qwen3-VL with the real layout at toy width: 4 vision blocks with DeepStack mergers after blocks
     1 and 2 (added after text layers 0 and 1), 16 px patches, 2 x 2 merge, a 3-layer text model with
-    interleaved M-RoPE; moe=True: Qwen3-VL MoE (4 experts, 2 per token)."""
+    interleaved M-RoPE; moe=True: Qwen3-VL MoE (4 experts, 2 per token). text_heads=2 gives the text
+    model 32-wide heads (vLLM's CPU attention runs float32 from 32 up); moe_intermediate_size other than
+    32 makes the experts' matrices non-square (see `rewrite_qwen3_vl_moe_as_hub_layout`)."""
     from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
     ids = tokenizer.convert_tokens_to_ids
@@ -519,13 +523,15 @@ def tiny_qwen3_vl_config(tokenizer, stock: bool = False, moe: bool = False, **mf
         spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[1, 2],
     )
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=ids("<|endoftext|>"),
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=text_heads,
+        num_key_value_heads=2, head_dim=64 // text_heads, max_position_embeddings=1024, pad_token_id=ids("<|endoftext|>"),
         eos_token_id=ids("<|im_end|>"), bos_token_id=None,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [n * 4 // text_heads for n in (2, 3, 3)],
+                         "mrope_interleaved": True},
     )
     if moe:
-        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+        # norm_topk_prob: the hub configs carry it; transformers always normalizes, vLLM's MoE block reads it
+        text.update(moe_intermediate_size=moe_intermediate_size, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True)
     kwargs = qwen_config_kwargs(tokenizer, vision, text)
     if stock:
         return (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(**kwargs)
@@ -558,6 +564,25 @@ def write_tiny_qwen3(path: str | os.PathLike, seed: int, config_for: Callable, m
     config = config_for(tokenizer)
     torch.manual_seed(seed)
     return save_tiny_qwen(model_class(config), tokenizer, image_processor, path)
+
+
+def rewrite_qwen3_vl_moe_as_hub_layout(path: str | os.PathLike) -> Path:
+    """Rewrites a tiny Qwen3-VL MoE folder (transformers 5.x save_pretrained layout) in place into the
+    hub checkpoints' expert layout (Qwen/Qwen3-VL-30B-A3B-Instruct, what tools.export copies and vLLM
+    loads): `experts.gate_up_proj` (E, hidden, 2 x moe_intermediate), `experts.down_proj` (E,
+    moe_intermediate, hidden). transformers transposes them back on load only where the shapes
+    differ, so the tiny model needs non-square experts (moe_intermediate_size != 32)."""
+    from safetensors.torch import load_file, save_file
+
+    file = Path(path) / "model.safetensors"
+    state = load_file(file)
+    for key, value in state.items():
+        if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            if value.shape[1] == value.shape[2]:
+                raise ValueError(f"{key} is square {tuple(value.shape)}: its hub layout would not load in transformers")
+            state[key] = value.transpose(1, 2).contiguous()
+    save_file(state, file, metadata={"format": "pt"})
+    return Path(path)
 
 
 def build_tiny_qwen3_vl_moe(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:

@@ -1,4 +1,5 @@
-"""MFPruner for vLLM: serve exported MFPruner repos with pruning (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL).
+"""MFPruner for vLLM: serve exported MFPruner repos with pruning (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
+Qwen3-VL, Qwen3-VL MoE).
 
 vLLM loads this package through the `vllm.general_plugins` entry point (pyproject.toml) and calls
 `register()` in every process: it registers the MFPruner configs with transformers' AutoConfig
@@ -23,6 +24,8 @@ ARCHITECTURES = {
     "MFPrunerLlavaForConditionalGeneration": "mfpruner_vllm.llava:MFPrunerLlavaForConditionalGeneration",
     "MFPrunerQwen2_5_VLForConditionalGeneration": "mfpruner_vllm.qwen2_5_vl:MFPrunerQwen2_5_VLForConditionalGeneration",
     "MFPrunerLlavaNextForConditionalGeneration": "mfpruner_vllm.llava:MFPrunerLlavaNextForConditionalGeneration",
+    "MFPrunerQwen3VLForConditionalGeneration": "mfpruner_vllm.qwen3_vl:MFPrunerQwen3VLForConditionalGeneration",
+    "MFPrunerQwen3VLMoeForConditionalGeneration": "mfpruner_vllm.qwen3_vl:MFPrunerQwen3VLMoeForConditionalGeneration",
 }
 
 
@@ -31,9 +34,17 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, MFPrunerQwen2_5_VLConfig
+    from configuration_mfpruner import (
+        MFPrunerLlavaConfig,
+        MFPrunerLlavaNextConfig,
+        MFPrunerQwen2_5_VLConfig,
+        MFPrunerQwen3VLConfig,
+        MFPrunerQwen3VLMoeConfig,
+    )
 
-    for config_class in (MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, MFPrunerQwen2_5_VLConfig):
+    for config_class in (
+        MFPrunerLlavaConfig, MFPrunerLlavaNextConfig, MFPrunerQwen2_5_VLConfig, MFPrunerQwen3VLConfig, MFPrunerQwen3VLMoeConfig
+    ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     for name, target in ARCHITECTURES.items():
         if name not in ModelRegistry.get_supported_archs():

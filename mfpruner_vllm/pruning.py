@@ -59,6 +59,10 @@ class KeptPlaceholdersMixin:
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         outputs = super()._call_hf_processor(hf_data, without_plugin_kwargs(hf_kwargs))
+        return self.add_per_image_inputs(outputs, hf_kwargs)
+
+    def add_per_image_inputs(self, outputs, hf_kwargs):
+        """The HF processor's outputs (with images) plus, per image, the prompt's text ids and its kept count."""
         tokens = self.visual_tokens_per_image(outputs)
         budget, ratio = hf_kwargs[KEEP]
         outputs[TEXT_IDS] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * len(tokens), dtype=torch.long).view(len(tokens), -1)
@@ -81,6 +85,25 @@ class KeptPlaceholdersMixin:
             return [image_token_id] * int(out_mm_kwargs["image"][item_idx][KEEP].data)
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+class ImagesOnlyMixin:
+    """Put before a vLLM processing info class of a family whose videos the plugin does not serve
+    (`family` names it): a request with a video fails alone, before any work, saying what is served."""
+
+    family = ""
+
+    def get_supported_mm_limits(self):
+        return {"image": None}
+
+    def validate_num_items(self, modality: str, num_items: int) -> None:
+        # vLLM checks each request's items here: a video fails that request alone, saying what is served.
+        if modality != "image" and num_items > 0:
+            raise ValueError(
+                f"mfpruner_vllm serves {self.family} images only; this request has {num_items} {modality}(s). "
+                f"Videos are not supported yet: send images, or serve the stock {self.family} architecture"
+            )
+        super().validate_num_items(modality, num_items)
 
 
 def check_supported(vllm_config, family: str) -> None:
@@ -155,21 +178,24 @@ def prune_image(config, tokens, attention, text_embeds, keep: int, candidates=No
     return indices, full
 
 
-def prune_images(model, images, text_ids, keep) -> list[Selection]:
+def prune_images(model, images, text_ids, keep, rows=None) -> list[Selection]:
     """Every image of one encoder call, in order (each family's embed_multimodal ends here).
 
     images: per image (tokens (N, D), raw vision attention (N,) or None, candidates (N,) bool or
     None, the CLIP-text relevance (n,) over the candidates or None); text_ids / keep: the
     processor's per-image inputs (the prompt's non-image token ids, embedded by the model's
-    language model, and the placeholder count). Returns each image's
-    `Selection` (kept rows on the tokens' device; indices and scores on the CPU)."""
+    language model, and the placeholder count); rows: per image the (N, D') rows to keep when they
+    carry more than the cue tokens (Qwen3-VL: each token's DeepStack levels after it, so every
+    level keeps the same indices), None: the tokens. Returns each image's `Selection` (kept rows
+    on the tokens' device; indices and scores on the CPU)."""
     selections = []
     text_ids, keep = per_item(text_ids, len(images)), per_item(keep, len(images))
-    for (tokens, attention, candidates, relevance), ids, k in zip(images, text_ids, keep):
+    rows = rows if rows is not None else [tokens for tokens, *_ in images]
+    for (tokens, attention, candidates, relevance), image_rows, ids, k in zip(images, rows, text_ids, keep):
         text_embeds = model.language_model.embed_input_ids(ids.to(tokens.device).view(-1))
         indices, scores = prune_image(model.config, tokens, attention, text_embeds, int(k), candidates, relevance)
         cpu_scores = {name: score.cpu() for name, score in scores.items()}
-        selections.append(Selection(tokens[indices], indices.cpu(), cpu_scores, len(tokens)))
+        selections.append(Selection(image_rows[indices.to(image_rows.device)], indices.cpu(), cpu_scores, len(tokens)))
     return selections
 
 

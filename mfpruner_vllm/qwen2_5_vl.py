@@ -30,11 +30,12 @@ from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderA
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from mfpruner_core import MFPrunerResult, attention_with_received
+from mfpruner_core import attention_with_received
 
 from .pruning import (
     KEEP,
     TEXT_IDS,
+    ImagesOnlyMixin,
     KeptPlaceholdersMixin,
     Selection,
     SelectionCache,
@@ -52,18 +53,8 @@ from .pruning import (
 IMAGE_KEY = "mfpruner_image_key"
 
 
-class MFPrunerQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
-    def get_supported_mm_limits(self):
-        return {"image": None}  # videos: not served by the plugin yet
-
-    def validate_num_items(self, modality: str, num_items: int) -> None:
-        # vLLM checks each request's items here: a video fails that request alone, saying what is served.
-        if modality != "image" and num_items > 0:
-            raise ValueError(
-                f"mfpruner_vllm serves Qwen2.5-VL images only; this request has {num_items} {modality}(s). "
-                "Videos are not supported yet: send images, or serve the stock Qwen2.5-VL architecture"
-            )
-        super().validate_num_items(modality, num_items)
+class MFPrunerQwen2_5_VLProcessingInfo(ImagesOnlyMixin, Qwen2_5_VLProcessingInfo):
+    family = "Qwen2.5-VL"  # videos: not served by the plugin yet
 
 
 class MFPrunerQwen2_5_VLMultiModalProcessor(KeptPlaceholdersMixin, Qwen2_5_VLMultiModalProcessor):
@@ -125,14 +116,14 @@ class ReceivedAttentionCapture(MMEncoderAttention):
         return output
 
 
-def install_received_capture(visual) -> ReceivedAttentionCapture:
-    """Swaps the last full-attention block's attention kernel for a `ReceivedAttentionCapture`
+def install_received_capture(visual, block: int, family: str) -> ReceivedAttentionCapture:
+    """Swaps the attention kernel of vision block `block` (the cue block) for a `ReceivedAttentionCapture`
     with the same settings (this model instance only; the kernel holds no weights)."""
-    attn = visual.blocks[last_full_attention_block(visual)].attn
+    attn = visual.blocks[block].attn
     stock = attn.attn
     if stock.attn_backend == AttentionBackendEnum.FLASHINFER:  # its cu_seqlens count elements, padded
         raise ValueError(
-            "mfpruner_vllm: the FLASHINFER vision attention backend is not supported for Qwen2.5-VL; "
+            f"mfpruner_vllm: the FLASHINFER vision attention backend is not supported for {family}; "
             "serve with mm_encoder_attn_backend='FLASH_ATTN' or 'TORCH_SDPA'"
         )
     attn.attn = ReceivedAttentionCapture(
@@ -153,6 +144,28 @@ def capture_received_attention(kernel: ReceivedAttentionCapture, query_chunk: in
         kernel.captured = None
 
 
+def check_qwen_supported(vllm_config, family: str) -> None:
+    """`check_supported` plus what the Qwen vision towers' cue A capture cannot serve (refused at load)."""
+    check_supported(vllm_config, family)
+    if vllm_config.model_config.get_multimodal_config().mm_encoder_tp_mode == "data":
+        raise ValueError(f"mfpruner_vllm: mm_encoder_tp_mode='data' is not supported for {family} yet")
+    if getattr(vllm_config.compilation_config, "compile_mm_encoder", False):
+        raise ValueError(
+            "mfpruner_vllm: compilation_config.compile_mm_encoder=True compiles the vision blocks, where the "
+            f"{family} plugin captures cue A from one block's attention kernel; leave it off"
+        )
+
+
+def init_qwen_pruning(model, vllm_config, cue_block: int, family: str) -> None:
+    """The plugin's state on a Qwen model instance: cue A's kernel in vision block `cue_block`,
+    the selection cache, `last_pruning`."""
+    model.received_capture = install_received_capture(model.visual, cue_block, family)
+    # get_mrope_input_positions selects, embed_multimodal reuses; one entry per image of up to
+    # max_num_seqs requests between the two (more only costs a recomputation).
+    model.selection_cache = SelectionCache(vllm_config.scheduler_config.max_num_seqs)
+    model.last_pruning = None  # the MFPrunerResult of the last encoder call
+
+
 def grid_positions(grid_thw, merge: int) -> torch.Tensor:
     """(3, N) the (t, h, w) M-RoPE offsets of one image's visual tokens inside the image, raster order."""
     t, h, w = (int(v) for v in grid_thw)
@@ -167,20 +180,9 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
     """Qwen2.5-VL with MFPruner (images). `last_pruning` holds the last encoder call's decisions."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        check_supported(vllm_config, "Qwen2.5-VL")
-        if vllm_config.model_config.get_multimodal_config().mm_encoder_tp_mode == "data":
-            raise ValueError("mfpruner_vllm: mm_encoder_tp_mode='data' is not supported for Qwen2.5-VL yet")
-        if getattr(vllm_config.compilation_config, "compile_mm_encoder", False):
-            raise ValueError(
-                "mfpruner_vllm: compilation_config.compile_mm_encoder=True compiles the vision blocks, where the "
-                "Qwen2.5-VL plugin captures cue A from the last full-attention block's kernel; leave it off"
-            )
+        check_qwen_supported(vllm_config, "Qwen2.5-VL")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.received_capture = install_received_capture(self.visual)
-        # get_mrope_input_positions selects, embed_multimodal reuses; one entry per image of up to
-        # max_num_seqs requests between the two (more only costs a recomputation).
-        self.selection_cache = SelectionCache(vllm_config.scheduler_config.max_num_seqs)
-        self.last_pruning: MFPrunerResult | None = None
+        init_qwen_pruning(self, vllm_config, last_full_attention_block(self.visual), "Qwen2.5-VL")
 
     @torch.no_grad()
     def select_images(self, pixel_values, grid_thw, text_ids, keep) -> list[Selection]:
@@ -190,13 +192,21 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         visual, grids = self.visual, grid_thw.tolist()
         pixel_values = pixel_values.to(visual.device, visual.dtype)
         with capture_received_attention(self.received_capture, self.config.attention_query_chunk) as captured:
-            features = visual(pixel_values, grid_thw=grids)  # (sum N, D), raster order
-        unit = visual.spatial_merge_unit
-        reverse = visual.prepare_encoder_metadata(grids)["reverse_indices"].to(features.device)
-        attention = captured["received"].view(-1, unit).mean(dim=-1)[reverse]  # (sum N,) raster order
-        sizes = (grid_thw.prod(-1) // unit).tolist()
-        images = [(tokens, scores, None, None) for tokens, scores in zip(features.split(sizes), attention.split(sizes))]
-        return prune_images(self, images, text_ids, keep)
+            # (sum N, D) raster order; Qwen3-VL: (sum N, D * (1 + levels)), each token's DeepStack levels after it
+            features = visual(pixel_values, grid_thw=grids)
+        attention = self.merged_attention(captured["received"], grids)  # (sum N,) raster order
+        sizes = (grid_thw.prod(-1) // visual.spatial_merge_unit).tolist()
+        rows = features.split(sizes)
+        width = self.config.vision_config.out_hidden_size  # the cues read the merged tokens
+        images = [(tokens[:, :width], scores, None, None) for tokens, scores in zip(rows, attention.split(sizes))]
+        return prune_images(self, images, text_ids, keep, rows)
+
+    def merged_attention(self, received, grids) -> torch.Tensor:
+        """(S,) attention received per patch, in the tower's window order -> (S / 4,) per visual token
+        (the mean over each 2x2 merge group), raster order."""
+        unit = self.visual.spatial_merge_unit
+        reverse = self.visual.prepare_encoder_metadata(grids)["reverse_indices"].to(received.device)
+        return received.view(-1, unit).mean(dim=-1)[reverse]
 
     def cached_selections(self, pixel_values, grid_thw, text_ids, keep, keys) -> list[Selection]:
         """Each image's selection: from `selection_cache` where its key is there, else computed (the

@@ -336,16 +336,17 @@ def sharpen_text_attention(repo: Path, factor: float):
     save_file(state, file, metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="session")
-def qwen_runs(qwen_vllm_repo, tmp_path_factory):
+def qwen_family_runs(repo, folder):
+    """(vLLM results, transformers references) of a Qwen-VL repo on the Qwen cases (the video
+    request and the number of images through the vision tower included), vLLM loaded once."""
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     from mfpruner_lib.tiny_models import qwen_inputs
 
-    model = AutoModelForImageTextToText.from_pretrained(qwen_vllm_repo, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(qwen_vllm_repo)
-    image_processor = AutoImageProcessor.from_pretrained(qwen_vllm_repo)
+    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(repo)
+    image_processor = AutoImageProcessor.from_pretrained(repo)
 
     def reference(prompt, paths, mm_kwargs):
         images = [Image.open(p).convert("RGB") for p in paths]
@@ -354,9 +355,14 @@ def qwen_runs(qwen_vllm_repo, tmp_path_factory):
         return or_error(lambda: reference_generation(model, inputs, mm_kwargs, ids))
 
     return collect_runs(
-        tmp_path_factory.mktemp("vllm-qwen"), qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference, [QWEN_VIDEO_REQUEST],
+        folder, repo, QWEN_CASES, QWEN_BATCH, reference, [QWEN_VIDEO_REQUEST],
         case_options=QWEN_CASE_OPTIONS, count_vision_images=True,
     )
+
+
+@pytest.fixture(scope="session")
+def qwen_runs(qwen_vllm_repo, tmp_path_factory):
+    return qwen_family_runs(qwen_vllm_repo, tmp_path_factory.mktemp("vllm-qwen"))
 
 
 @pytest.mark.parametrize("name", ["single", "budget-override", "tall-image", "two-images", "uncached"])
@@ -385,6 +391,75 @@ def test_qwen_video_request_fails_alone_with_a_clear_error(qwen_runs):
     assert "error" in results["video"], results["video"]
     assert "video" in results["video"]["error"] and "images only" in results["video"]["error"]
     assert len(results["batch"]["requests"]) == len(QWEN_BATCH)
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL and Qwen3-VL MoE
+
+# The Qwen cases above (32 px per visual token here: fewer tokens per image than Qwen2.5-VL's 28 px).
+QWEN3_FAMILIES = ["qwen3_vl_runs", "qwen3_vl_moe_runs"]
+
+
+def qwen3_vl_vllm_repo(tiny_dir, moe: bool) -> Path:
+    """A tiny MFPruner Qwen3-VL (MoE) repo: 32-wide text heads, 2 DeepStack levels, text attention
+    sharpened (as for Qwen2.5-VL) so wrong M-RoPE positions or DeepStack rows show in the log-probabilities."""
+    from mfpruner_lib.tiny_models import build_tiny_qwen3_vl, rewrite_qwen3_vl_moe_as_hub_layout
+
+    if not moe:
+        repo = build_tiny_qwen3_vl(tiny_dir / "mfpruner-qwen3_vl-vllm", text_heads=2, visual_token_ratio=0.25)
+    else:  # the experts in the hub layout (vLLM reads only that one), non-square so that transformers reads it too
+        repo = build_tiny_qwen3_vl(
+            tiny_dir / "mfpruner-qwen3_vl_moe-vllm", moe=True, text_heads=2, moe_intermediate_size=48, visual_token_ratio=0.25
+        )
+        rewrite_qwen3_vl_moe_as_hub_layout(repo)
+    sharpen_text_attention(repo, factor=8.0)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_runs(tiny_dir, tmp_path_factory):
+    return qwen_family_runs(qwen3_vl_vllm_repo(tiny_dir, moe=False), tmp_path_factory.mktemp("vllm-qwen3-vl"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_moe_runs(tiny_dir, tmp_path_factory):
+    return qwen_family_runs(qwen3_vl_vllm_repo(tiny_dir, moe=True), tmp_path_factory.mktemp("vllm-qwen3-vl-moe"))
+
+
+@pytest.mark.parametrize("runs", QWEN3_FAMILIES)
+@pytest.mark.parametrize("name", ["single", "budget-override", "tall-image", "two-images", "uncached"])
+def test_qwen3_vl_keeps_the_transformers_tokens_and_generates_the_same(request, runs, name):
+    """Cue A from the last vision block, every DeepStack level kept with the same indices, kept
+    tokens at their original interleaved M-RoPE positions: the log-probabilities match only with all three."""
+    results, references = request.getfixturevalue(runs)
+    ours, reference = results[name], references[name][0]
+    assert "error" not in ours, ours.get("error")
+    assert ours["keep_indices"] == reference["keep_indices"]
+    assert_same_generation(ours["requests"][0], reference)
+
+
+@pytest.mark.parametrize("runs", QWEN3_FAMILIES)
+def test_qwen3_vl_budget_and_batch(request, runs):
+    """Per-request budget and ratio set the kept count; a batch of requests with different image
+    sizes, budgets and image counts matches request by request; the vision tower runs once per image."""
+    results, references = request.getfixturevalue(runs)
+    assert [len(i) for i in results["budget-override"]["keep_indices"]] == [3]
+    assert len(results["batch"]["requests"]) == len(QWEN_BATCH)
+    for ours, reference in zip(results["batch"]["requests"], references["batch"]):
+        assert_same_generation(ours, reference)
+    images = {"single": 1, "budget-override": 1, "tall-image": 1, "two-images": 2, "batch": 4}
+    assert {name: results[name]["vision_images"] for name in images} == images
+    assert results["uncached"]["vision_images"] == 2
+
+
+@pytest.mark.parametrize("runs", QWEN3_FAMILIES)
+def test_qwen3_vl_bad_value_and_video_fail_alone(request, runs):
+    """A bad ratio and a video request each fail alone with a clear error; the requests after them are served."""
+    results, references = request.getfixturevalue(runs)
+    assert "visual_token_ratio" in results["bad-ratio"]["error"]
+    assert "visual_token_ratio" in references["bad-ratio"][0]["error"]
+    assert "video" in results["video"]["error"] and "Qwen3-VL" in results["video"]["error"]
+    assert "images only" in results["video"]["error"]
+    assert len(results["batch"]["requests"]) == len(QWEN_BATCH) and "error" not in results["uncached"]
 
 
 # ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)

@@ -4,7 +4,7 @@
 
 SPEC: {"repo": path, "cases": [{"name", "requests": [{"prompt", "images": [png paths],
 "mm_processor_kwargs": {...} or null, optional "video_frames": [frames, height, width] (a random
-video)}], "steps", optional "selection_cache_capacity": the Qwen2.5-VL model's selection cache
+video)}], "steps", optional "selection_cache_capacity": the Qwen model's selection cache
 size during this case}], optional "count_vision_images": true}. Loads the repo once with vLLM
 (one process, float32, greedy) and writes per case and request: the prompt token ids vLLM built,
 the generated ids, each step's log-probability of the chosen token, (single-request cases) the
