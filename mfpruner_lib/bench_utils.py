@@ -89,9 +89,10 @@ def cpu_busy_seconds() -> float | None:
 
 
 def own_cpu_seconds() -> float:
-    """CPU seconds this process (all its threads) has used."""
+    """CPU seconds this process (all its threads) and the child processes it has waited for (a
+    benchmark's servers, stopped before its run ends) have used."""
     times = os.times()
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
 
 
 @dataclass

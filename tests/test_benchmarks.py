@@ -418,3 +418,27 @@ def test_llm_weight_bytes_counts_decoder_and_head_not_the_embedding_table():
     expected = 4 * (sum(p.numel() for p in decoder.parameters()) - decoder.embed_tokens.weight.numel()
                     + model.lm_head.weight.numel())
     assert benchmark_prefill.llm_weight_bytes(model) == expected
+
+
+def test_own_cpu_counts_the_child_processes_waited_for():
+    """A benchmark's servers are its own work: once stopped and waited for, their CPU time is not
+    counted as other processes'."""
+    import subprocess
+    import sys
+
+    before = bench_utils.own_cpu_seconds()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"],
+                   check=True)
+    assert bench_utils.own_cpu_seconds() - before >= 0.5
+
+
+def test_vllm_serving_bad_arguments(capsys):
+    from tools import benchmark_vllm
+
+    assert "`--clients`" in refused(benchmark_vllm.main, ["--clients", "0"], capsys)
+    assert "`--clients`" in refused(benchmark_vllm.main, ["--clients", "1,many"], capsys)
+    assert "one count per client count" in refused(benchmark_vllm.main, ["--clients", "1,4", "--requests", "4"], capsys)
+    assert "at least the clients" in refused(benchmark_vllm.main, ["--clients", "8", "--requests", "4"], capsys)
+    assert "`--max-tokens`" in refused(benchmark_vllm.main, ["--max-tokens", "0"], capsys)
+    assert "`--vllm-python`" in refused(benchmark_vllm.main, ["--vllm-python", "/no/such/python"], capsys)
+    assert "--family" in refused(benchmark_vllm.main, ["--family", "llava-9"], capsys)
