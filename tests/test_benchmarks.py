@@ -420,16 +420,27 @@ def test_llm_weight_bytes_counts_decoder_and_head_not_the_embedding_table():
     assert benchmark_prefill.llm_weight_bytes(model) == expected
 
 
-def test_own_cpu_counts_the_child_processes_waited_for():
-    """A benchmark's servers are its own work: once stopped and waited for, their CPU time is not
-    counted as other processes'."""
+def test_process_tree_cpu_counts_a_server_and_its_children(tmp_path):
+    """A benchmark's server is its own work: the CPU of the server's whole process tree (here a
+    child that starts a spinning grandchild) is read before it stops, and the load monitor does
+    not count it as other processes'."""
     import subprocess
     import sys
 
-    before = bench_utils.own_cpu_seconds()
-    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"],
-                   check=True)
-    assert bench_utils.own_cpu_seconds() - before >= 0.5
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    # the grandchild counts while it runs, then in the child's waited-for children (the child stays)
+    child = f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {spin!r}])\ntime.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 30
+        while bench_utils.process_tree_cpu_seconds(parent.pid) < 0.6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert bench_utils.process_tree_cpu_seconds(parent.pid) >= 0.6
+    finally:
+        parent.kill()
+        parent.wait()
+    start = bench_utils.cpu_snapshot()
+    assert bench_utils.other_cores_since(start, own_extra_s=1e9)[1] in (0.0, None)  # all busy time was ours
 
 
 def test_vllm_serving_bad_arguments(capsys):
