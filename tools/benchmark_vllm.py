@@ -79,8 +79,9 @@ TARGET = dict(family="llava-1.5", setting=64, clients=16, pct_of_ideal=80.0)  # 
 
 
 def without_vocab(text: dict) -> dict:
-    """The LLM sizes without the vocabulary: the repo keeps its tokenizer's (random outputs stay
-    decodable; the LM head runs on one position per step, a small part of the cost)."""
+    """The LLM sizes without the vocabulary: the repo keeps its tokenizer's 320 words, so random
+    outputs stay decodable. The prefill is unchanged (the LM head reads one position); a 32,064-word
+    head would add about a third to each decode step's weights (docs/vllm.md)."""
     return {name: value for name, value in text.items() if name != "vocab_size"}
 
 
