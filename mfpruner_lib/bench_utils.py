@@ -119,14 +119,37 @@ def cpu_snapshot() -> tuple[float, float | None, float]:
     return time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
 
 
-def other_cores_since(start: tuple[float, float | None, float]) -> tuple[float, float | None]:
+def other_cores_since(start: tuple[float, float | None, float], own_extra_s: float = 0.0) -> tuple[float, float | None]:
     """(wall seconds since the `cpu_snapshot` `start`, the mean number of CPU cores OTHER processes
-    kept busy meanwhile: None off Linux or when no time passed)."""
+    kept busy meanwhile: None off Linux or when no time passed). own_extra_s: CPU seconds of the
+    benchmark's own child processes (servers), not other processes' either."""
     wall, busy, own = cpu_snapshot()
     elapsed = wall - start[0]
     if busy is None or start[1] is None or elapsed <= 0:
         return elapsed, None
-    return elapsed, max(0.0, ((busy - start[1]) - (own - start[2])) / elapsed)
+    return elapsed, max(0.0, ((busy - start[1]) - (own - start[2]) - own_extra_s) / elapsed)
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds a process and all its live descendants have used, with the children each has
+    waited for (/proc; 0.0 off Linux). Read it before stopping a server: a process that exits is
+    counted in its parent only when the parent waits for it, which a server's engine processes do
+    not always get."""
+    parents, cpu = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        process = int(stat.parent.name)
+        parents[process] = int(fields[1])
+        cpu[process] = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    tree, frontier = set(), [pid]
+    while frontier:
+        process = frontier.pop()
+        tree.add(process)
+        frontier += [child for child, parent in parents.items() if parent == process and child not in tree]
+    return sum(cpu.get(process, 0.0) for process in tree)
 
 
 def other_cores_now(sample_s: float) -> float | None:
@@ -147,6 +170,7 @@ class LoadMonitor:
 
     def __init__(self, sample_s: float = 2.0):
         self.sample_s = sample_s
+        self.own_extra_s = 0.0  # add the CPU seconds of the benchmark's own servers (process_tree_cpu_seconds)
 
     def __enter__(self) -> MachineLoad:
         self.load = MachineLoad(load_before=os.getloadavg()[0])
@@ -156,7 +180,7 @@ class LoadMonitor:
         return self.load
 
     def __exit__(self, *exc) -> None:
-        self.load.wall_s, self.load.other_cores = other_cores_since(self._start)
+        self.load.wall_s, self.load.other_cores = other_cores_since(self._start, self.own_extra_s)
         self.load.load_after = os.getloadavg()[0]
 
 

@@ -100,29 +100,19 @@ def tiny_clip_text_config(vocab_size: int, projection_dim: int = 16) -> dict:
 
 
 def tiny_llava_config(
-    vocab_size: int, image_token_id: int, *, image_size: int = 84, text_heads: int = 4, **mfpruner
+    vocab_size: int, image_token_id: int, *, image_size: int = 84, text_heads: int = 4,
+    vision: dict | None = None, text: dict | None = None, **mfpruner
 ) -> "LlavaConfig":
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=14,
-        projection_dim=16,
-    )
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=text_heads,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=3,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    """vision / text: sizes that replace the toy ones (the serving benchmark's cpu size)."""
+    vision = CLIPVisionConfig(**{
+        **dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=16),
+        **(vision or {}), "image_size": image_size, "patch_size": 14,
+    })
+    text = LlamaConfig(**{
+        **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=text_heads,
+               num_key_value_heads=2, max_position_embeddings=512),
+        **(text or {}), "vocab_size": vocab_size, "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2,
+    })
     tokens = (image_size // 14) ** 2
     kwargs = dict(vision_config=vision, text_config=text, image_token_index=image_token_id, image_seq_length=tokens)
     if mfpruner:
@@ -190,13 +180,16 @@ def build_tiny_llava(
     seed: int = 0,
     image_size: int = 84,
     text_heads: int = 4,
+    vision: dict | None = None,
+    text: dict | None = None,
     **mfpruner,
 ) -> Path:
     """Writes a tiny LLaVA-1.5 folder. stock=True: a plain `LlavaForConditionalGeneration`
     checkpoint (model_type llava); else an MFPruner remote-code repo (auto_map, code files).
     hub_layout=True rewrites the weight names the way llava-hf's hub checkpoints store them.
     clip_text=True adds a tiny CLIP text tower for the paper's relevance cue. text_heads=2 gives
-    the language model 32-wide heads (vLLM's CPU attention runs float32 only from 32 up)."""
+    the language model 32-wide heads (vLLM's CPU attention runs float32 only from 32 up).
+    vision / text: sizes that replace the toy ones (tiny_llava_config)."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
@@ -205,7 +198,8 @@ def build_tiny_llava(
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
     if stock:
-        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, text_heads=text_heads)
+        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, text_heads=text_heads,
+                                   vision=vision, text=text)
         model = LlavaForConditionalGeneration(config)
     else:
         from modeling_mfpruner_llava import MFPrunerLlavaForConditionalGeneration
@@ -213,7 +207,8 @@ def build_tiny_llava(
         if clip_text:
             mfpruner["clip_text_config"] = tiny_clip_text_config(vocab_size)
         mfpruner.setdefault("visual_token_budget", 8)
-        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, text_heads=text_heads, **mfpruner)
+        config = tiny_llava_config(vocab_size, image_token_id, image_size=image_size, text_heads=text_heads,
+                                   vision=vision, text=text, **mfpruner)
         model = MFPrunerLlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = 3
     model.eval().save_pretrained(path)
@@ -393,23 +388,31 @@ def qwen_video_inputs(
     return {"pixel_values_videos": flat.float(), "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]])}
 
 
-def tiny_qwen2_5_vl_config(tokenizer, stock: bool = False, text_heads: int = 4, **mfpruner):
+def tiny_qwen2_5_vl_config(
+    tokenizer, stock: bool = False, text_heads: int = 4, vision: dict | None = None, text: dict | None = None, **mfpruner
+):
     """Qwen2.5-VL with the real layout at toy width: 4 vision blocks (1 and 3 full attention,
     0 and 2 windowed over 2 x 2 visual tokens), 2 x 2 merge, a 2-layer M-RoPE text model.
-    text_heads=2 gives the text model 32-wide heads (vLLM's CPU attention runs float32 from 32 up)."""
+    text_heads=2 gives the text model 32-wide heads (vLLM's CPU attention runs float32 from 32 up).
+    vision / text: sizes that replace the toy ones (the serving benchmark's cpu size)."""
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
-    vision = dict(
-        depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=QWEN_PATCH,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3], tokens_per_second=2,
-    )
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=text_heads,
-        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=ids("<|endoftext|>"),
-        eos_token_id=ids("<|im_end|>"), bos_token_id=None,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [n * 4 // text_heads for n in (2, 3, 3)]},
-    )
+    vision = {
+        **dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=QWEN_PATCH,
+               spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
+               tokens_per_second=2),
+        **(vision or {}),
+    }
+    text = {
+        **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=text_heads,
+               num_key_value_heads=2, max_position_embeddings=1024,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": [n * 4 // text_heads for n in (2, 3, 3)]}),
+        **(text or {}),
+        "vocab_size": len(tokenizer), "pad_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+        "bos_token_id": None,
+    }
     kwargs = qwen_config_kwargs(tokenizer, vision, text)
     if stock:
         return Qwen2_5_VLConfig(**kwargs)
@@ -441,11 +444,12 @@ def save_tiny_qwen(model, tokenizer, image_processor, path: Path) -> Path:
 
 def build_tiny_qwen2_5_vl(
     path: str | os.PathLike, *, stock: bool = False, seed: int = 0, text_heads: int = 4,
-    max_pixels: int = 28 * 28 * 64, **mfpruner,
+    max_pixels: int = 28 * 28 * 64, vision: dict | None = None, text: dict | None = None, **mfpruner,
 ) -> Path:
     """Writes a tiny Qwen2.5-VL folder. stock=True: a plain `Qwen2_5_VLForConditionalGeneration`
     checkpoint (model_type qwen2_5_vl); else an MFPruner remote-code repo (auto_map, code files).
-    Same seed = same weights in both. max_pixels: the image processor's limit (28 x 28 px a token)."""
+    Same seed = same weights in both. max_pixels: the image processor's limit (28 x 28 px a token).
+    vision / text: sizes that replace the toy ones (tiny_qwen2_5_vl_config)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     path = Path(path)
@@ -454,12 +458,14 @@ def build_tiny_qwen2_5_vl(
     tokenizer, image_processor = build_tiny_qwen2_5_vl_processor(max_pixels=max_pixels)
     torch.manual_seed(seed)
     if stock:
-        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(tokenizer, stock=True, text_heads=text_heads))
+        model = Qwen2_5_VLForConditionalGeneration(
+            tiny_qwen2_5_vl_config(tokenizer, stock=True, text_heads=text_heads, vision=vision, text=text)
+        )
     else:
         from modeling_mfpruner_qwen2_5_vl import MFPrunerQwen2_5_VLForConditionalGeneration
 
         model = MFPrunerQwen2_5_VLForConditionalGeneration(
-            tiny_qwen2_5_vl_config(tokenizer, text_heads=text_heads, **mfpruner)
+            tiny_qwen2_5_vl_config(tokenizer, text_heads=text_heads, vision=vision, text=text, **mfpruner)
         )
     save_tiny_qwen(model, tokenizer, image_processor, path)
     if not stock:  # AutoProcessor of the repo: images and text without torchvision (processing_mfpruner)

@@ -418,3 +418,38 @@ def test_llm_weight_bytes_counts_decoder_and_head_not_the_embedding_table():
     expected = 4 * (sum(p.numel() for p in decoder.parameters()) - decoder.embed_tokens.weight.numel()
                     + model.lm_head.weight.numel())
     assert benchmark_prefill.llm_weight_bytes(model) == expected
+
+
+def test_process_tree_cpu_counts_a_server_and_its_children(tmp_path):
+    """A benchmark's server is its own work: the CPU of the server's whole process tree (here a
+    child that starts a spinning grandchild) is read before it stops, and the load monitor does
+    not count it as other processes'."""
+    import subprocess
+    import sys
+
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    # the grandchild counts while it runs, then in the child's waited-for children (the child stays)
+    child = f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {spin!r}])\ntime.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 30
+        while bench_utils.process_tree_cpu_seconds(parent.pid) < 0.6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert bench_utils.process_tree_cpu_seconds(parent.pid) >= 0.6
+    finally:
+        parent.kill()
+        parent.wait()
+    start = bench_utils.cpu_snapshot()
+    assert bench_utils.other_cores_since(start, own_extra_s=1e9)[1] in (0.0, None)  # all busy time was ours
+
+
+def test_vllm_serving_bad_arguments(capsys):
+    from tools import benchmark_vllm
+
+    assert "`--clients`" in refused(benchmark_vllm.main, ["--clients", "0"], capsys)
+    assert "`--clients`" in refused(benchmark_vllm.main, ["--clients", "1,many"], capsys)
+    assert "one count per client count" in refused(benchmark_vllm.main, ["--clients", "1,4", "--requests", "4"], capsys)
+    assert "at least the clients" in refused(benchmark_vllm.main, ["--clients", "8", "--requests", "4"], capsys)
+    assert "`--max-tokens`" in refused(benchmark_vllm.main, ["--max-tokens", "0"], capsys)
+    assert "`--vllm-python`" in refused(benchmark_vllm.main, ["--vllm-python", "/no/such/python"], capsys)
+    assert "--family" in refused(benchmark_vllm.main, ["--family", "llava-9"], capsys)

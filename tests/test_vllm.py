@@ -636,25 +636,54 @@ def test_server_concurrent_requests_with_different_budgets(llava_server, tmp_pat
 # ----------------------------------------------------------------------------- benchmark script
 
 
-def test_benchmark_vllm_runs_both_variants(llava_hub_repo, tmp_path):
-    """tools/benchmark_vllm.py end to end at toy size (timings are not checked, only that it
-    measures the stock and the pruned model on the same prompts)."""
-    output = tmp_path / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    command = [
-        str(VENV_PYTHON), str(ROOT / "tools" / "benchmark_vllm.py"), "--model", str(llava_hub_repo),
-        "--requests", "3", "--max-tokens", "2", "--ttft-requests", "1", "--image-size", "84",
-        "--max-model-len", "512", "--llm-kwargs", '{"dtype": "float32", "enforce_eager": true}', "--output", str(output),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+# The smoke geometry: LLaVA-1.5's 36 visual tokens at 192/128/64/32 of 576 scaled to 36; Qwen2.5-VL's
+# 112 px image, 16 visual tokens, at keep-ratios 0.444/0.333/0.222.
+BENCHMARK_SETTINGS = {
+    "llava-1.5": (36, [("stock", 36), ("192 (= 12 of 36)", 12), ("128 (= 8 of 36)", 8), ("64 (= 4 of 36)", 4),
+                       ("32 (= 2 of 36)", 2)]),
+    "qwen2.5-vl": (16, [("stock", 16), ("44.4%", 7), ("33.3%", 5), ("22.2%", 4)]),
+}
+
+
+def test_benchmark_vllm_serving_smoke(tmp_path):
+    """tools/benchmark_vllm.py --smoke end to end (two OpenAI servers per family, N = 1/4/16 clients):
+    one row per (setting, N), each MFPruner prompt is its stock prompt minus the dropped visual tokens
+    (request by request), KV blocks from the usage and block size, the FLOPs-ideal ratio grows as
+    fewer tokens are kept, the tables land between their markers. Timings are not checked."""
+    import math
+
+    out, docs = tmp_path / "out", tmp_path / "vllm.md"
+    docs.write_text("# vLLM\n\nhand-written text\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [str(VENV_PYTHON), str(ROOT / "tools" / "benchmark_vllm.py"), "--smoke", "--force",
+               "--output-dir", str(out), "--docs", str(docs)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
-    stock, pruned = json.loads(output.read_text())
-    assert (stock["architecture"], pruned["architecture"]) == (
-        "LlavaForConditionalGeneration", "MFPrunerLlavaForConditionalGeneration"
-    )
-    assert stock["mean_prompt_tokens"] - pruned["mean_prompt_tokens"] == 36 - 8  # the repo keeps 8 of 36
-    assert all(r["requests_per_s"] > 0 and r["median_ttft_s"] > 0 for r in (stock, pruned))
-    assert "| mfpruner |" in done.stdout
+    page = docs.read_text()
+    assert page.startswith("# vLLM\n\nhand-written text\n")
+    for key, (visual, settings) in BENCHMARK_SETTINGS.items():
+        result = json.loads((out / f"vllm_serving_{key}_smoke.json").read_text())
+        report = (out / f"vllm_serving_{key}_smoke.md").read_text()
+        assert f"<!-- BEGIN vllm serving {key} smoke -->" in page and report.strip() in page
+        assert "Machine: " in report and "Load average" in report and "vllm" in result["machine"]
+        assert result["visual_tokens"] == visual
+        rows = result["rows"]
+        assert [(r["setting"], r["kept"], r["clients"]) for r in rows] == [
+            (label, kept, n) for label, kept in settings for n in (1, 4, 16)
+        ]
+        table = [line for line in report.splitlines() if line.startswith("|")]
+        assert len(table) == 2 + len(rows) and table[0].count("|") == 14
+        stock = {r["clients"]: r for r in rows if r["setting"] == "stock"}
+        for r in rows:
+            assert r["requests"] == len(r["prompt_tokens"]) == {1: 2, 4: 4, 16: 16}[r["clients"]]
+            assert r["prompt_tokens"] == [n - (visual - r["kept"]) for n in stock[r["clients"]]["prompt_tokens"]]
+            assert r["output_tokens"] == [4] * r["requests"]
+            assert r["kv_blocks"] == [math.ceil((p + 4) / result["block_size"]) for p in r["prompt_tokens"]]
+            assert r["requests_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
+        ideals = [r["flops_ideal"] for r in rows if r["clients"] == 1]
+        assert ideals[0] == 1.0 and ideals == sorted(ideals) and ideals[-1] > 1.0
+        assert (result["target"] is not None) == (key == "llava-1.5")
+    assert "Target (issue 25" in page
 
 
 # ----------------------------------------------------------------------------- selection cache (no vLLM needed)
