@@ -389,8 +389,14 @@ def qwen_runs(qwen_vllm_repo, tmp_path_factory):
         ids = [model.config.image_token_id, model.config.video_token_id]
         return or_error(lambda: reference_generation(model, inputs, mm_kwargs, ids))
 
+    folder = tmp_path_factory.mktemp("vllm-qwen")
+    long_video = {  # every token kept: the positions are comparable with stock vLLM's
+        "name": "long-video-keep-all", "steps": STEPS, "record_mrope_positions": True,
+        "requests": [{"prompt": qwen_prompt("What happens?", items=QWEN_VIDEO), "images": [],
+                      "mm_processor_kwargs": {"visual_token_ratio": 1.0}, "videos": save_videos(folder, [(8, 56, 56, 2.0)], seed=140)}],
+    }
     return collect_runs(
-        tmp_path_factory.mktemp("vllm-qwen"), qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference,
+        folder, qwen_vllm_repo, QWEN_CASES, QWEN_BATCH, reference, [long_video],
         case_options=QWEN_CASE_OPTIONS, count_vision_images=True,
     )
 
@@ -415,6 +421,23 @@ def test_qwen_vision_tower_runs_once_per_image(qwen_runs):
     items = {"single": 1, "budget-override": 1, "tall-image": 1, "two-images": 2, "video": 1, "image-and-video": 2, "batch": 6}
     assert {name: results[name]["vision_images"] for name in items} == items
     assert results["uncached"]["vision_images"] == 2
+
+
+def test_qwen_text_after_a_video_continues_at_stock_vllm_positions(qwen_runs, qwen_vllm_repo):
+    """A video whose t positions run past its height and width (8 frames at 2 fps, 56 px: t = 0, 2,
+    4, 6; h, w = 0, 1), every token kept: the plugin's positions are stock vLLM's, the text after
+    the video continuing at its largest position + 1 = video start + 7 (transformers >= 5.3
+    continues at start + 2 there; docs/vllm.md)."""
+    results, _ = qwen_runs
+    ours = results["long-video-keep-all"]
+    assert "error" not in ours, ours.get("error")
+    assert ours["mrope_positions"] == ours["stock_mrope_positions"]
+    video_token_id = json.loads((qwen_vllm_repo / "config.json").read_text())["video_token_id"]
+    prompt, positions = ours["requests"][0]["prompt_token_ids"], torch.tensor(ours["mrope_positions"])
+    video = [i for i, token in enumerate(prompt) if token == video_token_id]
+    assert len(video) == len(ours["keep_indices"][0]) == 4 * 2 * 2
+    first, after = video[0], video[-1] + 1
+    assert positions[:, after].tolist() == [positions[0, first].item() + 7] * 3
 
 
 def test_qwen_video_budget_is_per_video_over_all_its_frames(qwen_runs):

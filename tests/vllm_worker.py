@@ -6,13 +6,15 @@ SPEC: {"repo": path, "cases": [{"name", "requests": [{"prompt", "images": [png p
 "mm_processor_kwargs": {...} or null, optional "videos": [{"path": .npy of (T, H, W, 3) uint8
 frames, "fps"}], optional "video_frames": [frames, height, width] (a random video at 2 fps)}],
 "steps", optional "selection_cache_capacity": the Qwen2.5-VL model's selection cache size during
-this case}], optional "count_vision_images": true}. Loads the repo once with vLLM (one process,
+this case, optional "record_mrope_positions": true (a Qwen single-request case that keeps every
+token)}], optional "count_vision_images": true}. Loads the repo once with vLLM (one process,
 float32, greedy) and writes per case and request: the prompt token ids vLLM built, the generated
 ids, each step's log-probability of the chosen token, (single-request cases) the kept indices of
 the case's encoder calls (`model.last_pruning` after each; vLLM calls the encoder per modality, so
 an image-then-video prompt lists the image's, then the video's), (with count_vision_images) how
-many images / videos went through the vision tower (`model.visual`) during the case, or the error
-text of a rejected request.
+many images / videos went through the vision tower (`model.visual`) during the case, (with
+record_mrope_positions) the M-RoPE positions the model gave the prompt and those its stock parent
+class gives the same prompt, or the error text of a rejected request.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main(spec_path: str, out_path: str) -> None:
             default = llm.apply_model(lambda model: set_selection_cache_capacity(model, capacity))[0]
         images_before = llm.apply_model(lambda model: getattr(model, "vision_images", 0))[0]
         llm.apply_model(lambda model: model.encoder_calls.clear())
+        if case.get("record_mrope_positions"):
+            llm.apply_model(record_mrope_positions)
         try:
             outputs = llm.generate(requests, params, use_tqdm=False)
         except Exception as error:  # a rejected request: report it, keep serving the next cases
@@ -75,6 +79,8 @@ def main(spec_path: str, out_path: str) -> None:
         finally:
             if capacity is not None:
                 llm.apply_model(lambda model: set_selection_cache_capacity(model, default))
+            if case.get("record_mrope_positions"):  # the class's method again
+                llm.apply_model(lambda model: delattr(model, "get_mrope_input_positions"))
         entry = {"name": case["name"], "requests": []}
         if spec.get("count_vision_images"):
             entry["vision_images"] = llm.apply_model(lambda model: model.vision_images)[0] - images_before
@@ -90,6 +96,8 @@ def main(spec_path: str, out_path: str) -> None:
         if len(case["requests"]) == 1:
             calls = llm.apply_model(lambda model: model.encoder_calls)[0]
             entry["keep_indices"] = [idx.tolist() for pruning in calls for idx in pruning.keep_indices]
+            if case.get("record_mrope_positions"):
+                entry["mrope_positions"], entry["stock_mrope_positions"] = llm.apply_model(lambda model: model.mrope_positions)[0]
         results.append(entry)
     open(out_path, "w").write(json.dumps(results))
 
@@ -121,6 +129,20 @@ def record_encoder_calls(model) -> None:
         return embeddings
 
     model.embed_multimodal = embed_and_record
+
+
+def record_mrope_positions(model) -> None:
+    """Until removed, keeps in `model.mrope_positions` the last prompt's M-RoPE positions, the
+    model's and its stock parent class's for the same prompt (the stock method expects every
+    visual token: only for prompts that keep them all)."""
+    ours, stock = model.get_mrope_input_positions, super(type(model), model).get_mrope_input_positions
+
+    def ours_and_stock(input_tokens, mm_features):
+        result = ours(input_tokens, mm_features)
+        model.mrope_positions = (result[0].tolist(), stock(input_tokens, mm_features)[0].tolist())
+        return result
+
+    model.get_mrope_input_positions = ours_and_stock
 
 
 def set_selection_cache_capacity(model, capacity: int) -> int:
