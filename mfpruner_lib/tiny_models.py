@@ -342,22 +342,27 @@ def build_tiny_qwen2_5_vl_processor(min_pixels: int = 56 * 56, max_pixels: int =
     return tokenizer, image_processor
 
 
-def qwen_inputs(tokenizer, image_processor, texts: list[str], images=None, videos=None) -> dict:
+def qwen_inputs(
+    tokenizer, image_processor, texts: list[str], images=None, videos=None, video_fps: float = 2.0, video_mean_std=(0.5, 0.5)
+) -> dict:
     """What `Qwen2_5_VLProcessor(text=texts, images=images)` returns, for the tiny repos.
 
     texts: prompts holding one <|image_pad|> / <|video_pad|> per image / video, in order; images:
-    PIL images (all rows, prompt order); videos: list of (T, 3, H, W) frame tensors. Each
-    placeholder is expanded to the item's visual token count; rows are left padded."""
+    PIL images (all rows, prompt order); videos: list of (T, 3, H, W) frame tensors, values in
+    [0, 1], sampled at video_fps (second_per_grid_ts = 2 frames / fps), normalized with
+    video_mean_std (per channel; the stock video processor uses the image processor's
+    image_mean / image_std). Each placeholder is expanded to the item's visual token count; rows
+    are left padded."""
     inputs, counts = {}, {"<|image_pad|>": [], "<|video_pad|>": []}
     if images:
         pixels = image_processor(images=images, return_tensors="pt")
         inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
         counts["<|image_pad|>"] = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
     if videos:
-        parts = [qwen_video_inputs(frames) for frames in videos]
+        parts = [qwen_video_inputs(frames, mean=video_mean_std[0], std=video_mean_std[1]) for frames in videos]
         inputs["pixel_values_videos"] = torch.cat([p["pixel_values_videos"] for p in parts])
         inputs["video_grid_thw"] = torch.cat([p["video_grid_thw"] for p in parts])
-        inputs["second_per_grid_ts"] = torch.ones(len(parts))
+        inputs["second_per_grid_ts"] = torch.full((len(parts),), 2 / video_fps)
         counts["<|video_pad|>"] = (inputs["video_grid_thw"].prod(-1) // 4).tolist()
     expanded = []
     for text in texts:  # split on both placeholders, keeping them, and repeat each one
@@ -371,15 +376,16 @@ def qwen_inputs(tokenizer, image_processor, texts: list[str], images=None, video
 
 
 def qwen_video_inputs(
-    frames: torch.Tensor, temporal_patch_size: int = 2, merge_size: int = 2, patch_size: int = QWEN_PATCH
+    frames: torch.Tensor, temporal_patch_size: int = 2, merge_size: int = 2, patch_size: int = QWEN_PATCH, mean=0.5, std=0.5
 ) -> dict:
     """Video frames (T, 3, H, W), values in [0, 1], H and W multiples of 2 * patch_size, T a multiple
     of 2 -> `pixel_values_videos` (T/2 * H/p * W/p, 3 * 2 * p * p) and `video_grid_thw` (1, 3), in the
     Qwen2-VL video processor's patch layout (each 2 x 2 merge group contiguous); p: 14 (Qwen2.5-VL)
-    or 16 (Qwen3-VL)."""
+    or 16 (Qwen3-VL). mean, std: the normalization, a number or one per channel."""
     t, c, h, w = frames.shape
     grid_t, grid_h, grid_w = t // temporal_patch_size, h // patch_size, w // patch_size
-    patches = ((frames - 0.5) / 0.5).reshape(
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (mean, std))
+    patches = ((frames - mean) / std).reshape(
         grid_t, temporal_patch_size, c,
         grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size, patch_size,
     )

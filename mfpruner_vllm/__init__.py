@@ -1,5 +1,5 @@
-"""MFPruner for vLLM: serve exported MFPruner repos with pruning (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
-Qwen3-VL, Qwen3-VL MoE).
+"""MFPruner for vLLM: serve exported MFPruner repos with pruning (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL images and
+videos, Qwen3-VL and Qwen3-VL MoE images).
 
 vLLM loads this package through the `vllm.general_plugins` entry point (pyproject.toml) and calls
 `register()` in every process: it registers the MFPruner configs with transformers' AutoConfig

@@ -24,6 +24,11 @@ REQUEST_KWARGS = ("visual_token_budget", "visual_token_ratio")
 # Per-image inputs the processor adds to each image's multimodal kwargs (they are part of the
 # multimodal cache key): the prompt's non-image token ids, and the number of tokens to keep.
 TEXT_IDS, KEEP = "mfpruner_text_ids", "mfpruner_keep"
+# The same per video: vLLM batches each multimodal kwarg over one modality, so a video's carry
+# their own names (as `pixel_values_videos` does).
+VIDEO_TEXT_IDS, VIDEO_KEEP = "mfpruner_text_ids_videos", "mfpruner_keep_videos"
+# Per pruned modality: the HF processor's data key, the names of the text ids and kept count inputs.
+MODALITY_INPUTS = {"image": ("images", TEXT_IDS, KEEP), "video": ("videos", VIDEO_TEXT_IDS, VIDEO_KEEP)}
 
 
 def without_plugin_kwargs(kwargs) -> dict:
@@ -33,17 +38,25 @@ def without_plugin_kwargs(kwargs) -> dict:
 
 class KeptPlaceholdersMixin:
     """Put before a vLLM multimodal processor class; the subclass says how many visual tokens each
-    image has (`visual_tokens_per_image`). Per request: the budget and the prompt's non-image
-    token ids go into the processor kwargs (so into the multimodal cache key); per image: the text
-    ids and the number of tokens it keeps become multimodal inputs, and exactly that many
-    placeholders are emitted: k = resolve_budget(candidates, budget, ratio) plus the tokens that
-    are always kept (LLaVA-NeXT's image-newline tokens)."""
+    image has (`visual_tokens_per_image`; and each video, `visual_tokens_per_video`, where it
+    prunes videos). Per request: the budget and the prompt's non-visual token ids go into the
+    processor kwargs (so into the multimodal cache key); per image (video): the text ids and the
+    number of tokens it keeps become multimodal inputs, and exactly that many placeholders are
+    emitted: k = resolve_budget(candidates, budget, ratio) plus the tokens that are always kept
+    (LLaVA-NeXT's image-newline tokens)."""
 
-    # The per-image inputs this processor adds to each image's multimodal kwargs (subclasses add theirs).
+    # The modalities this processor prunes, and the per-item inputs it adds to each image's / each
+    # video's multimodal kwargs (subclasses add theirs).
+    pruned_modalities = ("image",)
     per_image_inputs = (TEXT_IDS, KEEP)
+    per_video_inputs = (VIDEO_TEXT_IDS, VIDEO_KEEP)
 
     def visual_tokens_per_image(self, hf_outputs) -> list[tuple[int, int]]:
         """(candidates, always kept) visual tokens of each image."""
+        raise NotImplementedError
+
+    def visual_tokens_per_video(self, hf_outputs) -> list[tuple[int, int]]:
+        """(candidates, always kept) visual tokens of each video (a processor that prunes videos)."""
         raise NotImplementedError
 
     def apply(self, inputs, timing_ctx):
@@ -59,14 +72,18 @@ class KeptPlaceholdersMixin:
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         outputs = super()._call_hf_processor(hf_data, without_plugin_kwargs(hf_kwargs))
-        return self.add_per_image_inputs(outputs, hf_kwargs)
+        present = [modality for modality in self.pruned_modalities if MODALITY_INPUTS[modality][0] in hf_data]
+        # vLLM processes only the items its cache misses: maybe none of a kind
+        return self.add_per_item_inputs(outputs, hf_kwargs, present)
 
-    def add_per_image_inputs(self, outputs, hf_kwargs):
-        """The HF processor's outputs (with images) plus, per image, the prompt's text ids and its kept count."""
-        tokens = self.visual_tokens_per_image(outputs)
+    def add_per_item_inputs(self, outputs, hf_kwargs, modalities):
+        """The HF processor's outputs plus, per image (video) of `modalities`, the prompt's text ids and its kept count."""
         budget, ratio = hf_kwargs[KEEP]
-        outputs[TEXT_IDS] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * len(tokens), dtype=torch.long).view(len(tokens), -1)
-        outputs[KEEP] = torch.tensor([resolve_budget(n, budget, ratio) + fixed for n, fixed in tokens], dtype=torch.long)
+        for modality in modalities:
+            _, text_name, keep_name = MODALITY_INPUTS[modality]
+            tokens = self.visual_tokens_per_video(outputs) if modality == "video" else self.visual_tokens_per_image(outputs)
+            outputs[text_name] = torch.tensor([list(hf_kwargs[TEXT_IDS])] * len(tokens), dtype=torch.long).view(len(tokens), -1)
+            outputs[keep_name] = torch.tensor([resolve_budget(n, budget, ratio) + fixed for n, fixed in tokens], dtype=torch.long)
         return outputs
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -74,17 +91,24 @@ class KeptPlaceholdersMixin:
 
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields.update({name: MultiModalFieldConfig.batched("image") for name in self.per_image_inputs})
+        if "video" in self.pruned_modalities:
+            fields.update({name: MultiModalFieldConfig.batched("video") for name in self.per_video_inputs})
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         from vllm.multimodal.processing import PromptReplacement
 
-        image_token_id = self.info.get_hf_config().image_token_id
+        config = self.info.get_hf_config()
 
-        def replacement(item_idx: int):
-            return [image_token_id] * int(out_mm_kwargs["image"][item_idx][KEEP].data)
+        def replacements(modality: str) -> PromptReplacement:
+            token_id, keep_name = getattr(config, f"{modality}_token_id"), MODALITY_INPUTS[modality][2]
 
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+            def replacement(item_idx: int):
+                return [token_id] * int(out_mm_kwargs[modality][item_idx][keep_name].data)
+
+            return PromptReplacement(modality=modality, target=[token_id], replacement=replacement)
+
+        return [replacements(modality) for modality in self.pruned_modalities]
 
 
 class ImagesOnlyMixin:
@@ -199,14 +223,16 @@ def prune_images(model, images, text_ids, keep, rows=None) -> list[Selection]:
     return selections
 
 
-def pop_pixel_input(model, kwargs: dict):
-    """(the model's parsed image input or None, text ids, kept counts): the plugin's per-image
-    inputs popped from embed_multimodal's kwargs; image embeddings are refused (no pixels, no cues)."""
-    text_ids, keep = kwargs.pop(TEXT_IDS, None), kwargs.pop(KEEP, None)
-    image_input = model._parse_and_validate_image_input(**kwargs)
-    if image_input is not None and image_input["type"] != "pixel_values":
-        raise ValueError("MFPruner needs the images' pixels to prune; `image_embeds` inputs are not supported")
-    return image_input, text_ids, keep
+def pop_pixel_input(model, kwargs: dict, modality: str = "image"):
+    """(the model's parsed image (video) input or None, text ids, kept counts): the plugin's
+    per-item inputs popped from embed_multimodal's kwargs; embeddings are refused (no pixels, no cues)."""
+    _, text_name, keep_name = MODALITY_INPUTS[modality]
+    text_ids, keep = kwargs.pop(text_name, None), kwargs.pop(keep_name, None)
+    parse = model._parse_and_validate_video_input if modality == "video" else model._parse_and_validate_image_input
+    pixel_input = parse(**kwargs)
+    if pixel_input is not None and not pixel_input["type"].startswith("pixel_values"):
+        raise ValueError(f"MFPruner needs the {modality}s' pixels to prune; `{modality}_embeds` inputs are not supported")
+    return pixel_input, text_ids, keep
 
 
 def per_item(value, count: int) -> list:

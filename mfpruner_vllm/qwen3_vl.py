@@ -54,12 +54,13 @@ class MFPrunerQwen3VLMoeProcessingInfo(ImagesOnlyQwen3VLMixin, Qwen3VLMoeProcess
 class MFPrunerQwen3VLMultiModalProcessor(KeptPlaceholdersMixin, Qwen3VLMultiModalProcessor):
     per_image_inputs = (TEXT_IDS, KEEP, IMAGE_KEY)
     visual_tokens_per_image = MFPrunerQwen2_5_VLMultiModalProcessor.visual_tokens_per_image
+    grid_tokens = MFPrunerQwen2_5_VLMultiModalProcessor.grid_tokens
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         outputs = super()._apply_hf_processor_main(mm_items, without_plugin_kwargs(hf_kwargs))
         if "image_grid_thw" not in outputs:  # no image to process (text only, or all cached)
             return outputs
-        outputs = self.add_per_image_inputs(outputs, hf_kwargs)
+        outputs = self.add_per_item_inputs(outputs, hf_kwargs, ["image"])
         outputs[IMAGE_KEY] = image_keys(outputs["pixel_values"], outputs["image_grid_thw"], outputs[TEXT_IDS], outputs[KEEP])
         return outputs
 

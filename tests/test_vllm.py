@@ -92,24 +92,44 @@ def reference_generation(model, inputs, mm_kwargs, visual_token_ids):
     }
 
 
+def save_videos(folder: Path, videos: list[tuple[int, int, int, float]], seed: int) -> list[dict]:
+    """Random (T, H, W, 3) uint8 frames per (frames, height, width, fps), saved as .npy: the same
+    frames on both sides; returns the worker's video specs ({"path", "fps"})."""
+    import numpy as np
+
+    specs = []
+    for i, (frames, height, width, fps) in enumerate(videos):
+        path = folder / f"video-{seed}-{i}.npy"
+        np.save(path, np.random.default_rng(seed + i).integers(0, 256, (frames, height, width, 3), dtype=np.uint8))
+        specs.append({"path": str(path), "fps": fps})
+    return specs
+
+
 def collect_runs(folder, repo, cases, batch, reference, unreferenced=(), case_options=None, **options):
-    """Writes the images, computes every reference, runs vLLM once on all cases (then the
-    `unreferenced` worker specs, then the batch). case_options: {case name: worker case settings};
-    options: worker spec settings."""
+    """Writes the images (and videos), computes every reference, runs vLLM once on all cases (then
+    the `unreferenced` worker specs, then the batch). A case or batch entry may end with a list of
+    videos (frames, height, width, fps); then `reference` also gets `videos=` (the worker's video
+    specs). case_options: {case name: worker case settings}; options: worker spec settings."""
+
+    def request(prompt, sizes, mm_kwargs, seed, videos=None):
+        entry = {"prompt": prompt, "images": save_images(folder, sizes, seed), "mm_processor_kwargs": mm_kwargs}
+        if videos:
+            entry["videos"] = save_videos(folder, videos, seed)
+        return entry
+
+    def reference_of(entry):
+        videos = {"videos": entry["videos"]} if "videos" in entry else {}
+        return reference(entry["prompt"], entry["images"], entry["mm_processor_kwargs"], **videos)
+
     specs, references = [], {}
-    for name, prompt, sizes, mm_kwargs, seed in cases:
-        paths = save_images(folder, sizes, seed)
-        specs.append({
-            "name": name, "requests": [{"prompt": prompt, "images": paths, "mm_processor_kwargs": mm_kwargs}], "steps": STEPS,
-            **(case_options or {}).get(name, {}),
-        })
-        references[name] = [reference(prompt, paths, mm_kwargs)]
+    for name, prompt, sizes, mm_kwargs, seed, *videos in cases:
+        entry = request(prompt, sizes, mm_kwargs, seed, *videos)
+        specs.append({"name": name, "requests": [entry], "steps": STEPS, **(case_options or {}).get(name, {})})
+        references[name] = [reference_of(entry)]
     specs.extend(unreferenced)
-    requests = []
-    for j, (prompt, sizes, mm_kwargs) in enumerate(batch):
-        requests.append({"prompt": prompt, "images": save_images(folder, sizes, seed=100 + 10 * j), "mm_processor_kwargs": mm_kwargs})
+    requests = [request(prompt, sizes, mm_kwargs, 100 + 10 * j, *videos) for j, (prompt, sizes, mm_kwargs, *videos) in enumerate(batch)]
     specs.append({"name": "batch", "requests": requests, "steps": STEPS})
-    references["batch"] = [reference(r["prompt"], r["images"], r["mm_processor_kwargs"]) for r in requests]
+    references["batch"] = [reference_of(entry) for entry in requests]
     return run_worker(folder, repo, specs, **options), references
 
 
@@ -284,13 +304,15 @@ def test_llava_clip_batch_and_the_cue_reads_the_instruction(request, runs, repo,
 # ----------------------------------------------------------------------------- Qwen2.5-VL
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
-def qwen_prompt(question: str, images: int = 1) -> str:
-    return f"<|im_start|>user\n{QWEN_IMAGE * images}{question}<|im_end|>\n<|im_start|>assistant\n"
+def qwen_prompt(question: str, images: int = 1, items: str | None = None) -> str:
+    """A Qwen chat prompt: `images` image placeholders (or the given `items` placeholders), then the question."""
+    return f"<|im_start|>user\n{QWEN_IMAGE * images if items is None else items}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-QWEN_CASES = [
+QWEN_IMAGE_CASES = [
     ("single", qwen_prompt("What is in the image?"), [(96, 80)], None, 0),
     ("budget-override", qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_budget": 3}, 0),
     ("tall-image", qwen_prompt("Describe the picture in detail."), [(60, 170)], {"visual_token_ratio": 0.5}, 20),
@@ -298,18 +320,26 @@ QWEN_CASES = [
     ("bad-ratio", qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_ratio": 1.5}, 0),
     ("uncached", qwen_prompt("What is in the picture?"), [(80, 110)], None, 60),  # selection cache off
 ]
+QWEN_CASES = QWEN_IMAGE_CASES + [
+    # Videos (frames, height, width, fps): 2 frames per temporal patch, t positions step by
+    # tokens_per_second (2) x 2 / fps. Each video's temporal extent stays within its width in
+    # tokens: there vLLM's stock positions for the text after a video (its largest position + 1)
+    # and transformers' (>= 5.3: + max(h, w) / 2) agree (docs/vllm.md).
+    ("video", qwen_prompt("What happens?", items=QWEN_VIDEO), [], None, 80, [(4, 56, 84, 2.0)]),
+    ("video-budget", qwen_prompt("What happens?", items=QWEN_VIDEO), [], {"visual_token_budget": 5}, 90, [(4, 56, 140, 1.0)]),
+    ("video-ratio", qwen_prompt("Is anything moving?", items=QWEN_VIDEO), [], {"visual_token_ratio": 0.5}, 100, [(6, 84, 140, 2.0)]),
+    ("image-and-video", qwen_prompt("Is the car in the video?", items=QWEN_IMAGE + QWEN_VIDEO), [(96, 80)], None, 70, [(4, 56, 84, 2.0)]),
+    ("bad-video-budget", qwen_prompt("What happens?", items=QWEN_VIDEO), [], {"visual_token_budget": 0}, 80, [(4, 56, 84, 2.0)]),
+]
 QWEN_CASE_OPTIONS = {"uncached": {"selection_cache_capacity": 0}}
-QWEN_VIDEO_PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n<|im_start|>assistant\n"
-# A video request (not served yet): fails alone, before the batch that follows it.
-QWEN_VIDEO_REQUEST = {
-    "name": "video",
-    "requests": [{"prompt": QWEN_VIDEO_PROMPT, "images": [], "mm_processor_kwargs": None, "video_frames": [4, 56, 56]}],
-    "steps": STEPS,
-}
-QWEN_BATCH = [
+QWEN_IMAGE_BATCH = [
     (qwen_prompt("What is in the image?"), [(96, 80)], {"visual_token_budget": 2}),
     (qwen_prompt("What color is the car?"), [(150, 60)], None),
     (qwen_prompt("Is there a dog?", images=2), [(84, 84), (40, 120)], {"visual_token_ratio": 0.5}),
+]
+QWEN_BATCH = QWEN_IMAGE_BATCH + [
+    # a video before an image (the text between them continues after the video's positions), 4 fps
+    (qwen_prompt("Which comes first?", items=QWEN_VIDEO + QWEN_IMAGE), [(70, 100)], {"visual_token_ratio": 0.4}, [(4, 84, 84, 4.0)]),
 ]
 
 
@@ -336,9 +366,10 @@ def sharpen_text_attention(repo: Path, factor: float):
     save_file(state, file, metadata={"format": "pt"})
 
 
-def qwen_family_runs(repo, folder):
-    """(vLLM results, transformers references) of a Qwen-VL repo on the Qwen cases (the video
-    request and the number of images through the vision tower included), vLLM loaded once."""
+def qwen_family_runs(repo, folder, cases, batch, extra_cases):
+    """(vLLM results, transformers references) of a Qwen-VL repo on `cases`, `batch` and
+    `extra_cases` (vLLM-only cases), the number of items through the vision tower counted, vLLM loaded once."""
+    import numpy as np
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -348,24 +379,41 @@ def qwen_family_runs(repo, folder):
     tokenizer = AutoTokenizer.from_pretrained(repo)
     image_processor = AutoImageProcessor.from_pretrained(repo)
 
-    def reference(prompt, paths, mm_kwargs):
+    def reference(prompt, paths, mm_kwargs, videos=()):
+        """The transformers class on the same pixels: the images through the repo's image processor,
+        the videos' frames patched as the stock video processor does (its normalization is the
+        image processor's) with second_per_grid_ts = 2 / fps, one video at a time in prompt order."""
         images = [Image.open(p).convert("RGB") for p in paths]
-        inputs = qwen_inputs(tokenizer, image_processor, [prompt], images=images)
-        ids = [model.config.image_token_id]
+        frames = [torch.from_numpy(np.load(video["path"])).permute(0, 3, 1, 2) / 255 for video in videos]
+        fps = {video["fps"] for video in videos}
+        assert len(fps) <= 1, "qwen_inputs takes one fps for all videos of a prompt"
+        inputs = qwen_inputs(
+            tokenizer, image_processor, [prompt], images=images, videos=frames, video_fps=fps.pop() if fps else 2.0,
+            video_mean_std=(image_processor.image_mean, image_processor.image_std),
+        )
+        ids = [model.config.image_token_id, model.config.video_token_id]
         return or_error(lambda: reference_generation(model, inputs, mm_kwargs, ids))
 
     return collect_runs(
-        folder, repo, QWEN_CASES, QWEN_BATCH, reference, [QWEN_VIDEO_REQUEST],
+        folder, repo, cases, batch, reference, extra_cases,
         case_options=QWEN_CASE_OPTIONS, count_vision_images=True,
     )
 
 
 @pytest.fixture(scope="session")
 def qwen_runs(qwen_vllm_repo, tmp_path_factory):
-    return qwen_family_runs(qwen_vllm_repo, tmp_path_factory.mktemp("vllm-qwen"))
+    folder = tmp_path_factory.mktemp("vllm-qwen")
+    long_video = {  # every token kept: the positions are comparable with stock vLLM's
+        "name": "long-video-keep-all", "steps": STEPS, "record_mrope_positions": True,
+        "requests": [{"prompt": qwen_prompt("What happens?", items=QWEN_VIDEO), "images": [],
+                      "mm_processor_kwargs": {"visual_token_ratio": 1.0}, "videos": save_videos(folder, [(8, 56, 56, 2.0)], seed=140)}],
+    }
+    return qwen_family_runs(qwen_vllm_repo, folder, QWEN_CASES, QWEN_BATCH, [long_video])
 
 
-@pytest.mark.parametrize("name", ["single", "budget-override", "tall-image", "two-images", "uncached"])
+@pytest.mark.parametrize(
+    "name", ["single", "budget-override", "tall-image", "two-images", "uncached", "video", "video-budget", "video-ratio", "image-and-video"]
+)
 def test_qwen_keeps_the_transformers_tokens_and_generates_the_same(qwen_runs, name):
     """Log-probabilities match only with the kept tokens at their original M-RoPE positions."""
     results, references = qwen_runs
@@ -380,23 +428,51 @@ def test_qwen_vision_tower_runs_once_per_image(qwen_runs):
     processor's content key): each image goes through the vision tower once. With the cache off
     both run it (and still agree: correctness never depends on the cache)."""
     results, _ = qwen_runs
-    images = {"single": 1, "budget-override": 1, "tall-image": 1, "two-images": 2, "batch": 4}
-    assert {name: results[name]["vision_images"] for name in images} == images
+    items = {"single": 1, "budget-override": 1, "tall-image": 1, "two-images": 2, "video": 1, "image-and-video": 2, "batch": 6}
+    assert {name: results[name]["vision_images"] for name in items} == items
     assert results["uncached"]["vision_images"] == 2
 
 
-def test_qwen_video_request_fails_alone_with_a_clear_error(qwen_runs):
-    """Videos are not served yet: the request fails naming what is supported; the batch after it runs."""
+def test_qwen_text_after_a_video_continues_at_stock_vllm_positions(qwen_runs, qwen_vllm_repo):
+    """A video whose t positions run past its height and width (8 frames at 2 fps, 56 px: t = 0, 2,
+    4, 6; h, w = 0, 1), every token kept: the plugin's positions are stock vLLM's, the text after
+    the video continuing at its largest position + 1 = video start + 7 (transformers >= 5.3
+    continues at start + 2 there; docs/vllm.md)."""
     results, _ = qwen_runs
-    assert "error" in results["video"], results["video"]
-    assert "video" in results["video"]["error"] and "images only" in results["video"]["error"]
-    assert len(results["batch"]["requests"]) == len(QWEN_BATCH)
+    ours = results["long-video-keep-all"]
+    assert "error" not in ours, ours.get("error")
+    assert ours["mrope_positions"] == ours["stock_mrope_positions"]
+    video_token_id = json.loads((qwen_vllm_repo / "config.json").read_text())["video_token_id"]
+    prompt, positions = ours["requests"][0]["prompt_token_ids"], torch.tensor(ours["mrope_positions"])
+    video = [i for i, token in enumerate(prompt) if token == video_token_id]
+    assert len(video) == len(ours["keep_indices"][0]) == 4 * 2 * 2
+    first, after = video[0], video[-1] + 1
+    assert positions[:, after].tolist() == [positions[0, first].item() + 7] * 3
+
+
+def test_qwen_video_budget_is_per_video_over_all_its_frames(qwen_runs):
+    """One budget per video, over the tokens of all its frame pairs (t * h/2 * w/2), per request."""
+    from mfpruner_core import resolve_budget
+
+    results, references = qwen_runs
+    tokens = {"video": 2 * 2 * 3, "video-budget": 2 * 2 * 5, "video-ratio": 3 * 3 * 5}  # (frames / 2) x (h / 28) x (w / 28)
+    settings = {"video": (None, 0.25), "video-budget": (5, None), "video-ratio": (None, 0.5)}  # 0.25: the repo's ratio
+    for name, (budget, ratio) in settings.items():
+        assert [len(i) for i in results[name]["keep_indices"]] == [resolve_budget(tokens[name], budget, ratio)], name
+    assert len(results["image-and-video"]["keep_indices"][1]) == resolve_budget(12, None, 0.25)  # the image's, then the video's
+    assert references["video"][0]["keep_indices"] != references["video-budget"][0]["keep_indices"]
 
 
 # ----------------------------------------------------------------------------- Qwen3-VL and Qwen3-VL MoE
 
 # The Qwen cases above (32 px per visual token here: fewer tokens per image than Qwen2.5-VL's 28 px).
 QWEN3_FAMILIES = ["qwen3_vl_runs", "qwen3_vl_moe_runs"]
+# A video request (Qwen3-VL videos are not served yet): fails alone, before the batch that follows it.
+QWEN3_VIDEO_REQUEST = {
+    "name": "video", "steps": STEPS,
+    "requests": [{"prompt": qwen_prompt("What happens?", items=QWEN_VIDEO), "images": [], "mm_processor_kwargs": None,
+                  "video_frames": [4, 56, 56]}],
+}
 
 
 def qwen3_vl_vllm_repo(tiny_dir, moe: bool) -> Path:
@@ -417,12 +493,18 @@ def qwen3_vl_vllm_repo(tiny_dir, moe: bool) -> Path:
 
 @pytest.fixture(scope="session")
 def qwen3_vl_runs(tiny_dir, tmp_path_factory):
-    return qwen_family_runs(qwen3_vl_vllm_repo(tiny_dir, moe=False), tmp_path_factory.mktemp("vllm-qwen3-vl"))
+    return qwen_family_runs(
+        qwen3_vl_vllm_repo(tiny_dir, moe=False), tmp_path_factory.mktemp("vllm-qwen3-vl"), QWEN_IMAGE_CASES, QWEN_IMAGE_BATCH,
+        [QWEN3_VIDEO_REQUEST],
+    )
 
 
 @pytest.fixture(scope="session")
 def qwen3_vl_moe_runs(tiny_dir, tmp_path_factory):
-    return qwen_family_runs(qwen3_vl_vllm_repo(tiny_dir, moe=True), tmp_path_factory.mktemp("vllm-qwen3-vl-moe"))
+    return qwen_family_runs(
+        qwen3_vl_vllm_repo(tiny_dir, moe=True), tmp_path_factory.mktemp("vllm-qwen3-vl-moe"), QWEN_IMAGE_CASES, QWEN_IMAGE_BATCH,
+        [QWEN3_VIDEO_REQUEST],
+    )
 
 
 @pytest.mark.parametrize("runs", QWEN3_FAMILIES)
@@ -443,7 +525,7 @@ def test_qwen3_vl_budget_and_batch(request, runs):
     sizes, budgets and image counts matches request by request; the vision tower runs once per image."""
     results, references = request.getfixturevalue(runs)
     assert [len(i) for i in results["budget-override"]["keep_indices"]] == [3]
-    assert len(results["batch"]["requests"]) == len(QWEN_BATCH)
+    assert len(results["batch"]["requests"]) == len(QWEN_IMAGE_BATCH)
     for ours, reference in zip(results["batch"]["requests"], references["batch"]):
         assert_same_generation(ours, reference)
     images = {"single": 1, "budget-override": 1, "tall-image": 1, "two-images": 2, "batch": 4}
@@ -459,7 +541,7 @@ def test_qwen3_vl_bad_value_and_video_fail_alone(request, runs):
     assert "visual_token_ratio" in references["bad-ratio"][0]["error"]
     assert "video" in results["video"]["error"] and "Qwen3-VL" in results["video"]["error"]
     assert "images only" in results["video"]["error"]
-    assert len(results["batch"]["requests"]) == len(QWEN_BATCH) and "error" not in results["uncached"]
+    assert len(results["batch"]["requests"]) == len(QWEN_IMAGE_BATCH) and "error" not in results["uncached"]
 
 
 # ----------------------------------------------------------------------------- LLaVA-1.6 (LLaVA-NeXT)
@@ -536,7 +618,7 @@ def test_batch_of_different_sizes_and_budgets(request, runs, batch):
 @pytest.mark.parametrize(
     "runs, case, parameter",
     [("llava_runs", "bad-budget", "visual_token_budget"), ("llava_next_runs", "bad-budget", "visual_token_budget"),
-     ("qwen_runs", "bad-ratio", "visual_token_ratio")],
+     ("qwen_runs", "bad-ratio", "visual_token_ratio"), ("qwen_runs", "bad-video-budget", "visual_token_budget")],
 )
 def test_bad_value_is_a_clear_error_naming_the_parameter(request, runs, case, parameter):
     results, references = request.getfixturevalue(runs)
