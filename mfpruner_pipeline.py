@@ -219,6 +219,15 @@ class MFPrunerPipelineMixin:
     pixel_input_names: tuple[str, ...] = ("pixel_values",)
     visual_input_names: tuple[str, ...] = ("pixel_values",)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False, as for the stock class. transformers treats a class defined outside its package as
+        custom code and then loads it differently: weights missing from a checkpoint skip every
+        module without parameters of its own (so a CLIP attention / MLP block's scaled init of its
+        projections never runs), and checkpoint key conversions are not applied. Ours only add
+        hooks and stock modules to the stock class, initialized by its own `_init_weights`."""
+        return False
+
     def __init_subclass__(cls, **kwargs):
         """Gives each family's forward() the stock signature plus the MFPruner keywords:
         generate() reads the signature (e.g. to send `logits_to_keep`)."""

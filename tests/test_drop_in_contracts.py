@@ -435,6 +435,28 @@ def test_last_pruning_is_per_thread(family):
     assert seen == [None] and family.model.last_pruning is mine
 
 
+@pytest.mark.parametrize("key", list(REGISTRY))
+def test_weights_missing_from_a_checkpoint_are_initialized_as_the_stock_class_does(key, tiny_model):
+    """from_pretrained initializes the weights a checkpoint lacks with the model's own init: ours
+    (a class outside transformers, which transformers would treat as custom code) draws exactly
+    the stock class's values, composite sub-models (the vision tower's scaled init) included."""
+    import copy
+
+    stock_class, ours_class = type(tiny_model(key, stock=True)), type(tiny_model(key))
+    stock_config = tiny_model(key, stock=True).config
+    ours_config = type(tiny_model(key).config)(
+        **{name: value for name, value in stock_config.to_dict().items() if name != "model_type"}, prune_visual_tokens=False
+    )
+    initialized = []
+    for model_class, config in ((stock_class, stock_config), (ours_class, ours_config)):
+        torch.manual_seed(0)
+        model = model_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})  # every weight missing
+        initialized.append(model.state_dict())
+    stock, ours = initialized
+    assert ours.keys() == stock.keys()
+    assert [name for name in stock if not torch.equal(ours[name], stock[name])] == []
+
+
 # ----------------------------------------------------------------------------- Qwen2.5-VL specifics
 
 
