@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForImageTextToText
 
 from conftest import cache_keyword, output_cache, random_image, stock_twin_of
@@ -436,6 +437,21 @@ def test_last_pruning_is_per_thread(family):
 
 
 @pytest.mark.parametrize("key", list(REGISTRY))
+def test_class_inherits_generation_mixin_directly_as_the_stock_class(key):
+    """transformers' convention for a generative class: GenerationMixin among its own bases, not
+    only through a base class (`can_generate` looks there first; the stock classes follow it)."""
+    from transformers import GenerationMixin
+
+    from tools.export import import_object
+
+    family = REGISTRY[key]
+    ours, stock = import_object(family.model_class), getattr(transformers, family.stock_model_class)
+    assert GenerationMixin in stock.__bases__ and GenerationMixin in ours.__bases__
+    assert ours.can_generate()
+    assert [c for c in ours.__mro__ if c in stock.__mro__] == list(stock.__mro__)  # the stock order kept
+
+
+@pytest.mark.parametrize("key", list(REGISTRY))
 def test_weights_missing_from_a_checkpoint_are_initialized_as_the_stock_class_does(key, tiny_model):
     """from_pretrained initializes the weights a checkpoint lacks with the model's own init: ours
     (a class outside transformers, which transformers would treat as custom code) draws exactly
@@ -641,16 +657,19 @@ def test_shipped_files_import_only_public_transformers_api():
             )
             assert stock_layer or guarded, f"{name} imports {module}.{imported} outside the public API"
     assert listing["modeling_mfpruner_qwen2_5_vl.py"] == [
+        "transformers:GenerationMixin",
         "transformers:Qwen2_5_VLForConditionalGeneration",
         "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLVisionAttention",
     ]
     assert listing["modeling_mfpruner_qwen3_vl.py"] == [
+        "transformers:GenerationMixin",
         "transformers:Qwen3VLForConditionalGeneration",
         "transformers:Qwen3VLMoeForConditionalGeneration",
         "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionAttention",
         "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeVisionAttention",
     ]
     assert listing["modeling_mfpruner_qwen3_5.py"] == [
+        "transformers:GenerationMixin",
         "transformers:Qwen3_5ForConditionalGeneration",
         "transformers:Qwen3_5MoeForConditionalGeneration",
         "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5VisionAttention",

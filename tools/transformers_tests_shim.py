@@ -14,6 +14,7 @@ import os
 import sys
 
 import transformers
+from transformers import MODEL_MAPPING
 
 from configuration_mfpruner import MFPrunerSettings
 from mfpruner_lib.families import FAMILIES
@@ -93,6 +94,11 @@ def pytest_collection_modifyitems(session, config, items):
     if classes == "stock":
         return
     mapping = stock_to_ours()
+    for stock, ours in mapping.items():
+        # Ours are not in the auto mappings unless loaded through the hub's auto_map: the testers
+        # look a config's base model up there (test_torch_save_load).
+        if stock in MODEL_MAPPING:
+            MODEL_MAPPING.register(ours, MODEL_MAPPING[stock], exist_ok=True)
     for module in {item.module for item in items if getattr(item, "module", None) is not None}:
         swap_module(module, mapping)
     for test_class in {item.cls for item in items if getattr(item, "cls", None) is not None}:
