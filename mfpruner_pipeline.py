@@ -211,6 +211,11 @@ def sequence_back(positions: torch.Tensor, ndim: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the mixin
 
 
+def stock_class(cls: type) -> type:
+    """The stock transformers class an MFPruner class extends (the first one in its MRO)."""
+    return next(base for base in cls.__mro__ if base.__module__.startswith("transformers."))
+
+
 class MFPrunerPipelineMixin:
     """generate() / forward() / save_pretrained() of every MFPruner model. A family sets
     `pixel_input_names` (inputs whose presence means "prune"), `visual_input_names` (every stock
@@ -227,6 +232,17 @@ class MFPrunerPipelineMixin:
         projections never runs), and checkpoint key conversions are not applied. Ours only add
         hooks and stock modules to the stock class, initialized by its own `_init_weights`."""
         return False
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers answers by reading the source of the class's module for the stock code
+        # path; ours keeps the stock modules, so the stock class's answer holds.
+        return stock_class(cls)._can_set_attn_implementation()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # As above (the MoE families: `set_experts_implementation` was refused for ours).
+        return stock_class(cls)._can_set_experts_implementation()
 
     def __init_subclass__(cls, **kwargs):
         """Gives each family's forward() the stock signature plus the MFPruner keywords:

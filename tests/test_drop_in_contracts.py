@@ -452,6 +452,24 @@ def test_class_inherits_generation_mixin_directly_as_the_stock_class(key):
 
 
 @pytest.mark.parametrize("key", list(REGISTRY))
+def test_attention_and_experts_implementations_can_be_set_where_the_stock_class_allows(key, tiny_model):
+    """transformers decides whether a class may switch its attention / experts implementation by
+    reading its module's source; ours must answer as the stock class, and switch (MoE families)."""
+    family = REGISTRY[key]
+    model = tiny_model(key)
+    ours, stock = type(model), getattr(transformers, family.stock_model_class)
+    assert ours._can_set_attn_implementation() == stock._can_set_attn_implementation()
+    assert ours._can_set_experts_implementation() == stock._can_set_experts_implementation()
+    if stock._can_set_experts_implementation():
+        before = model.config._experts_implementation
+        try:
+            model.set_experts_implementation("eager")
+            assert model.config._experts_implementation == "eager"
+        finally:
+            model.set_experts_implementation(before)
+
+
+@pytest.mark.parametrize("key", list(REGISTRY))
 def test_weights_missing_from_a_checkpoint_are_initialized_as_the_stock_class_does(key, tiny_model):
     """from_pretrained initializes the weights a checkpoint lacks with the model's own init: ours
     (a class outside transformers, which transformers would treat as custom code) draws exactly
