@@ -267,7 +267,9 @@ class MFPrunerPipelineMixin:
         extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in PRUNING_KEYWORDS]
         tail = [p for p in parameters if p.kind == inspect.Parameter.VAR_KEYWORD]
         head = [p for p in parameters if p.kind != inspect.Parameter.VAR_KEYWORD]
-        forward.__signature__ = inspect.Signature(head + extra + tail)
+        stock_return = inspect.signature(stock_forward).return_annotation  # the stock output class (tools read it)
+        forward.__signature__ = inspect.Signature(head + extra + tail, return_annotation=stock_return)
+        forward.__annotations__ = dict(stock_forward.__annotations__)
         forward.__doc__ = MFPrunerPipelineMixin.pruning_forward.__doc__
         forward.__mfpruner__ = True
         cls.forward = forward

@@ -470,6 +470,20 @@ def test_attention_and_experts_implementations_can_be_set_where_the_stock_class_
 
 
 @pytest.mark.parametrize("key", list(REGISTRY))
+def test_forward_declares_the_stock_output_class(key):
+    """forward()'s return annotation is the stock one: transformers reads it for the fields a
+    generative head returns (the MoE families' `router_logits`)."""
+    import inspect
+
+    from tools.export import import_object
+
+    family = REGISTRY[key]
+    ours, stock = import_object(family.model_class), getattr(transformers, family.stock_model_class)
+    assert ours.forward.__annotations__.get("return") is stock.forward.__annotations__["return"]
+    assert inspect.signature(ours.forward).return_annotation is inspect.signature(stock.forward).return_annotation
+
+
+@pytest.mark.parametrize("key", list(REGISTRY))
 def test_weights_missing_from_a_checkpoint_are_initialized_as_the_stock_class_does(key, tiny_model):
     """from_pretrained initializes the weights a checkpoint lacks with the model's own init: ours
     (a class outside transformers, which transformers would treat as custom code) draws exactly
