@@ -211,6 +211,11 @@ def sequence_back(positions: torch.Tensor, ndim: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the mixin
 
 
+def stock_class(cls: type) -> type:
+    """The stock transformers class an MFPruner class extends (the first one in its MRO)."""
+    return next(base for base in cls.__mro__ if base.__module__.startswith("transformers."))
+
+
 class MFPrunerPipelineMixin:
     """generate() / forward() / save_pretrained() of every MFPruner model. A family sets
     `pixel_input_names` (inputs whose presence means "prune"), `visual_input_names` (every stock
@@ -218,6 +223,26 @@ class MFPrunerPipelineMixin:
 
     pixel_input_names: tuple[str, ...] = ("pixel_values",)
     visual_input_names: tuple[str, ...] = ("pixel_values",)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False, as for the stock class. transformers treats a class defined outside its package as
+        custom code and then loads it differently: weights missing from a checkpoint skip every
+        module without parameters of its own (so a CLIP attention / MLP block's scaled init of its
+        projections never runs), and checkpoint key conversions are not applied. Ours only add
+        hooks and stock modules to the stock class, initialized by its own `_init_weights`."""
+        return False
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers answers by reading the source of the class's module for the stock code
+        # path; ours keeps the stock modules, so the stock class's answer holds.
+        return stock_class(cls)._can_set_attn_implementation()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # As above (the MoE families: `set_experts_implementation` was refused for ours).
+        return stock_class(cls)._can_set_experts_implementation()
 
     def __init_subclass__(cls, **kwargs):
         """Gives each family's forward() the stock signature plus the MFPruner keywords:
@@ -242,7 +267,9 @@ class MFPrunerPipelineMixin:
         extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in PRUNING_KEYWORDS]
         tail = [p for p in parameters if p.kind == inspect.Parameter.VAR_KEYWORD]
         head = [p for p in parameters if p.kind != inspect.Parameter.VAR_KEYWORD]
-        forward.__signature__ = inspect.Signature(head + extra + tail)
+        stock_return = inspect.signature(stock_forward).return_annotation  # the stock output class (tools read it)
+        forward.__signature__ = inspect.Signature(head + extra + tail, return_annotation=stock_return)
+        forward.__annotations__ = dict(stock_forward.__annotations__)
         forward.__doc__ = MFPrunerPipelineMixin.pruning_forward.__doc__
         forward.__mfpruner__ = True
         cls.forward = forward

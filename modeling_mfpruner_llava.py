@@ -23,6 +23,7 @@ from torch import nn
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
+    GenerationMixin,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
 )
@@ -244,7 +245,7 @@ class MFPrunerMixin(MFPrunerPipelineMixin):
         return EncodedPrompt(inputs_embeds=inputs_embeds, items=items, vision_outputs={"image_outputs": images.vision_output})
 
 
-class MFPrunerLlavaForConditionalGeneration(MFPrunerMixin, LlavaForConditionalGeneration):
+class MFPrunerLlavaForConditionalGeneration(MFPrunerMixin, LlavaForConditionalGeneration, GenerationMixin):
     """LLaVA-1.5 with MFPruner: one 336 px tile per image, N = 576 tokens, all of them candidates."""
 
     config_class = MFPrunerLlavaConfig
@@ -274,7 +275,7 @@ class MFPrunerLlavaForConditionalGeneration(MFPrunerMixin, LlavaForConditionalGe
         )
 
 
-class MFPrunerLlavaNextForConditionalGeneration(MFPrunerMixin, LlavaNextForConditionalGeneration):
+class MFPrunerLlavaNextForConditionalGeneration(MFPrunerMixin, LlavaNextForConditionalGeneration, GenerationMixin):
     """LLaVA-1.6 (LLaVA-NeXT, anyres) with MFPruner.
 
     Each image is a base tile (the whole image at one tile's size) plus a grid of high-res tiles;

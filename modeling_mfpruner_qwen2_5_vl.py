@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import GenerationMixin, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
 if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
@@ -207,7 +207,9 @@ def token_grids(grid_thw, merge_size: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- model
 
 
-class MFPrunerQwen2_5_VLForConditionalGeneration(MFPrunerPipelineMixin, Qwen2_5_VLForConditionalGeneration):
+class MFPrunerQwen2_5_VLForConditionalGeneration(
+    MFPrunerPipelineMixin, Qwen2_5_VLForConditionalGeneration, GenerationMixin
+):
     """Qwen2.5-VL with MFPruner: per image (or video) its merged tokens, cue A from the last
     full-attention vision block, LLM-space relevance; the pipeline does the rest."""
 

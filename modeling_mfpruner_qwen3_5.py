@@ -19,7 +19,7 @@ others) is the stock cache; generate() continues from it.
 
 from __future__ import annotations
 
-from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+from transformers import GenerationMixin, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionAttention
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionAttention
 
@@ -43,7 +43,9 @@ class CueCapturingQwen3_5VisionAttention(CueCapturingAttentionMixin, Qwen3_5Visi
     """Qwen3.5's vision attention with cue A capture (same weights, stock forward outside a capture)."""
 
 
-class MFPrunerQwen3_5ForConditionalGeneration(MFPrunerQwen3VLMixin, MFPrunerPipelineMixin, Qwen3_5ForConditionalGeneration):
+class MFPrunerQwen3_5ForConditionalGeneration(
+    MFPrunerQwen3VLMixin, MFPrunerPipelineMixin, Qwen3_5ForConditionalGeneration, GenerationMixin
+):
     """Qwen3.5 with MFPruner (see the module docstring)."""
 
     config_class = MFPrunerQwen3_5Config
@@ -56,7 +58,7 @@ class CueCapturingQwen3_5MoeVisionAttention(CueCapturingAttentionMixin, Qwen3_5M
 
 
 class MFPrunerQwen3_5MoeForConditionalGeneration(
-    MFPrunerQwen3VLMixin, MFPrunerPipelineMixin, Qwen3_5MoeForConditionalGeneration
+    MFPrunerQwen3VLMixin, MFPrunerPipelineMixin, Qwen3_5MoeForConditionalGeneration, GenerationMixin
 ):
     """Qwen3.5 MoE with MFPruner: the dense model's code; only the language model's MLPs differ."""
 

@@ -33,7 +33,7 @@ the timestamps are text and stay; a video is pruned as a whole under one budget,
 from __future__ import annotations
 
 import torch
-from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+from transformers import GenerationMixin, Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionAttention
 
@@ -124,7 +124,7 @@ class MFPrunerQwen3VLMixin:
 
 
 class MFPrunerQwen3VLForConditionalGeneration(
-    MFPrunerQwen3VLMixin, MFPrunerPipelineMixin, Qwen3VLForConditionalGeneration
+    MFPrunerQwen3VLMixin, MFPrunerPipelineMixin, Qwen3VLForConditionalGeneration, GenerationMixin
 ):
     """Qwen3-VL with MFPruner (see the module docstring)."""
 
@@ -134,7 +134,7 @@ class MFPrunerQwen3VLForConditionalGeneration(
 
 
 class MFPrunerQwen3VLMoeForConditionalGeneration(
-    MFPrunerQwen3VLMixin, MFPrunerPipelineMixin, Qwen3VLMoeForConditionalGeneration
+    MFPrunerQwen3VLMixin, MFPrunerPipelineMixin, Qwen3VLMoeForConditionalGeneration, GenerationMixin
 ):
     """Qwen3-VL MoE with MFPruner: the dense model's visual encoding; only the language model differs."""
 

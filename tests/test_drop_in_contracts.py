@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForImageTextToText
 
 from conftest import cache_keyword, output_cache, random_image, stock_twin_of
@@ -435,6 +436,75 @@ def test_last_pruning_is_per_thread(family):
     assert seen == [None] and family.model.last_pruning is mine
 
 
+@pytest.mark.parametrize("key", list(REGISTRY))
+def test_class_inherits_generation_mixin_directly_as_the_stock_class(key):
+    """transformers' convention for a generative class: GenerationMixin among its own bases, not
+    only through a base class (`can_generate` looks there first; the stock classes follow it)."""
+    from transformers import GenerationMixin
+
+    from tools.export import import_object
+
+    family = REGISTRY[key]
+    ours, stock = import_object(family.model_class), getattr(transformers, family.stock_model_class)
+    assert GenerationMixin in stock.__bases__ and GenerationMixin in ours.__bases__
+    assert ours.can_generate()
+    assert [c for c in ours.__mro__ if c in stock.__mro__] == list(stock.__mro__)  # the stock order kept
+
+
+@pytest.mark.parametrize("key", list(REGISTRY))
+def test_attention_and_experts_implementations_can_be_set_where_the_stock_class_allows(key, tiny_model):
+    """transformers decides whether a class may switch its attention / experts implementation by
+    reading its module's source; ours must answer as the stock class, and switch (MoE families)."""
+    family = REGISTRY[key]
+    model = tiny_model(key)
+    ours, stock = type(model), getattr(transformers, family.stock_model_class)
+    assert ours._can_set_attn_implementation() == stock._can_set_attn_implementation()
+    assert ours._can_set_experts_implementation() == stock._can_set_experts_implementation()
+    if stock._can_set_experts_implementation():
+        before = model.config._experts_implementation
+        try:
+            model.set_experts_implementation("eager")
+            assert model.config._experts_implementation == "eager"
+        finally:
+            model.set_experts_implementation(before)
+
+
+@pytest.mark.parametrize("key", list(REGISTRY))
+def test_forward_declares_the_stock_output_class(key):
+    """forward()'s return annotation is the stock one: transformers reads it for the fields a
+    generative head returns (the MoE families' `router_logits`)."""
+    import inspect
+
+    from tools.export import import_object
+
+    family = REGISTRY[key]
+    ours, stock = import_object(family.model_class), getattr(transformers, family.stock_model_class)
+    assert ours.forward.__annotations__.get("return") is stock.forward.__annotations__["return"]
+    assert inspect.signature(ours.forward).return_annotation is inspect.signature(stock.forward).return_annotation
+
+
+@pytest.mark.parametrize("key", list(REGISTRY))
+def test_weights_missing_from_a_checkpoint_are_initialized_as_the_stock_class_does(key, tiny_model):
+    """from_pretrained initializes the weights a checkpoint lacks with the model's own init: ours
+    (a class outside transformers, which transformers would treat as custom code) draws exactly
+    the stock class's values, composite sub-models (the vision tower's scaled init) included."""
+    import copy
+
+    stock_class, ours_class = type(tiny_model(key, stock=True)), type(tiny_model(key))
+    stock_config = tiny_model(key, stock=True).config
+    ours_config = type(tiny_model(key).config)(
+        **{name: value for name, value in stock_config.to_dict().items() if name != "model_type"}, prune_visual_tokens=False
+    )
+    initialized = []
+    for model_class, config in ((stock_class, stock_config), (ours_class, ours_config)):
+        torch.manual_seed(0)
+        model = model_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})  # every weight missing
+        initialized.append(model.state_dict())
+    stock, ours = initialized
+    assert ours.keys() == stock.keys()
+    assert [name for name in stock if not torch.equal(ours[name], stock[name])] == []
+
+
 # ----------------------------------------------------------------------------- Qwen2.5-VL specifics
 
 
@@ -619,16 +689,19 @@ def test_shipped_files_import_only_public_transformers_api():
             )
             assert stock_layer or guarded, f"{name} imports {module}.{imported} outside the public API"
     assert listing["modeling_mfpruner_qwen2_5_vl.py"] == [
+        "transformers:GenerationMixin",
         "transformers:Qwen2_5_VLForConditionalGeneration",
         "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VLVisionAttention",
     ]
     assert listing["modeling_mfpruner_qwen3_vl.py"] == [
+        "transformers:GenerationMixin",
         "transformers:Qwen3VLForConditionalGeneration",
         "transformers:Qwen3VLMoeForConditionalGeneration",
         "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionAttention",
         "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeVisionAttention",
     ]
     assert listing["modeling_mfpruner_qwen3_5.py"] == [
+        "transformers:GenerationMixin",
         "transformers:Qwen3_5ForConditionalGeneration",
         "transformers:Qwen3_5MoeForConditionalGeneration",
         "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5VisionAttention",
