@@ -16,8 +16,8 @@ discarded, medians of the rest). Reported per setting:
 
 Families: LLaVA-1.5 (336 px, 576 visual tokens; budgets 192/128/64/32), LLaVA-NeXT (a 672x672 image:
 5 tiles, 2,928 visual tokens; keep-ratios 0.222/0.111/0.056), Qwen2.5-VL (a 1024x1024 image, 1,369
-visual tokens; keep-ratios 0.444/0.333/0.222), Qwen3-VL and Qwen3-VL MoE (a 1024x1024 image, 1,024
-visual tokens; the same keep-ratios; their tables are not yet published).
+visual tokens; keep-ratios 0.444/0.333/0.222), Qwen3-VL, Qwen3-VL MoE, Qwen3.5 and Qwen3.5 MoE (a
+1024x1024 image, 1,024 visual tokens; the same keep-ratios).
 
 Sizes: "smoke" (tiny, seconds, for CI), "cpu" (real token counts, narrow and shallow towers),
 "real" (the published sizes; meant for `--device cuda`). Absolute times mean something only on a
