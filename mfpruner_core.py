@@ -530,6 +530,14 @@ def select_best_resolution(original_size: tuple, possible_resolutions: list) -> 
     return best_fit
 
 
+def last_full_attention_block(visual) -> int | None:
+    """Index of the last full-attention (not windowed) block of a Qwen2.5-VL vision tower (transformers'
+    or vLLM's), where cue A is read; None when `fullatt_block_indexes` names no block of the tower (a
+    valid stock config: every block windowed)."""
+    full = [i for i in visual.fullatt_block_indexes if 0 <= i < len(visual.blocks)]
+    return max(full) if full else None
+
+
 def grid_layout(rows: int, cols: int, part: int = LAYOUT_BASE, device=None) -> torch.Tensor:
     """(rows * cols, 3) long: (part, row, col) of a raster-ordered token map."""
     index = torch.arange(rows * cols, device=device)

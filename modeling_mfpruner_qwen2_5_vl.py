@@ -26,7 +26,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionA
 
 if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
     from .configuration_mfpruner import MFPrunerQwen2_5_VLConfig
-    from .mfpruner_core import attention_with_received, check_image_tokens, grid_layout
+    from .mfpruner_core import attention_with_received, check_image_tokens, grid_layout, last_full_attention_block
     from .mfpruner_pipeline import (
         EncodedPrompt,
         MFPrunerPipelineMixin,
@@ -43,7 +43,7 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
     MFPrunerQwen2_5_VLConfig = _configuration.MFPrunerQwen2_5_VLConfig
     _core = import_module("mfpruner_core")
     attention_with_received, check_image_tokens = _core.attention_with_received, _core.check_image_tokens
-    grid_layout = _core.grid_layout
+    grid_layout, last_full_attention_block = _core.grid_layout, _core.last_full_attention_block
     _pipeline = import_module("mfpruner_pipeline")
     current_cue_capture, EncodedPrompt = _pipeline.current_cue_capture, _pipeline.EncodedPrompt
     MFPrunerPipelineMixin, VisualItem = _pipeline.MFPrunerPipelineMixin, _pipeline.VisualItem
@@ -91,13 +91,6 @@ def get_vision_window_index(grid_thw, spatial_merge_size: int, window_size: int,
 
 
 # ----------------------------------------------------------------------------- cue A: attention received
-
-
-def last_full_attention_block(visual) -> int | None:
-    """Index of the last full-attention (not windowed) vision block, where cue A is read; None when
-    `fullatt_block_indexes` names no block of the tower (a valid stock config: every block windowed)."""
-    full = [i for i in visual.fullatt_block_indexes if 0 <= i < len(visual.blocks)]
-    return max(full) if full else None
 
 
 def check_attention_cue_block(block: int | None, cues) -> None:

@@ -32,7 +32,7 @@ from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderA
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from mfpruner_core import attention_with_received
+from mfpruner_core import attention_with_received, last_full_attention_block
 
 from .pruning import (
     KEEP,
@@ -77,11 +77,15 @@ class MFPrunerQwen2_5_VLMultiModalProcessor(KeptPlaceholdersMixin, Qwen2_5_VLMul
         return [(n, 0) for n in (grid_thw.prod(-1) // merge**2).tolist()]
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
-        outputs = super()._call_hf_processor(hf_data, hf_kwargs)
-        for pixels, grid, text_ids, keep, key in ITEM_INPUTS.values():
-            if grid in outputs:
-                outputs[key] = image_keys(outputs[pixels], outputs[grid], outputs[text_ids], outputs[keep])
-        return outputs
+        return add_item_keys(super()._call_hf_processor(hf_data, hf_kwargs))
+
+
+def add_item_keys(outputs):
+    """The processor's outputs plus each image's (video's) selection key, for the items present."""
+    for pixels, grid, text_ids, keep, key in ITEM_INPUTS.values():
+        if grid in outputs:
+            outputs[key] = image_keys(outputs[pixels], outputs[grid], outputs[text_ids], outputs[keep])
+    return outputs
 
 
 def image_keys(pixel_values, grid_thw, text_ids, keep) -> torch.Tensor:
@@ -93,11 +97,12 @@ def image_keys(pixel_values, grid_thw, text_ids, keep) -> torch.Tensor:
     return torch.stack([content_key(*item) for item in zip(rows, grid_thw, text_ids, keep)])
 
 
-def last_full_attention_block(visual) -> int:
-    full = [i for i in visual.fullatt_block_indexes if i < len(visual.blocks)]
-    if not full:
+def cue_attention_block(visual) -> int:
+    """The vision block cue A is read from; the plugin refuses a tower without a full-attention one at load."""
+    block = last_full_attention_block(visual)
+    if block is None:
         raise ValueError("the vision config has no full-attention block (`fullatt_block_indexes`); cue A needs one")
-    return max(full)
+    return block
 
 
 class ReceivedAttentionCapture(MMEncoderAttention):
@@ -208,7 +213,7 @@ class MFPrunerQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
     def __init__(self, *, vllm_config, prefix: str = ""):
         check_qwen_supported(vllm_config, "Qwen2.5-VL")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        init_qwen_pruning(self, vllm_config, last_full_attention_block(self.visual), "Qwen2.5-VL")
+        init_qwen_pruning(self, vllm_config, cue_attention_block(self.visual), "Qwen2.5-VL")
 
     @torch.no_grad()
     def select_images(self, pixel_values, grid_thw, text_ids, keep) -> list[Selection]:

@@ -30,8 +30,8 @@ from .qwen2_5_vl import (
     IMAGE_KEY,
     MFPrunerQwen2_5_VLForConditionalGeneration,
     MFPrunerQwen2_5_VLMultiModalProcessor,
+    add_item_keys,
     check_qwen_supported,
-    image_keys,
     init_qwen_pruning,
 )
 
@@ -60,9 +60,7 @@ class MFPrunerQwen3VLMultiModalProcessor(KeptPlaceholdersMixin, Qwen3VLMultiModa
         outputs = super()._apply_hf_processor_main(mm_items, without_plugin_kwargs(hf_kwargs))
         if "image_grid_thw" not in outputs:  # no image to process (text only, or all cached)
             return outputs
-        outputs = self.add_per_item_inputs(outputs, hf_kwargs, ["image"])
-        outputs[IMAGE_KEY] = image_keys(outputs["pixel_values"], outputs["image_grid_thw"], outputs[TEXT_IDS], outputs[KEEP])
-        return outputs
+        return add_item_keys(self.add_per_item_inputs(outputs, hf_kwargs, ["image"]))
 
 
 class MFPrunerQwen3VLMixin:

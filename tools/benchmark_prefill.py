@@ -359,7 +359,8 @@ def qwen_cue_attention(model, inputs) -> dict:
     patches (one segment), the stock forward (no capture active) against the one-pass forward with
     the column sums that a pruning call runs. Random hidden states and rotary angles of the real
     shapes: the cost does not depend on the values."""
-    from modeling_mfpruner_qwen2_5_vl import attention_and_received_per_patch, last_full_attention_block
+    from mfpruner_core import last_full_attention_block
+    from modeling_mfpruner_qwen2_5_vl import attention_and_received_per_patch
 
     visual = model.model.visual
     # Qwen3-VL's tower has no windows: cue A is read in its last block
