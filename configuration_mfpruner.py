@@ -318,6 +318,22 @@ class MFPrunerQwen3_5MoeConfig(MFPrunerQwenVLSettings, Qwen3_5MoeConfig):
 # The MFPruner fields of the configs: the mixin's, and the Qwen configs' `attention_query_chunk`.
 MFPRUNER_CONFIG_FIELDS = tuple(f.name for f in fields(MFPrunerSettings)) + ("attention_query_chunk",)
 
+
+def stock_class(cls: type) -> type:
+    """The stock transformers class an MFPruner class (config or model) extends: the first one in its MRO."""
+    return next(base for base in cls.__mro__ if base.__module__.startswith("transformers."))
+
+
+def stock_config_of(config: MFPrunerSettings):
+    """The stock config holding the same model as an MFPruner config, without the MFPruner fields."""
+    values = config.to_dict()
+    for name in (*MFPRUNER_CONFIG_FIELDS, "model_type", "auto_map"):
+        values.pop(name, None)
+    if values.get("architectures"):  # our classes are the stock ones' names with a prefix
+        values["architectures"] = [name.removeprefix("MFPruner") for name in values["architectures"]]
+    return stock_class(type(config)).from_dict(values)
+
+
 __all__ = [
     "MFPRUNER_CALL_KWARGS",
     "MFPRUNER_CONFIG_FIELDS",
@@ -332,5 +348,7 @@ __all__ = [
     "MFPrunerSettings",
     "check_call_kwargs",
     "check_setting",
+    "stock_class",
+    "stock_config_of",
     "validate_mfpruner_settings",
 ]

@@ -619,8 +619,3 @@ def restore_prompt(output, input_ids, pruned_length: int):
     output.sequences = restored
     return output
 
-
-def auto_map_with_auto_model(auto_map, model) -> dict:
-    """`register_for_auto_class` keeps one Auto class per model; add AutoModel -> the same class."""
-    entry = f"{type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}"
-    return {**(auto_map or {}), "AutoModel": entry}

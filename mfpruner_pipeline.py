@@ -48,10 +48,16 @@ from dataclasses import dataclass
 import torch
 
 if __package__:  # remote code (transformers_modules.<repo>.<file>): the repo's own sibling files
-    from .configuration_mfpruner import MFPRUNER_CALL_KWARGS, check_call_kwargs, check_setting, validate_mfpruner_settings
+    from .configuration_mfpruner import (
+        MFPRUNER_CALL_KWARGS,
+        check_call_kwargs,
+        check_setting,
+        stock_class,
+        stock_config_of,
+        validate_mfpruner_settings,
+    )
     from .mfpruner_core import (
         MFPrunerResult,
-        auto_map_with_auto_model,
         call_budget,
         call_min_votes,
         candidate_rows,
@@ -69,8 +75,9 @@ else:  # a top-level module of a checkout (tests, tools, app.py). By module name
     _configuration = import_module("configuration_mfpruner")
     MFPRUNER_CALL_KWARGS, check_call_kwargs = _configuration.MFPRUNER_CALL_KWARGS, _configuration.check_call_kwargs
     check_setting, validate_mfpruner_settings = _configuration.check_setting, _configuration.validate_mfpruner_settings
+    stock_class, stock_config_of = _configuration.stock_class, _configuration.stock_config_of
     _core = import_module("mfpruner_core")
-    MFPrunerResult, auto_map_with_auto_model = _core.MFPrunerResult, _core.auto_map_with_auto_model
+    MFPrunerResult = _core.MFPrunerResult
     call_budget, call_min_votes, candidate_rows = _core.call_budget, _core.call_min_votes, _core.candidate_rows
     clip_text_relevance, compact_rows = _core.clip_text_relevance, _core.compact_rows
     image_cues, keep_mask_for_images, restore_prompt = _core.image_cues, _core.keep_mask_for_images, _core.restore_prompt
@@ -211,11 +218,6 @@ def sequence_back(positions: torch.Tensor, ndim: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the mixin
 
 
-def stock_class(cls: type) -> type:
-    """The stock transformers class an MFPruner class extends (the first one in its MRO)."""
-    return next(base for base in cls.__mro__ if base.__module__.startswith("transformers."))
-
-
 class MFPrunerPipelineMixin:
     """generate() / forward() / save_pretrained() of every MFPruner model. A family sets
     `pixel_input_names` (inputs whose presence means "prune"), `visual_input_names` (every stock
@@ -223,6 +225,8 @@ class MFPrunerPipelineMixin:
 
     pixel_input_names: tuple[str, ...] = ("pixel_values",)
     visual_input_names: tuple[str, ...] = ("pixel_values",)
+    # Auto class name -> the StockHeadMixin class the repo's auto_map names for it (auto_map_entries).
+    stock_heads: dict[str, type] = {}
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -560,7 +564,7 @@ class MFPrunerPipelineMixin:
     # -- entry points -----------------------------------------------------------------------
 
     def save_pretrained(self, *args, **kwargs):
-        self.config.auto_map = auto_map_with_auto_model(getattr(self.config, "auto_map", None), self)
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map_entries(type(self))}
         return super().save_pretrained(*args, **kwargs)
 
     def pruning_forward(self, *args, **kwargs):
@@ -731,6 +735,49 @@ class MFPrunerPipelineMixin:
             )
 
 
+# ----------------------------------------------------------------------------- the repo's Auto classes
+
+
+def auto_map_entries(model_class) -> dict[str, str]:
+    """The auto_map of an MFPruner repo, past AutoConfig / AutoProcessor: AutoModel and
+    AutoModelForImageTextToText name the MFPruner class (`register_for_auto_class` keeps only one
+    Auto class per model), the family's `stock_heads` the other Auto classes the stock config maps."""
+    module = model_class.__module__.rsplit(".", 1)[-1]  # remote code: transformers_modules.<repo>.<file>
+    classes = {"AutoModel": model_class, "AutoModelForImageTextToText": model_class, **model_class.stock_heads}
+    return {auto_class: f"{module}.{cls.__name__}" for auto_class, cls in classes.items()}
+
+
+class StockHeadMixin:
+    """An Auto class that the stock config maps to a head without images (Qwen3.5: AutoModelForCausalLM
+    -> the text-only model, AutoModelForSequenceClassification, AutoModelForTokenClassification) gives
+    the same on an MFPruner repo: loading returns the stock class (`stock_class(cls)`) built from the
+    stock config (`stock_config_of`; the text config for the text-only model, as transformers unwraps it
+    for its own classes). Nothing there prunes. The repo's auto_map names this class, whose
+    `config_class` is the MFPruner config that transformers checks it against."""
+
+    @classmethod
+    def stock_config(cls, config):
+        # None: the stock class reads the repo's config. (Not isinstance(config, MFPrunerSettings): the
+        # config of a remote-code load comes from another copy of our module than this class's.)
+        if config is None or stock_class(type(config)) is type(config):
+            return config
+        stock = stock_config_of(config)
+        if stock_class(cls).config_class is not stock.sub_configs.get("text_config"):
+            return stock
+        text_config = stock.get_text_config()
+        if getattr(stock, "quantization_config", None) is not None:  # as transformers' unwrapping does
+            text_config.quantization_config = stock.quantization_config
+        return text_config
+
+    @classmethod
+    def from_pretrained(cls, *args, config=None, **kwargs):
+        return stock_class(cls).from_pretrained(*args, config=cls.stock_config(config), **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        return stock_class(cls)._from_config(cls.stock_config(config), **kwargs)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -816,3 +863,11 @@ def register_stock_key_layout(model_class, stock_key: str) -> None:
     register_checkpoint_conversion_mapping(
         model_class.__name__, get_checkpoint_conversion_mapping(stock_key), overwrite=True
     )
+    # transformers looks a model's conversions up by class name, then by its config's model_type.
+    # Where the stock ones are keyed by the stock model_type, ours are keyed by our model_type too, so
+    # that a class built with our config finds them as it would with the stock config (the stock base
+    # model: transformers' own tests build it with our config).
+    if stock_key == stock_class(model_class.config_class).model_type:
+        register_checkpoint_conversion_mapping(
+            model_class.config_class.model_type, get_checkpoint_conversion_mapping(stock_key), overwrite=True
+        )

@@ -505,6 +505,33 @@ def test_weights_missing_from_a_checkpoint_are_initialized_as_the_stock_class_do
     assert [name for name in stock if not torch.equal(ours[name], stock[name])] == []
 
 
+@pytest.mark.parametrize("key", list(REGISTRY))
+def test_a_class_built_with_our_config_finds_the_stock_checkpoint_conversions(key, tiny_model):
+    """transformers looks a model's checkpoint key conversions up by class name, then by its config's
+    model_type: the stock base model (what transformers' tests build with our config) finds with our
+    config the conversions it finds with the stock config (legacy checkpoint layouts load, and saving
+    reverses them, alike)."""
+    from transformers import MODEL_MAPPING
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    stock_config, ours_config = tiny_model(key, stock=True).config, tiny_model(key).config
+    base_class = MODEL_MAPPING[type(stock_config)]
+    with torch.device("meta"):
+        ours, stock = (get_model_conversion_mapping(base_class(config)) for config in (ours_config, stock_config))
+    assert stock and repr(ours) == repr(stock)
+
+
+def test_stock_config_of_gives_the_stock_config_of_the_same_model(tiny_model):
+    """stock_config_of (what the stock heads of an MFPruner repo are built from): the stock config
+    class, no MFPruner field, every other value as in the stock repo's config."""
+    from configuration_mfpruner import MFPRUNER_CONFIG_FIELDS, stock_config_of
+
+    for key in REGISTRY:
+        stock, ours = tiny_model(key, stock=True).config, stock_config_of(tiny_model(key).config)
+        assert type(ours) is type(stock) and not set(MFPRUNER_CONFIG_FIELDS) & set(ours.to_dict())
+        assert {**ours.to_dict(), "_name_or_path": None} == {**stock.to_dict(), "_name_or_path": None}
+
+
 # ----------------------------------------------------------------------------- Qwen2.5-VL specifics
 
 
@@ -702,7 +729,11 @@ def test_shipped_files_import_only_public_transformers_api():
     ]
     assert listing["modeling_mfpruner_qwen3_5.py"] == [
         "transformers:GenerationMixin",
+        "transformers:Qwen3_5ForCausalLM",  # the stock heads the repo's other Auto classes give
         "transformers:Qwen3_5ForConditionalGeneration",
+        "transformers:Qwen3_5ForSequenceClassification",
+        "transformers:Qwen3_5ForTokenClassification",
+        "transformers:Qwen3_5MoeForCausalLM",
         "transformers:Qwen3_5MoeForConditionalGeneration",
         "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5VisionAttention",
         "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeVisionAttention",

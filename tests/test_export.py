@@ -779,6 +779,8 @@ def test_qwen3_vl_export_loads_fresh_with_identical_weights_prunes_and_has_its_c
     model_type = FAMILIES[key].model_type
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == f"mfpruner_{model_type}" and config["visual_token_ratio"] == 0.222
+    # the auto_map save_pretrained writes (Qwen3.5: the stock heads too; tests/test_modeling_mfpruner_qwen3_5.py loads them)
+    assert config["auto_map"] == json.loads((tiny_repo(key) / "config.json").read_text())["auto_map"]
     card = ModelCard.load(out / "README.md")
     assert {"mfpruner", model_type} <= set(card.data.to_dict()["tags"])
     assert "last vision block" in card.text and "Qwen3VLProcessor" in card.text

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from transformers import AutoModelForImageTextToText
 
 from mfpruner_lib.tiny_models import qwen_inputs
-from tests.conftest import random_image
+from tests.conftest import cache_keyword, output_cache, random_image
 from tests.test_modeling_mfpruner_qwen3_vl import chat
 
 @pytest.fixture(scope="module", params=["qwen3.5", "qwen3.5-moe"])
@@ -63,7 +65,7 @@ def test_pruned_left_padded_rows_get_the_recurrent_state_of_each_row_alone(model
         alone = [model(**inputs, use_cache=True) for inputs in rows]
         for row in range(2):
             assert torch.equal(alone[row].pruning.keep_indices[0], batched.pruning.keep_indices[row])
-            for ours, reference in zip(recurrent_states(batched.cache, layers, row), recurrent_states(alone[row].cache, layers, 0)):
+            for ours, reference in zip(recurrent_states(output_cache(batched), layers, row), recurrent_states(output_cache(alone[row]), layers, 0)):
                 torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
             assert alone[row].logits.shape[1] == lengths[row]
             torch.testing.assert_close(batched.logits[row, -lengths[row]:], alone[row].logits[0], atol=1e-5, rtol=1e-5)
@@ -81,7 +83,7 @@ def test_pruned_left_padded_rows_get_the_recurrent_state_of_each_row_alone(model
 
         masked, unmasked = prefill(mask), prefill(torch.ones_like(mask))
         alone_0 = model(**rows[0], output_hidden_states=True)
-    for ours, expected in zip(recurrent_states(masked.cache, layers, 0), recurrent_states(alone[0].cache, layers, 0)):
+    for ours, expected in zip(recurrent_states(output_cache(masked), layers, 0), recurrent_states(output_cache(alone[0]), layers, 0)):
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(masked.logits[0, -lengths[0]:], alone[0].logits[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(unmasked.logits[0, -lengths[0]:], alone[0].logits[0], atol=1e-3, rtol=0)
@@ -106,7 +108,8 @@ def test_continuing_from_the_returned_cache_equals_recomputing_the_whole_sequenc
         step_embeds = model.get_input_embeddings()(token)[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
-        cached = model(inputs_embeds=step_embeds, attention_mask=mask, position_ids=positions[..., -1:], cache=first.cache)
+        cached = model(inputs_embeds=step_embeds, attention_mask=mask, position_ids=positions[..., -1:],
+                       **{cache_keyword(): output_cache(first)})
         recomputed = model(inputs_embeds=torch.cat([embeds, step_embeds], dim=1), attention_mask=mask,
                            position_ids=positions, mm_encoder_outputs=encoded, use_cache=False)
         torch.testing.assert_close(cached.logits[:, -1], recomputed.logits[:, -1], atol=1e-5, rtol=1e-5)
@@ -122,3 +125,93 @@ def test_continuing_from_the_returned_cache_equals_recomputing_the_whole_sequenc
             positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
     output = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert torch.equal(output[:, inputs["input_ids"].shape[1]:], torch.stack(tokens, dim=1))
+
+
+# ----------------------------------------------------------------------------- the other Auto classes
+
+# The Auto classes the stock Qwen3.5 configs map beyond image-text-to-text (heads without images).
+STOCK_HEADS = [
+    ("qwen3.5", "AutoModelForCausalLM"),
+    ("qwen3.5", "AutoModelForSequenceClassification"),
+    ("qwen3.5", "AutoModelForTokenClassification"),
+    ("qwen3.5-moe", "AutoModelForCausalLM"),
+]
+
+
+def comparable(config) -> dict:
+    return {name: value for name, value in config.to_dict().items() if name != "_name_or_path"}
+
+
+@pytest.mark.parametrize("key, auto_class", STOCK_HEADS)
+def test_other_auto_classes_give_on_our_repo_what_they_give_on_the_stock_repo(tiny_repo, key, auto_class):
+    """AutoModelForCausalLM (the text-only model, from the text config), AutoModelForSequenceClassification
+    and AutoModelForTokenClassification on an MFPruner repo: the stock class, with the same config,
+    weights and outputs as from the stock repo (the tiny repos share their weights; a new head is
+    initialized alike under the same seed)."""
+    auto = getattr(transformers, auto_class)
+    kwargs = {} if auto_class == "AutoModelForCausalLM" else {"num_labels": 3}
+    torch.manual_seed(0)
+    stock, stock_info = auto.from_pretrained(tiny_repo(key, stock=True), output_loading_info=True, **kwargs)
+    torch.manual_seed(0)
+    ours, info = auto.from_pretrained(tiny_repo(key), trust_remote_code=True, output_loading_info=True, **kwargs)
+    assert type(ours) is type(stock) and type(ours).__module__.startswith("transformers.")
+    assert type(ours.config) is type(stock.config) and comparable(ours.config) == comparable(stock.config)
+    assert info == stock_info  # the text-only model: every weight found; the classification heads: only the new head missing
+    assert ours.state_dict().keys() == stock.state_dict().keys()
+    assert all(torch.equal(tensor, stock.state_dict()[name]) for name, tensor in ours.state_dict().items())
+    ids = torch.tensor([[5, 9, 2, 7, 11, 3]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, stock(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("key", ["qwen3.5", "qwen3.5-moe"])
+def test_auto_model_for_causal_lm_from_config_unwraps_the_text_config(tiny_repo, key):
+    """from_config with the repo's config (as loaded with trust_remote_code) builds the stock
+    text-only model from the text config, as for the stock config."""
+    config = transformers.AutoConfig.from_pretrained(tiny_repo(key), trust_remote_code=True)
+    stock_config = transformers.AutoConfig.from_pretrained(tiny_repo(key, stock=True))
+    with torch.device("meta"):
+        ours = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        stock = transformers.AutoModelForCausalLM.from_config(stock_config)
+    assert type(ours) is type(stock) and type(ours.config) is type(stock.config)
+    assert comparable(ours.config) == comparable(stock.config)
+
+
+def test_auto_model_for_causal_lm_honours_dtype_over_the_saved_one(tiny_repo, tmp_path):
+    """A repo saved in bfloat16: no dtype or "auto" loads bfloat16, a concrete dtype wins (as for the
+    stock repo: transformers re-applies it past the text-config unwrapping)."""
+    AutoModelForImageTextToText.from_pretrained(tiny_repo("qwen3.5"), trust_remote_code=True, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    assert next(load(tmp_path, trust_remote_code=True).parameters()).dtype == torch.bfloat16
+    assert next(load(tmp_path, trust_remote_code=True, dtype="auto").parameters()).dtype == torch.bfloat16
+    assert next(load(tmp_path, trust_remote_code=True, dtype=torch.float32).parameters()).dtype == torch.float32
+
+
+def test_sequence_classification_passes_the_loading_options_to_the_stock_class(tiny_repo):
+    """A config with another vocabulary: refused without `ignore_mismatched_sizes`, re-initialized
+    (and reported) with it, as for the stock class."""
+    repo = tiny_repo("qwen3.5")
+    config = transformers.AutoConfig.from_pretrained(repo, trust_remote_code=True, num_labels=5)
+    config.text_config.vocab_size = 10
+    auto = transformers.AutoModelForSequenceClassification
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        auto.from_pretrained(repo, config=config, trust_remote_code=True)
+    model, info = auto.from_pretrained(repo, config=config, trust_remote_code=True, ignore_mismatched_sizes=True,
+                                       output_loading_info=True)
+    assert model.get_input_embeddings().num_embeddings == 10 and model.score.out_features == 5
+    assert any("embed_tokens" in str(key) for key in info["mismatched_keys"])
+
+
+def test_the_repo_auto_map_names_the_stock_heads(tiny_repo):
+    """save_pretrained writes the other Auto classes into the auto_map (tools/export.py writes the same:
+    tests/test_export.py), each a class of the shipped modeling file."""
+    import json
+
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    for key, auto_class in STOCK_HEADS:
+        entry = json.loads((tiny_repo(key) / "config.json").read_text())["auto_map"][auto_class]
+        head = get_class_from_dynamic_module(entry, str(tiny_repo(key)))
+        assert head.__name__.removeprefix("MFPruner") == next(
+            base.__name__ for base in head.__mro__ if base.__module__.startswith("transformers.")
+        )

@@ -107,10 +107,14 @@ def test_save_pretrained_writes_auto_map_and_code(tiny_repo, key):
     repo = tiny_repo(key)
     config = json.loads((repo / "config.json").read_text())
     entry = FAMILIES[key].model_class
+    heads = {"qwen3.5": ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification"),
+             "qwen3.5-moe": ("AutoModelForCausalLM",)}.get(key, ())  # the stock config's other Auto classes
+    module, name = entry.split(".")
     assert config["auto_map"] == {
         "AutoConfig": FAMILIES[key].config_class,
         "AutoModel": entry,
         "AutoModelForImageTextToText": entry,
+        **{head: f"{module}.{name.replace('ForConditionalGeneration', head.removeprefix('AutoModel'))}" for head in heads},
     }
     assert config["visual_token_ratio"] == 0.222 and config["visual_token_budget"] is None
     assert config["attention_query_chunk"] == 256

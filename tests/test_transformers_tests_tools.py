@@ -4,7 +4,10 @@ off, wherever a test module names a stock class; the comparison finds the tests 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
@@ -12,6 +15,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 from configuration_mfpruner import MFPrunerLlavaConfig
 from modeling_mfpruner_llava import MFPrunerLlavaForConditionalGeneration
 from tools import compare_transformers_tests, transformers_tests_shim
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def a_test_module():
@@ -67,6 +72,31 @@ def test_shim_leaves_the_stock_run_alone(monkeypatch):
     monkeypatch.setenv("MFPRUNER_CLASSES", "mine")
     with pytest.raises(ValueError, match="MFPRUNER_CLASSES must be 'stock' or 'ours'"):
         transformers_tests_shim.pytest_collection_modifyitems(None, None, [item])
+
+
+def test_shim_registers_up_front_what_loading_our_repos_with_trust_remote_code_registers():
+    """The tests load the folders they save without trust_remote_code: in the "ours" run every family's
+    config is registered for its model_type and each class of its repos' auto_map for that Auto class
+    (AutoModel stays the stock base model the testers look up). In a child process: the registration
+    is global."""
+    code = """
+import transformers
+from transformers.models.auto import configuration_auto, modeling_auto
+from configuration_mfpruner import MFPrunerLlavaConfig, MFPrunerQwen3_5Config, MFPrunerQwen3_5MoeConfig
+import modeling_mfpruner_llava as llava, modeling_mfpruner_qwen3_5 as qwen3_5
+from tools import transformers_tests_shim
+
+transformers_tests_shim.register_our_auto_classes()
+assert configuration_auto.CONFIG_MAPPING["mfpruner_qwen3_5"] is MFPrunerQwen3_5Config
+image_text = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+assert image_text[MFPrunerLlavaConfig] is llava.MFPrunerLlavaForConditionalGeneration
+assert image_text[MFPrunerQwen3_5Config] is qwen3_5.MFPrunerQwen3_5ForConditionalGeneration
+assert modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[MFPrunerQwen3_5Config] is qwen3_5.MFPrunerQwen3_5ForCausalLM
+assert modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[MFPrunerQwen3_5MoeConfig] is qwen3_5.MFPrunerQwen3_5MoeForCausalLM
+assert modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING[MFPrunerQwen3_5Config] is qwen3_5.MFPrunerQwen3_5ForTokenClassification
+assert MFPrunerLlavaConfig not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
 
 
 def junit(path, cases: dict[str, str]):

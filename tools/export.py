@@ -13,7 +13,8 @@ OUT gets, written in a temporary folder next to it and renamed into place only w
     deduplicates it against BASE, and the conversion never holds more than one shard in RAM
     (none at all for safetensors: the bytes are streamed; .bin shards are converted one by one);
   - config.json: BASE's config as the MFPruner config (budget / ratio, clip_text_config) with
-    auto_map for AutoConfig, AutoModel, AutoModelForImageTextToText (+ AutoProcessor with CLIP);
+    auto_map for AutoConfig, AutoModel, AutoModelForImageTextToText, the other Auto classes the stock
+    config maps (Qwen3.5: the text-only model, the classification heads) (+ AutoProcessor with CLIP);
   - the custom code files, flat; BASE's processor / tokenizer / generation files;
   - with --clip-text: the CLIP text tower and the vision `visual_projection` of the CLIP
     checkpoint the vision tower came from (one extra shard), and the MFPruner processor that
@@ -49,6 +50,7 @@ if str(ROOT) not in sys.path:  # the shipped model code is flat top-level files 
 
 from mfpruner_lib.cli import ArgumentParser, local_folder, refusals_as_errors  # noqa: E402
 from mfpruner_lib.families import FAMILIES, Architecture, by_model_type  # noqa: E402
+from mfpruner_pipeline import auto_map_entries  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- supported models
@@ -389,13 +391,8 @@ def mfpruner_config(base: Path, arch: Architecture, settings: dict, clip_text_co
         stock.pop(key, None)
     config = config_class(**stock, **settings, clip_text_config=clip_text_config)
     model_class = import_object(arch.model_class)
-    model_entry = f"{arch.model_class.rsplit('.', 2)[-2]}.{model_class.__name__}"
     config.architectures = [model_class.__name__]
-    config.auto_map = {
-        "AutoConfig": arch.config_class,
-        "AutoModel": model_entry,
-        "AutoModelForImageTextToText": model_entry,
-    }
+    config.auto_map = {"AutoConfig": arch.config_class, **auto_map_entries(model_class)}
     if clip_text_config is not None:
         config.auto_map["AutoProcessor"] = arch.processor_class
     return config

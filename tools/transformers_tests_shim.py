@@ -16,14 +16,9 @@ import sys
 import transformers
 from transformers import MODEL_MAPPING
 
-from configuration_mfpruner import MFPrunerSettings
+from configuration_mfpruner import MFPrunerSettings, stock_class
 from mfpruner_lib.families import FAMILIES
 from tools.export import import_object
-
-
-def stock_config_class(ours: type) -> type:
-    # Our config is `MFPrunerSettings` mixed into the stock config: the first transformers class in its MRO.
-    return next(cls for cls in ours.__mro__ if cls.__module__.startswith("transformers."))
 
 
 def stock_to_ours() -> dict[type, type]:
@@ -31,7 +26,7 @@ def stock_to_ours() -> dict[type, type]:
     for family in FAMILIES.values():
         ours_config = import_object(family.config_class)
         mapping[getattr(transformers, family.stock_model_class)] = import_object(family.model_class)
-        mapping[stock_config_class(ours_config)] = ours_config
+        mapping[stock_class(ours_config)] = ours_config
     return mapping
 
 
@@ -87,6 +82,18 @@ def use_our_class_names(module, mapping: dict[type, type]) -> None:
             setattr(module, name, with_our_class_names(value, mapping))
 
 
+def register_our_auto_classes() -> None:
+    """What loading an MFPruner repo with trust_remote_code=True registers in-process (the config for
+    its model_type, each class of its auto_map for that Auto class), done up front: the tests load the
+    folders they save without trust_remote_code, as they may for the stock classes. (AutoModel is left
+    to the stock base model, above.)"""
+    for family in FAMILIES.values():
+        config_class, model_class = import_object(family.config_class), import_object(family.model_class)
+        transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for auto_class, cls in {"AutoModelForImageTextToText": model_class, **model_class.stock_heads}.items():
+            getattr(transformers, auto_class).register(config_class, cls, exist_ok=True)
+
+
 def pytest_collection_modifyitems(session, config, items):
     classes = os.environ.get("MFPRUNER_CLASSES", "stock")
     if classes not in ("stock", "ours"):
@@ -99,6 +106,7 @@ def pytest_collection_modifyitems(session, config, items):
         # look a config's base model up there (test_torch_save_load).
         if stock in MODEL_MAPPING:
             MODEL_MAPPING.register(ours, MODEL_MAPPING[stock], exist_ok=True)
+    register_our_auto_classes()
     for module in {item.module for item in items if getattr(item, "module", None) is not None}:
         swap_module(module, mapping)
     for test_class in {item.cls for item in items if getattr(item, "cls", None) is not None}:
