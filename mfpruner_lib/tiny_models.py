@@ -605,11 +605,12 @@ def build_tiny_qwen3_vl_moe(path: str | os.PathLike, *, stock: bool = False, see
 # ----------------------------------------------------------------------------- Qwen3.5
 
 
-def tiny_qwen3_5_config(tokenizer, stock: bool = False, moe: bool = False, **mfpruner):
+def tiny_qwen3_5_config(tokenizer, stock: bool = False, moe: bool = False, linear_head_dim: int = 16, **mfpruner):
     """Qwen3.5 with the real layout at toy width: Qwen3-VL's tiny tower without DeepStack, a 4-layer
     text model in the published pattern (3 Gated DeltaNet linear-attention layers, then 1
     full-attention layer), gated full attention with a quarter of each head rotated, interleaved
-    M-RoPE; moe=True: Qwen3.5 MoE (4 experts, 2 per token, and a shared expert)."""
+    M-RoPE; moe=True: Qwen3.5 MoE (4 experts, 2 per token, and a shared expert). linear_head_dim:
+    the linear-attention key / value head width (vLLM's CPU kernel takes 64 or 128)."""
     from transformers import Qwen3_5Config, Qwen3_5MoeConfig
 
     ids = tokenizer.convert_tokens_to_ids
@@ -619,8 +620,8 @@ def tiny_qwen3_5_config(tokenizer, stock: bool = False, moe: bool = False, **mfp
     )
     text = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-        linear_value_head_dim=16, linear_conv_kernel_dim=4, max_position_embeddings=1024,
+        num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=linear_head_dim,
+        linear_value_head_dim=linear_head_dim, linear_conv_kernel_dim=4, max_position_embeddings=1024,
         pad_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), bos_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                          "mrope_section": [2, 1, 1], "mrope_interleaved": True},

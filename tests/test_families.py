@@ -78,6 +78,17 @@ def test_every_consumer_covers_every_family():
     assert {family.key for family, _ in flops_cli.real_models()} == set(FAMILIES)
 
 
+def test_the_vllm_plugin_serves_every_family():
+    """mfpruner_vllm registers every family's architecture name (what exported repos carry in
+    config.json), each with a class of the plugin's own files (tests/test_vllm.py serves them)."""
+    import mfpruner_vllm
+
+    assert set(mfpruner_vllm.ARCHITECTURES) == {family.model_class.rsplit(".", 1)[1] for family in FAMILIES.values()}
+    for name, target in mfpruner_vllm.ARCHITECTURES.items():
+        module, class_name = target.split(":")
+        assert class_name == name and (ROOT / f"{module.replace('.', '/')}.py").exists(), target
+
+
 def test_the_demo_covers_every_family():
     """`--tiny` offers every family; each family's demo tiny model and token boxes come from the registry."""
     from mfpruner_demo import loading

@@ -7,8 +7,8 @@ SPEC: {"repo": path, "cases": [{"name", "requests": [{"prompt", "images": [png p
 frames, "fps"}], optional "video_frames": [frames, height, width] (a random video at 2 fps)}],
 "steps", optional "selection_cache_capacity": the Qwen model's selection cache size during
 this case, optional "record_mrope_positions": true (a Qwen single-request case that keeps every
-token)}], optional "count_vision_images": true}. Loads the repo once with vLLM (one process,
-float32, greedy) and writes per case and request: the prompt token ids vLLM built, the generated
+token)}], optional "count_vision_images": true, optional "dtype" (default "float32")}. Loads the
+repo once with vLLM (one process, greedy) and writes per case and request: the prompt token ids vLLM built, the generated
 ids, each step's log-probability of the chosen token, (single-request cases) the kept indices of
 the case's encoder calls (`model.last_pruning` after each; vLLM calls the encoder per modality, so
 an image-then-video prompt lists the image's, then the video's), (with count_vision_images) how
@@ -37,7 +37,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     llm = LLM(
         model=spec["repo"],
-        dtype="float32",
+        dtype=spec.get("dtype", "float32"),
         enforce_eager=True,
         max_model_len=512,
         limit_mm_per_prompt={"image": 4, "video": 2},
