@@ -566,13 +566,15 @@ def build_tiny_qwen3_vl(path: str | os.PathLike, *, stock: bool = False, seed: i
     return write_tiny_qwen3(path, seed, config_for, Moe if moe else Dense)
 
 
-def write_tiny_qwen3(path: str | os.PathLike, seed: int, config_for: Callable, model_class) -> Path:
-    """A tiny Qwen3-VL-style folder (Qwen3-VL's tiny tokenizer and image processor): `config_for(tokenizer)`,
-    random weights from `seed`, saved by `save_tiny_qwen`."""
+def write_tiny_qwen3(
+    path: str | os.PathLike, seed: int, config_for: Callable, model_class, max_pixels: int = 32 * 32 * 64
+) -> Path:
+    """A tiny Qwen3-VL-style folder (Qwen3-VL's tiny tokenizer and image processor up to `max_pixels`):
+    `config_for(tokenizer)`, random weights from `seed`, saved by `save_tiny_qwen`."""
     path = Path(path)
     if path.exists():
         shutil.rmtree(path)
-    tokenizer, image_processor = build_tiny_qwen3_vl_processor()
+    tokenizer, image_processor = build_tiny_qwen3_vl_processor(max_pixels=max_pixels)
     config = config_for(tokenizer)
     torch.manual_seed(seed)
     return save_tiny_qwen(model_class(config), tokenizer, image_processor, path)
@@ -605,27 +607,34 @@ def build_tiny_qwen3_vl_moe(path: str | os.PathLike, *, stock: bool = False, see
 # ----------------------------------------------------------------------------- Qwen3.5
 
 
-def tiny_qwen3_5_config(tokenizer, stock: bool = False, moe: bool = False, linear_head_dim: int = 16, **mfpruner):
+def tiny_qwen3_5_config(
+    tokenizer, stock: bool = False, moe: bool = False, linear_head_dim: int = 16, vision: dict | None = None,
+    text: dict | None = None, **mfpruner
+):
     """Qwen3.5 with the real layout at toy width: Qwen3-VL's tiny tower without DeepStack, a 4-layer
     text model in the published pattern (3 Gated DeltaNet linear-attention layers, then 1
     full-attention layer), gated full attention with a quarter of each head rotated, interleaved
     M-RoPE; moe=True: Qwen3.5 MoE (4 experts, 2 per token, and a shared expert). linear_head_dim:
-    the linear-attention key / value head width (vLLM's CPU kernel takes 64 or 128)."""
+    the linear-attention key / value head width (vLLM's CPU kernel takes 64 or 128). vision / text:
+    sizes that replace the toy ones (the serving benchmark's cpu size)."""
     from transformers import Qwen3_5Config, Qwen3_5MoeConfig
 
     ids = tokenizer.convert_tokens_to_ids
-    vision = dict(
-        depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=QWEN3_VL_PATCH,
-        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-    )
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=linear_head_dim,
-        linear_value_head_dim=linear_head_dim, linear_conv_kernel_dim=4, max_position_embeddings=1024,
-        pad_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), bos_token_id=None,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
-    )
+    vision = {
+        **dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=QWEN3_VL_PATCH,
+               spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64),
+        **(vision or {}),
+    }
+    text = {
+        **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=linear_head_dim,
+               linear_value_head_dim=linear_head_dim, linear_conv_kernel_dim=4, max_position_embeddings=1024,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        **(text or {}),
+        "vocab_size": len(tokenizer), "pad_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+        "bos_token_id": None,
+    }
     if moe:
         text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
         del text["intermediate_size"]
@@ -637,10 +646,14 @@ def tiny_qwen3_5_config(tokenizer, stock: bool = False, moe: bool = False, linea
     return (MFPrunerQwen3_5MoeConfig if moe else MFPrunerQwen3_5Config)(**kwargs, **mfpruner)
 
 
-def build_tiny_qwen3_5(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, moe: bool = False, **mfpruner) -> Path:
+def build_tiny_qwen3_5(
+    path: str | os.PathLike, *, stock: bool = False, seed: int = 0, moe: bool = False, max_pixels: int = 32 * 32 * 64,
+    **mfpruner,
+) -> Path:
     """Writes a tiny Qwen3.5 folder (Qwen3-VL's tiny tokenizer and image processor; moe=True: Qwen3.5 MoE).
     stock=True: a plain stock checkpoint (model_type qwen3_5 / qwen3_5_moe); else an MFPruner remote-code
-    repo. Same seed = same weights."""
+    repo. Same seed = same weights. max_pixels: the image processor's limit (32 x 32 px a token);
+    mfpruner: tiny_qwen3_5_config's options and the MFPruner settings."""
     if stock:
         from transformers import Qwen3_5ForConditionalGeneration as Dense, Qwen3_5MoeForConditionalGeneration as Moe
     else:
@@ -649,7 +662,7 @@ def build_tiny_qwen3_5(path: str | os.PathLike, *, stock: bool = False, seed: in
             MFPrunerQwen3_5MoeForConditionalGeneration as Moe,
         )
     config_for = functools.partial(tiny_qwen3_5_config, stock=stock, moe=moe, **mfpruner)
-    return write_tiny_qwen3(path, seed, config_for, Moe if moe else Dense)
+    return write_tiny_qwen3(path, seed, config_for, Moe if moe else Dense, max_pixels=max_pixels)
 
 
 def build_tiny_qwen3_5_moe(path: str | os.PathLike, *, stock: bool = False, seed: int = 0, **mfpruner) -> Path:

@@ -768,16 +768,19 @@ def test_server_concurrent_requests_with_different_budgets(llava_server, tmp_pat
 
 
 # The smoke geometry: LLaVA-1.5's 36 visual tokens at 192/128/64/32 of 576 scaled to 36; Qwen2.5-VL's
-# 112 px image, 16 visual tokens, at keep-ratios 0.444/0.333/0.222.
+# 112 px image (16 visual tokens) and Qwen3.5's 256 px image (64: the real Qwen3-VL processor's minimum
+# size, which mfpruner_lib.flops counts), at keep-ratios 0.444/0.333/0.222.
 BENCHMARK_SETTINGS = {
     "llava-1.5": (36, [("stock", 36), ("192 (= 12 of 36)", 12), ("128 (= 8 of 36)", 8), ("64 (= 4 of 36)", 4),
                        ("32 (= 2 of 36)", 2)]),
     "qwen2.5-vl": (16, [("stock", 16), ("44.4%", 7), ("33.3%", 5), ("22.2%", 4)]),
+    "qwen3.5": (64, [("stock", 64), ("44.4%", 28), ("33.3%", 21), ("22.2%", 14)]),  # bfloat16 servers
 }
 
 
 def test_benchmark_vllm_serving_smoke(tmp_path):
-    """tools/benchmark_vllm.py --smoke end to end (two OpenAI servers per family, N = 1/4/16 clients):
+    """tools/benchmark_vllm.py --smoke end to end (two OpenAI servers per family, N = 1/4/16 clients;
+    Qwen3.5's in bfloat16):
     one row per (setting, N), each MFPruner prompt is its stock prompt minus the dropped visual tokens
     (request by request), KV blocks from the usage and block size, the FLOPs-ideal ratio grows as
     fewer tokens are kept, the tables land between their markers. Timings are not checked."""
@@ -798,6 +801,8 @@ def test_benchmark_vllm_serving_smoke(tmp_path):
         assert f"<!-- BEGIN vllm serving {key} smoke -->" in page and report.strip() in page
         assert "Machine: " in report and "Load average" in report and "vllm" in result["machine"]
         assert result["visual_tokens"] == visual
+        dtype = result["server_args"][result["server_args"].index("--dtype") + 1]
+        assert dtype == ("bfloat16" if key == "qwen3.5" else "float32")  # vLLM's CPU Gated DeltaNet: bfloat16 only
         rows = result["rows"]
         assert [(r["setting"], r["kept"], r["clients"]) for r in rows] == [
             (label, kept, n) for label, kept in settings for n in (1, 4, 16)

@@ -1,7 +1,7 @@
 """Serving benchmark: vLLM's OpenAI-compatible server, the stock architecture vs MFPruner at the
 paper's budgets, under N concurrent clients, the same weights, prompts and images.
 
-    python tools/benchmark_vllm.py --output-dir benchmarks --docs docs/vllm.md     (cpu size, both families)
+    python tools/benchmark_vllm.py --output-dir benchmarks --docs docs/vllm.md     (cpu size, every family)
     python tools/benchmark_vllm.py --smoke                                          (toy size, seconds)
 
 Run it with the vLLM environment's python (tools/setup_vllm_env.sh); the servers run with the same
@@ -10,6 +10,8 @@ python (`--vllm-python` to use another). Families, at the prefill benchmark's "c
 weights, built once into a temporary folder with the tiny builders (mfpruner_lib.tiny_models):
   LLaVA-1.5    336 px images, 576 visual tokens; budgets 192 / 128 / 64 / 32
   Qwen2.5-VL   1024 x 1024 images, 1,369 visual tokens; keep-ratios 0.444 / 0.333 / 0.222
+  Qwen3.5      1024 x 1024 images, 1,024 visual tokens; keep-ratios 0.444 / 0.333 / 0.222; bfloat16 (vLLM's
+               CPU kernel of the Gated DeltaNet layers takes nothing else)
 
 Per family two servers on 127.0.0.1, one after the other: "stock" (the repo's weights served as
 vLLM's stock architecture via `hf_overrides`, no pruning) and "mfpruner" (the repo's architecture,
@@ -55,7 +57,7 @@ from mfpruner_core import resolve_budget  # noqa: E402
 from mfpruner_lib import bench_utils, flops  # noqa: E402
 from mfpruner_lib.cli import ArgumentParser, refusals_as_errors  # noqa: E402
 from tools.benchmark_prefill import (  # noqa: E402
-    LLAVA_1_5_SIZES, QWEN_RATIOS, QWEN_SIZES, paper_budgets, ratio_budgets,
+    LLAVA_1_5_SIZES, QWEN3_5_SIZES, QWEN_RATIOS, QWEN_SIZES, paper_budgets, ratio_budgets,
 )
 
 SIZES = ("smoke", "cpu")
@@ -65,7 +67,7 @@ DEFAULTS = {  # clients, requests per client count, output tokens per request, t
 }
 # The default cpu run on a quiet 2-core machine, estimated from the quiet prefill tables (vLLM's engine on
 # one thread: about twice the 2-thread prefill) and a reduced run on a busy machine (docs/vllm.md).
-EXPECTED_MINUTES = {"llava-1.5": 5, "qwen2.5-vl": 10}
+EXPECTED_MINUTES = {"llava-1.5": 5, "qwen2.5-vl": 10, "qwen3.5": 4}
 QUESTIONS = [
     "What is in the image? Answer in one short sentence.",
     "Describe the picture in detail: the colors, the objects and where they are.",
@@ -105,16 +107,28 @@ def build_qwen2_5_vl(folder: Path, size: str) -> Path:
                                  text=without_vocab(sizes["text"]))
 
 
+def build_qwen3_5(folder: Path, size: str) -> Path:
+    from mfpruner_lib.tiny_models import build_tiny_qwen3_5
+
+    if size == "smoke":
+        return build_tiny_qwen3_5(folder, linear_head_dim=64)  # vLLM's CPU kernel: 64- or 128-wide heads
+    sizes = QWEN3_5_SIZES["cpu"]
+    return build_tiny_qwen3_5(folder, max_pixels=flops.QWEN3_VL_MAX_PIXELS, vision=sizes["vision"],
+                              text=without_vocab(sizes["text"]))
+
+
 @dataclass
 class ServedFamily:
     """One family: build(folder, size) -> an MFPruner repo; its stock architecture; the image size
-    per benchmark size; budgets(num_visual_tokens) -> [(label, paper value, mm_processor_kwargs)]."""
+    per benchmark size; budgets(num_visual_tokens) -> [(label, paper value, mm_processor_kwargs)];
+    the servers' dtype unless `--dtype` says."""
 
     name: str
     build: object
     stock_architecture: str
     image_hw: dict
     budgets: object
+    dtype: str = "float32"
 
 
 def llava_budgets(num_visual_tokens: int) -> list[tuple[str, object, dict]]:
@@ -130,6 +144,8 @@ FAMILIES = {
                               {"smoke": (84, 84), "cpu": (336, 336)}, llava_budgets),
     "qwen2.5-vl": ServedFamily("Qwen2.5-VL", build_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration",
                                {"smoke": (112, 112), "cpu": (1024, 1024)}, qwen_budgets),
+    "qwen3.5": ServedFamily("Qwen3.5", build_qwen3_5, "Qwen3_5ForConditionalGeneration",
+                            {"smoke": (256, 256), "cpu": QWEN3_5_SIZES["cpu"]["image_hw"]}, qwen_budgets, dtype="bfloat16"),
 }
 
 
@@ -171,12 +187,12 @@ def free_port() -> int:
 class Server:
     """vLLM's OpenAI-compatible server on one repo, 127.0.0.1 only, stopped (and waited for) on exit."""
 
-    def __init__(self, python: str, repo: Path, log: Path, args, stock_architecture: str | None):
+    def __init__(self, python: str, repo: Path, log: Path, args, stock_architecture: str | None, dtype: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [
             python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--model", str(repo), "--dtype", args.dtype, "--enforce-eager", "--max-model-len", str(args.max_model_len),
+            "--model", str(repo), "--dtype", dtype, "--enforce-eager", "--max-model-len", str(args.max_model_len),
             "--limit-mm-per-prompt", '{"image": 1}', "--trust-request-mm-kwargs",
             # every request is new: no prefix or processor cache may serve a part of it
             "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
@@ -348,7 +364,8 @@ def run_family(key: str, args, folder: Path, start: float, monitor: bench_utils.
     for variant in ("stock", "mfpruner"):
         stock = family.stock_architecture if variant == "stock" else None
         progress(start, f"{family.name}: starting the {variant} server")
-        with Server(args.vllm_python, repo, folder / f"{key}-{variant}.log", args, stock) as server:
+        dtype = args.dtype or family.dtype
+        with Server(args.vllm_python, repo, folder / f"{key}-{variant}.log", args, stock, dtype) as server:
             block_size = server.block_size
             for name, label, paper, kwargs in (s for s in settings if s[0] == variant):
                 # warm-up: two new images, not measured
@@ -488,8 +505,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kv-cache-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE of each server")
     parser.add_argument("--engine-threads", type=int,
                         help="OMP_NUM_THREADS of each server (default: vLLM's choice, all cores but one on CPU)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="the servers' dtype (vLLM's CPU attention: float32 from 32-wide heads)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="the servers' dtype (default: float32; Qwen3.5 bfloat16, the only one vLLM's CPU "
+                             "Gated DeltaNet kernel takes)")
     parser.add_argument("--model", help="serve this MFPruner repo (one --family, its images) instead of building one")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="one more argument for every server (repeatable), e.g. --server-arg=--max-num-seqs=32")
@@ -524,7 +542,7 @@ def main(argv=None) -> list[dict]:
     machine = f"{bench_utils.machine_description()}; {server_versions(args.vllm_python)}"
     if args.size == "cpu" and not args.model and args.clients == defaults["clients"] and args.requests == defaults["requests"]:
         print(f"Expected duration: about {sum(EXPECTED_MINUTES[key] for key in keys)} minutes on a quiet 2-core "
-              "machine, most of it Qwen2.5-VL's prefills (progress below).", flush=True)
+              "machine, most of it the Qwen prefills (progress below).", flush=True)
     start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as folder:
