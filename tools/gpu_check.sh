@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check (about 5 minutes on one H200; every step has its own time limit and the
+# One-command GPU check (about 5-6 minutes on one H200; every step has its own time limit and the
 # whole run a budget of GPU_CHECK_BUDGET seconds, 450 by default):
 #
 #   bash tools/gpu_check.sh               # on the GPU machine; results in $OUT (default ./gpu_check_out)
@@ -12,7 +12,8 @@
 #   kernels     attention_with_received (chunked / fused / auto x float32 / bfloat16 / float16) on the
 #               GPU against the float64 materialised map: the fused path calls torch's attention kernels directly
 #   prefill-*   tools.benchmark_prefill --size real --device cuda --dtype bfloat16 for LLaVA-1.5,
-#               LLaVA-NeXT, Qwen2.5-VL (random-initialised 7B geometry) and Qwen3-VL (8B geometry), SDPA
+#               LLaVA-NeXT, Qwen2.5-VL (random-initialised 7B geometry), Qwen3-VL (8B geometry) and Qwen3.5
+#               (27B geometry; the Gated DeltaNet layers on transformers' PyTorch path), SDPA
 #   cues        tools.benchmark_cues: cue A of Qwen2.5-VL at the 7B vision width (1024x1024 and
 #               2048x2048 images: stock attention vs two-pass vs attention_with_received vs one
 #               block forward), and the LLaVA cues at ViT-L width
@@ -104,8 +105,9 @@ step wheels 90 bash -c "$(declare -f install_wheels); PY=$PY install_wheels"
 [ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 step env 30 bash -c "$(declare -f show_env); PY=$PY show_env"
 step kernels 60 $PY -m tools.gpu_check kernels --device $DEVICE --append "$SUMMARY.kernels"
-for family in llava-1.5 llava-next qwen2.5-vl qwen3-vl; do
-  step "prefill-$family" 100 $PY -m tools.benchmark_prefill --family "$family" --size $SIZE --device $DEVICE \
+for family in llava-1.5 llava-next qwen2.5-vl qwen3-vl qwen3.5; do
+  limit=100; [ "$family" = qwen3.5 ] && limit=150  # 27B, and transformers' PyTorch Gated DeltaNet path
+  step "prefill-$family" $limit $PY -m tools.benchmark_prefill --family "$family" --size $SIZE --device $DEVICE \
     --dtype $DTYPE $ROUNDS --decode-steps 8 --output-dir "$WORK" $LOAD_ARGS
 done
 CUE_DTYPE=$DTYPE
