@@ -324,13 +324,18 @@ def stock_class(cls: type) -> type:
     return next(base for base in cls.__mro__ if base.__module__.startswith("transformers."))
 
 
+def stock_architecture(name: str) -> str:
+    """The stock architecture name of an MFPruner class name (ours are the stock names with a prefix)."""
+    return name.removeprefix("MFPruner")
+
+
 def stock_config_of(config: MFPrunerSettings):
     """The stock config holding the same model as an MFPruner config, without the MFPruner fields."""
     values = config.to_dict()
     for name in (*MFPRUNER_CONFIG_FIELDS, "model_type", "auto_map"):
         values.pop(name, None)
-    if values.get("architectures"):  # our classes are the stock ones' names with a prefix
-        values["architectures"] = [name.removeprefix("MFPruner") for name in values["architectures"]]
+    if values.get("architectures"):
+        values["architectures"] = [stock_architecture(name) for name in values["architectures"]]
     return stock_class(type(config)).from_dict(values)
 
 
@@ -348,6 +353,7 @@ __all__ = [
     "MFPrunerSettings",
     "check_call_kwargs",
     "check_setting",
+    "stock_architecture",
     "stock_class",
     "stock_config_of",
     "validate_mfpruner_settings",

@@ -738,13 +738,18 @@ class MFPrunerPipelineMixin:
 # ----------------------------------------------------------------------------- the repo's Auto classes
 
 
+def auto_classes(model_class) -> dict[str, type]:
+    """The Auto classes an MFPruner repo answers, past AutoConfig / AutoProcessor: AutoModel and
+    AutoModelForImageTextToText give the MFPruner class, the family's `stock_heads` the other Auto
+    classes the stock config maps."""
+    return {"AutoModel": model_class, "AutoModelForImageTextToText": model_class, **model_class.stock_heads}
+
+
 def auto_map_entries(model_class) -> dict[str, str]:
-    """The auto_map of an MFPruner repo, past AutoConfig / AutoProcessor: AutoModel and
-    AutoModelForImageTextToText name the MFPruner class (`register_for_auto_class` keeps only one
-    Auto class per model), the family's `stock_heads` the other Auto classes the stock config maps."""
+    """`auto_classes` as the repo's auto_map writes them (`register_for_auto_class` keeps only one Auto
+    class per model, so save_pretrained and tools.export write them all)."""
     module = model_class.__module__.rsplit(".", 1)[-1]  # remote code: transformers_modules.<repo>.<file>
-    classes = {"AutoModel": model_class, "AutoModelForImageTextToText": model_class, **model_class.stock_heads}
-    return {auto_class: f"{module}.{cls.__name__}" for auto_class, cls in classes.items()}
+    return {auto_class: f"{module}.{cls.__name__}" for auto_class, cls in auto_classes(model_class).items()}
 
 
 class StockHeadMixin:

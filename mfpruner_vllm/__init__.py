@@ -46,6 +46,7 @@ def register() -> None:
         MFPrunerQwen3_5MoeConfig,
         MFPrunerQwen3VLConfig,
         MFPrunerQwen3VLMoeConfig,
+        stock_architecture,
     )
 
     for config_class in (
@@ -58,6 +59,6 @@ def register() -> None:
             ModelRegistry.register_model(name, target)
         # vLLM adjusts some settings by architecture name (Qwen3.5: the linear-attention state's dtype
         # from the config's `mamba_ssm_dtype`): ours get the stock architecture's adjustment.
-        stock = name.removeprefix("MFPruner")
+        stock = stock_architecture(name)
         if stock in MODELS_CONFIG_MAP:
             MODELS_CONFIG_MAP.setdefault(name, MODELS_CONFIG_MAP[stock])

@@ -206,6 +206,11 @@ def assert_loads_bit_identical(model_class, path, stock_model):
         assert torch.equal(ours[name], tensor), name
 
 
+def config_values(config) -> dict:
+    """A config's values without the folder it was loaded from (`_name_or_path`)."""
+    return {name: value for name, value in config.to_dict().items() if name != "_name_or_path"}
+
+
 def assert_remote_code_repo(repo: Path, config_class: str, model_class: str):
     """save_pretrained wrote the auto_map for the three Auto classes and the code files, verbatim."""
     import json

@@ -12,7 +12,8 @@ import transformers
 from transformers import AutoModelForImageTextToText
 
 from mfpruner_lib.tiny_models import qwen_inputs
-from tests.conftest import cache_keyword, output_cache, random_image
+from configuration_mfpruner import stock_class
+from tests.conftest import cache_keyword, config_values, output_cache, random_image
 from tests.test_modeling_mfpruner_qwen3_vl import chat
 
 @pytest.fixture(scope="module", params=["qwen3.5", "qwen3.5-moe"])
@@ -138,10 +139,6 @@ STOCK_HEADS = [
 ]
 
 
-def comparable(config) -> dict:
-    return {name: value for name, value in config.to_dict().items() if name != "_name_or_path"}
-
-
 @pytest.mark.parametrize("key, auto_class", STOCK_HEADS)
 def test_other_auto_classes_give_on_our_repo_what_they_give_on_the_stock_repo(tiny_repo, key, auto_class):
     """AutoModelForCausalLM (the text-only model, from the text config), AutoModelForSequenceClassification
@@ -155,7 +152,7 @@ def test_other_auto_classes_give_on_our_repo_what_they_give_on_the_stock_repo(ti
     torch.manual_seed(0)
     ours, info = auto.from_pretrained(tiny_repo(key), trust_remote_code=True, output_loading_info=True, **kwargs)
     assert type(ours) is type(stock) and type(ours).__module__.startswith("transformers.")
-    assert type(ours.config) is type(stock.config) and comparable(ours.config) == comparable(stock.config)
+    assert type(ours.config) is type(stock.config) and config_values(ours.config) == config_values(stock.config)
     assert info == stock_info  # the text-only model: every weight found; the classification heads: only the new head missing
     assert ours.state_dict().keys() == stock.state_dict().keys()
     assert all(torch.equal(tensor, stock.state_dict()[name]) for name, tensor in ours.state_dict().items())
@@ -174,7 +171,7 @@ def test_auto_model_for_causal_lm_from_config_unwraps_the_text_config(tiny_repo,
         ours = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
         stock = transformers.AutoModelForCausalLM.from_config(stock_config)
     assert type(ours) is type(stock) and type(ours.config) is type(stock.config)
-    assert comparable(ours.config) == comparable(stock.config)
+    assert config_values(ours.config) == config_values(stock.config)
 
 
 def test_auto_model_for_causal_lm_honours_dtype_over_the_saved_one(tiny_repo, tmp_path):
@@ -212,6 +209,4 @@ def test_the_repo_auto_map_names_the_stock_heads(tiny_repo):
     for key, auto_class in STOCK_HEADS:
         entry = json.loads((tiny_repo(key) / "config.json").read_text())["auto_map"][auto_class]
         head = get_class_from_dynamic_module(entry, str(tiny_repo(key)))
-        assert head.__name__.removeprefix("MFPruner") == next(
-            base.__name__ for base in head.__mro__ if base.__module__.startswith("transformers.")
-        )
+        assert head.__name__.removeprefix("MFPruner") == stock_class(head).__name__

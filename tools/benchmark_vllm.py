@@ -361,10 +361,10 @@ def run_family(key: str, args, folder: Path, start: float, monitor: bench_utils.
     }
     settings = [("stock", None, None, None)] + [("mfpruner", label, paper, kwargs) for label, paper, kwargs in budgets]
     rows, block_size = [], None
+    dtype = args.dtype or family.dtype
     for variant in ("stock", "mfpruner"):
         stock = family.stock_architecture if variant == "stock" else None
         progress(start, f"{family.name}: starting the {variant} server")
-        dtype = args.dtype or family.dtype
         with Server(args.vllm_python, repo, folder / f"{key}-{variant}.log", args, stock, dtype) as server:
             block_size = server.block_size
             for name, label, paper, kwargs in (s for s in settings if s[0] == variant):

@@ -18,6 +18,7 @@ from transformers import MODEL_MAPPING
 
 from configuration_mfpruner import MFPrunerSettings, stock_class
 from mfpruner_lib.families import FAMILIES
+from mfpruner_pipeline import auto_classes
 from tools.export import import_object
 
 
@@ -90,8 +91,9 @@ def register_our_auto_classes() -> None:
     for family in FAMILIES.values():
         config_class, model_class = import_object(family.config_class), import_object(family.model_class)
         transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        for auto_class, cls in {"AutoModelForImageTextToText": model_class, **model_class.stock_heads}.items():
-            getattr(transformers, auto_class).register(config_class, cls, exist_ok=True)
+        for auto_class, cls in auto_classes(model_class).items():
+            if auto_class != "AutoModel":
+                getattr(transformers, auto_class).register(config_class, cls, exist_ok=True)
 
 
 def pytest_collection_modifyitems(session, config, items):
